@@ -1,0 +1,108 @@
+"""The `conan` console script: one subcommand per platform task, each with its own --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from conan.config import ConfigError, PipelineConfig, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--config", help=f"YAML file of the {what} (defaults apply when omitted)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value by dotted key, e.g. --set optim.lr=2e-5 (repeatable)")
+
+
+def cmd_pipeline(args) -> int:
+    """Run the end-to-end pipeline."""
+    from conan.pipeline import run_pipeline
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    paths = run_pipeline(cfg)
+    print(json.dumps(paths, indent=2))
+    return 0
+
+
+def cmd_corpus(args) -> int:
+    """Write the multilingual text corpus."""
+    from conan.config import default_data_root
+    from conan.data.corpus import write_corpus
+
+    rows = write_corpus(args.data_root or default_data_root(), args.out, args.sources, args.max_per_source)
+    print(f"{rows} texts → {args.out}")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    """Train a byte-level BPE tokenizer."""
+    from conan.runtime import init_ray
+    from conan.tokenizer import train_tokenizer
+
+    init_ray(args.ray_address)
+    tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.max_texts)
+    print(f"tokenizer with {len(tok)} tokens → {args.out}")
+    return 0
+
+
+def cmd_model_info(args) -> int:
+    """Print parameter counts of the model presets."""
+    from conan.model import PRESETS, ConanConfig, count_parameters
+
+    for name in args.preset or sorted(PRESETS):
+        config = ConanConfig.from_preset(name)
+        print(f"{name}: {count_parameters(config):,} parameters (hidden {config.hidden_size}, "
+              f"layers {config.num_hidden_layers}, heads {config.num_attention_heads}/"
+              f"{config.num_key_value_heads} KV, FFN {config.intermediate_size}, vocab {config.vocab_size})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `conan` command."""
+    parser = argparse.ArgumentParser(prog="conan", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pipeline", help="run the end-to-end pipeline (the README's main job)",
+                       description="Corpus → tokenizer → model on real data; finished steps are skipped.")
+    _add_config_args(p, "pipeline (PipelineConfig)")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("corpus", help="write the multilingual text corpus from ../shared/data",
+                       description="Extract texts (with language and source) from the real datasets into parquet.")
+    p.add_argument("--out", required=True, help="output parquet file")
+    p.add_argument("--data-root", help="dataset folder (default: $CONAN_DATA_ROOT or ../shared/data)")
+    p.add_argument("--sources", nargs="+", help="subset of sources (tatoeba xquad stsb_multi_mt csl banking77)")
+    p.add_argument("--max-per-source", type=int, help="cap on texts per source")
+    p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer over a Ray Data stream",
+                       description="Train a byte-level BPE on text/parquet/JSONL files and save it as a "
+                                   "PreTrainedTokenizerFast directory.")
+    p.add_argument("inputs", nargs="+", help="files or folders of .txt, .parquet (column text) or .jsonl")
+    p.add_argument("--out", required=True, help="output tokenizer directory")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (150000 for conan-1.4b)")
+    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge")
+    p.add_argument("--max-texts", type=int, help="cap on training texts")
+    p.add_argument("--ray-address", help="Ray cluster address (default: local Ray)")
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("model-info", help="print parameter counts of the model presets (no allocation)",
+                       description="Count each preset's parameters on the meta device.")
+    p.add_argument("--preset", nargs="+", help="presets to show (default: all)")
+    p.set_defaults(func=cmd_model_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run the chosen subcommand."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"conan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Typed job configuration: dataclasses per section, loaded from YAML with dotted overrides.
+
+    cfg = load_config(JobConfig, "jobs/configs/weak_tiny.yaml", ["optim.lr=2e-5"])
+
+Unknown keys and values of the wrong type raise ConfigError naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+Stage = Literal["pretrain", "sft", "weak", "supervised"]
+STAGES: tuple[str, ...] = ("pretrain", "sft", "weak", "supervised")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, missing or of the wrong type."""
+
+
+def default_data_root() -> str:
+    """Where the real datasets live: $CONAN_DATA_ROOT, else ../shared/data beside the checkout."""
+    return os.environ.get("CONAN_DATA_ROOT", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@dataclass
+class ModelSpec:
+    """Which model to build or load."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # ConanConfig fields, e.g. {num_hidden_layers: 4}
+    init_from: str | None = None  # exported model directory of the previous stage; None = random init
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE training (or the path of an existing tokenizer to reuse)."""
+
+    path: str | None = None  # an existing tokenizer directory; when set, nothing is trained
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    max_texts: int | None = None  # cap on training texts (None = all)
+
+
+@dataclass
+class DataConfig:
+    """Where the stage's input lives."""
+
+    root: str = field(default_factory=default_data_root)
+    paths: list[str] = field(default_factory=list)  # stage inputs: parquet / jsonl / text files or dirs
+    max_rows: int | None = None
+    seq_len: int = 128
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay (paper App. A defaults)."""
+
+    lr: float = 1e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.001
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class SoftMaskConfig:
+    """Soft-mask schedule of the weak stage (eq. 3-4, App. C)."""
+
+    enabled: bool = True
+    schedule: Literal["linear", "accelerating", "decelerating"] = "linear"
+    rank_reduction: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Contrastive loss settings."""
+
+    temperature: float = 0.05
+    cosent_scale: float = 20.0
+    matryoshka_dims: list[int] | None = None  # None = the model config's matryoshka_dims
+
+
+@dataclass
+class TrainConfig:
+    """Loop, parallelism and checkpointing."""
+
+    steps: int = 50
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    zero_stage: int = 1
+    log_every: int = 5
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    seed: int = 0
+
+
+@dataclass
+class JobConfig:
+    """One stage's whole configuration."""
+
+    stage: Stage = "pretrain"
+    name: str = "conan"
+    output_dir: str = "runs/tiny"
+    ray_address: str | None = None  # None = start or join a local Ray
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    soft_mask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class PipelineConfig:
+    """The end-to-end pipeline: corpus → tokenizer → model, then the stage configs in order."""
+
+    output_dir: str = "runs/pipeline"
+    data_root: str = field(default_factory=default_data_root)
+    corpus_sources: list[str] | None = None  # None = every source in conan.data.corpus
+    corpus_max_per_source: int | None = None
+    ray_address: str | None = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        _, item = typing.get_args(tp) or (str, Any)
+        return {k: _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads "2e-5" as a string; accept numeric strings for float fields.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def _build(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Instantiate dataclass `cls` from a mapping, checking every key and type."""
+    where = prefix or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {key!r} (valid keys here: {sorted(names)})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split 'a.b=value' into ('a.b', YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None,
+                overrides: list[str] | None = None) -> T:
+    """Load dataclass `cls` from a YAML file (or defaults), then apply dotted `key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for text in overrides or []:
+        _set_dotted(data, *parse_override(text))
+    return _build(cls, data)
+
+
+def to_dict(config: Any) -> dict:
+    """The config as plain data (for YAML dumps and Ray's pickling)."""
+    return dataclasses.asdict(config)

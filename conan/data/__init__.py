@@ -1,0 +1,1 @@
+"""Data: readers for the real datasets and Ray Data pipelines."""

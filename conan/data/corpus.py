@@ -1,0 +1,93 @@
+"""Multilingual plain-text corpus drawn from the real datasets in ../shared/data.
+
+Used to train the tokenizer and to pretrain the tiny LLM. Each row is (text, lang, source).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CORPUS_SCHEMA = pa.schema([("text", pa.string()), ("lang", pa.string()), ("source", pa.string())])
+
+
+def _tatoeba(root: Path) -> Iterator[tuple[str, str, str]]:
+    for path in sorted((root / "tatoeba").glob("tatoeba.*-eng.*")):
+        lang = path.suffix.lstrip(".")
+        if lang == "eng" and not path.name.startswith("tatoeba.deu-eng"):
+            continue  # the English side repeats across pairs; keep one copy
+        for line in path.read_text(encoding="utf-8").splitlines():
+            yield line.strip(), lang, "tatoeba"
+
+
+def _xquad(root: Path) -> Iterator[tuple[str, str, str]]:
+    for path in sorted((root / "xquad").glob("xquad.*.json")):
+        lang = path.name.split(".")[1]
+        for article in json.loads(path.read_text(encoding="utf-8"))["data"]:
+            for paragraph in article["paragraphs"]:
+                yield paragraph["context"], lang, "xquad"
+                for qa in paragraph["qas"]:
+                    yield qa["question"], lang, "xquad"
+
+
+def _stsb(root: Path) -> Iterator[tuple[str, str, str]]:
+    for path in sorted((root / "stsb_multi_mt" / "data").glob("stsb-*-train.csv")):
+        lang = path.name.split("-")[1]
+        with path.open(encoding="utf-8", newline="") as f:
+            for row in csv.reader(f):
+                if len(row) == 3:
+                    yield row[0], lang, "stsb_multi_mt"
+                    yield row[1], lang, "stsb_multi_mt"
+
+
+def _csl(root: Path) -> Iterator[tuple[str, str, str]]:
+    for path in sorted((root / "csl_zh" / "benchmark" / "ts").glob("*.tsv")):
+        with path.open(encoding="utf-8", newline="") as f:
+            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+                if len(row) == 3:
+                    yield row[1], "zh", "csl"
+                    yield row[2], "zh", "csl"
+
+
+def _banking77(root: Path) -> Iterator[tuple[str, str, str]]:
+    with (root / "banking77" / "banking_data" / "train.csv").open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            yield row["text"], "en", "banking77"
+
+
+SOURCES = {"tatoeba": _tatoeba, "xquad": _xquad, "stsb_multi_mt": _stsb, "csl": _csl, "banking77": _banking77}
+
+
+def iter_corpus(root: str | Path, sources: list[str] | None = None,
+                max_per_source: int | None = None) -> Iterator[tuple[str, str, str]]:
+    """Yield (text, lang, source) from the named datasets under `root`, skipping empty lines."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist (set data.root or $CONAN_DATA_ROOT)")
+    for name in sources or list(SOURCES):
+        if name not in SOURCES:
+            raise ValueError(f"unknown corpus source {name!r}; known: {sorted(SOURCES)}")
+        count = 0
+        for text, lang, source in SOURCES[name](root):
+            if text:
+                yield text, lang, source
+                count += 1
+                if max_per_source is not None and count >= max_per_source:
+                    break
+
+
+def write_corpus(root: str | Path, out_path: str | Path, sources: list[str] | None = None,
+                 max_per_source: int | None = None) -> int:
+    """Write the corpus to one parquet file and return its row count."""
+    rows = list(iter_corpus(root, sources, max_per_source))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    texts, langs, srcs = zip(*rows) if rows else ((), (), ())
+    pq.write_table(pa.table({"text": list(texts), "lang": list(langs), "source": list(srcs)},
+                            schema=CORPUS_SCHEMA), out_path)
+    return len(rows)

@@ -1,0 +1,139 @@
+"""Grouped-query self-attention with rotary positions and three mask modes: causal, bidirectional, soft.
+
+The mask is described once per forward pass by `AttentionMask` and shared by every layer. Two
+kernels implement it: PyTorch SDPA with a boolean or float bias, and FlexAttention with
+`score_mod`/`mask_mod` so the soft mask never materialises an (l, l) tensor. Sequences are
+right-padded (the tokenizer pads on the right), so every query row keeps at least one key.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conan.model.configuration import ConanConfig
+from conan.model.soft_mask import is_fully_open, soft_mask_bias, soft_mask_score_mod
+
+AttentionMode = Literal["causal", "bidirectional", "soft"]
+ATTENTION_MODES: tuple[str, ...] = ("causal", "bidirectional", "soft")
+
+
+def flex_attention_available() -> bool:
+    """True where torch ships FlexAttention."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def flex_kernel(device_type: str):
+    """FlexAttention compiled into a fused kernel on accelerators; the eager reference on CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention if device_type == "cpu" else torch.compile(flex_attention, dynamic=False)
+
+
+@dataclass
+class AttentionMask:
+    """Everything a layer needs to mask attention for one batch; built once per forward pass."""
+
+    mode: AttentionMode
+    padding: torch.Tensor | None  # (batch, length) bool, True = real token; None = no padding
+    alpha: float = 0.0
+    rank_reduction: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {self.mode!r}")
+        if self.mode == "soft" and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"soft-mask alpha must lie in [0, 1], got {self.alpha}")
+
+    def effective_mode(self, length: int) -> AttentionMode:
+        """The mode to run: a soft mask whose every entry is 1 is plain bidirectional attention."""
+        if self.mode == "soft" and is_fully_open(length, self.alpha, self.rank_reduction):
+            return "bidirectional"
+        return self.mode
+
+    def sdpa_arguments(self, length: int, dtype: torch.dtype, device: torch.device) -> dict:
+        """attn_mask / is_causal for F.scaled_dot_product_attention."""
+        mode = self.effective_mode(length)
+        keys = None if self.padding is None else self.padding[:, None, None, :]  # (b, 1, 1, l)
+        if mode == "bidirectional":
+            return {"attn_mask": keys, "is_causal": False}
+        if mode == "causal":
+            if keys is None:
+                return {"attn_mask": None, "is_causal": True}
+            causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            return {"attn_mask": causal & keys, "is_causal": False}
+        bias = soft_mask_bias(length, self.alpha, self.rank_reduction, dtype, device)
+        if keys is not None:
+            bias = bias.masked_fill(~keys, float("-inf"))  # (b, 1, l, l), shared by all heads
+        return {"attn_mask": bias, "is_causal": False}
+
+    def flex_arguments(self, batch: int, length: int, device: torch.device) -> dict:
+        """score_mod / block_mask for FlexAttention; the soft bias is computed on the fly."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mode = self.effective_mode(length)
+        padding = self.padding
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = padding[b, kv_idx] if padding is not None else kv_idx >= 0
+            return keep & (q_idx >= kv_idx) if mode == "causal" else keep
+
+        needs_mask = padding is not None or mode == "causal"
+        block_mask = (create_block_mask(mask_mod, batch if padding is not None else None, None,
+                                        length, length, device=device) if needs_mask else None)
+        score_mod = soft_mask_score_mod(length, self.alpha, self.rank_reduction) if mode == "soft" else None
+        return {"score_mod": score_mod, "block_mask": block_mask}
+
+
+def rotary_tables(length: int, head_dim: int, theta: float, dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of rotary position embeddings for positions 0..length-1."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (batch, heads, length, head_dim) by the rotary tables."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class ConanAttention(nn.Module):
+    """Multi-head self-attention with grouped key/value heads (GQA)."""
+
+    def __init__(self, config: ConanConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.backend = config.attention_backend
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                mask_args: dict) -> torch.Tensor:
+        """Attend over x (batch, length, hidden) with precomputed rotary tables and mask arguments."""
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if self.backend == "flex":
+            out = flex_kernel(q.device.type)(q, k, v, enable_gqa=True, **mask_args)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **mask_args)
+        return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))

@@ -1,0 +1,157 @@
+"""The Conan decoder, read top to bottom: embeddings → N × (attention + SwiGLU) → norm → heads.
+
+ConanModel returns token states under a chosen attention mode; ConanForCausalLM adds the language
+modelling head (tied to the input embeddings) for pretraining and SFT; ConanForEmbedding adds
+pooling and Matryoshka truncation for the embedding stages. All three share the `model.` weight
+prefix, so each stage loads the directory the previous stage exported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+
+from conan.model.attention import AttentionMask, AttentionMode, ConanAttention, rotary_tables
+from conan.model.configuration import ConanConfig
+from conan.model.pooling import matryoshka_truncate, pool
+
+
+class ConanMLP(nn.Module):
+    """SwiGLU feed-forward block."""
+
+    def __init__(self, config: ConanConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x))."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ConanDecoderLayer(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: ConanConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = ConanAttention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = ConanMLP(config)
+
+    def forward(self, x: torch.Tensor, rotary, mask_args: dict) -> torch.Tensor:
+        """x + attention(norm(x)), then + mlp(norm(·))."""
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ConanPreTrainedModel(PreTrainedModel):
+    """Shared loading/saving behaviour of the Conan models."""
+
+    config_class = ConanConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["ConanDecoderLayer"]
+    supports_gradient_checkpointing = True
+
+
+class ConanModel(ConanPreTrainedModel):
+    """Decoder stack returning the final token states."""
+
+    def __init__(self, config: ConanConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ConanDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table."""
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        """Replace the token embedding table."""
+        self.embed_tokens = value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                attention_mode: AttentionMode = "causal", soft_mask_alpha: float = 0.0,
+                soft_mask_rank_reduction: bool = True, **_) -> BaseModelOutput:
+        """Token states of right-padded input_ids under the causal, bidirectional or soft mask."""
+        b, l = input_ids.shape
+        if l > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {l} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        x = self.embed_tokens(input_ids)
+        padding = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            padding = attention_mask.bool()
+        mask = AttentionMask(attention_mode, padding, soft_mask_alpha, soft_mask_rank_reduction)
+        if self.config.attention_backend == "flex":
+            mask_args = mask.flex_arguments(b, l, x.device)
+        else:
+            mask_args = mask.sdpa_arguments(l, x.dtype, x.device)
+        rotary = rotary_tables(l, self.config.head_dim, self.config.rope_theta, x.dtype, x.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, rotary, mask_args, use_reentrant=False)
+            else:
+                x = layer(x, rotary, mask_args)
+        return BaseModelOutput(last_hidden_state=self.norm(x))
+
+
+class ConanForCausalLM(ConanPreTrainedModel):
+    """Decoder with a language-modelling head tied to the input embeddings."""
+
+    def __init__(self, config: ConanConfig):
+        super().__init__(config)
+        self.model = ConanModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (also the output projection)."""
+        return self.model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
+        """Next-token logits; with labels (-100 = ignored), the mean shifted cross-entropy."""
+        hidden = self.model(input_ids, attention_mask, attention_mode="causal").last_hidden_state
+        logits = F.linear(hidden, self.model.embed_tokens.weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+class ConanForEmbedding(ConanPreTrainedModel):
+    """Decoder with a pooling head producing L2-normalised, Matryoshka-truncatable sentence embeddings."""
+
+    def __init__(self, config: ConanConfig):
+        super().__init__(config)
+        self.model = ConanModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table."""
+        return self.model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                attention_mode: AttentionMode = "bidirectional", soft_mask_alpha: float = 0.0,
+                soft_mask_rank_reduction: bool = True, dim: int | None = None, **_) -> torch.Tensor:
+        """Unit-norm embeddings (batch, dim or hidden_size) pooled over non-padding tokens."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(input_ids, attention_mask, attention_mode, soft_mask_alpha,
+                            soft_mask_rank_reduction).last_hidden_state
+        return matryoshka_truncate(pool(hidden, attention_mask, self.config.pooling), dim)
+
+
+def count_parameters(config: ConanConfig) -> int:
+    """Number of parameters of the embedding model for `config`, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = ConanModel(config)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,55 @@
+"""The end-to-end pipeline on bundled/real data; each step is skipped when its output exists."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conan.config import ModelSpec, PipelineConfig
+from conan.data.corpus import write_corpus
+from conan.model import ConanConfig, ConanForCausalLM, count_parameters
+from conan.runtime import init_ray
+from conan.tokenizer import load_tokenizer, train_tokenizer
+
+
+def model_config_for(spec: ModelSpec, tokenizer) -> ConanConfig:
+    """The preset with overrides, its vocabulary and special ids taken from the tokenizer."""
+    return ConanConfig.from_preset(spec.preset, **{
+        **spec.overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
+
+
+def _step(name: str, done: bool):
+    print(f"[pipeline] {name}: {'exists, skipped' if done else 'running'}", flush=True)
+    return time.perf_counter()
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
+    """Build the corpus, the tokenizer and an initial model under cfg.output_dir; return their paths."""
+    out = Path(cfg.output_dir)
+    corpus = out / "corpus" / "corpus.parquet"
+    t = _step("corpus", corpus.is_file())
+    if not corpus.is_file():
+        rows = write_corpus(cfg.data_root, corpus, cfg.corpus_sources, cfg.corpus_max_per_source)
+        print(f"[pipeline] corpus: {rows} texts → {corpus} ({time.perf_counter() - t:.1f}s)", flush=True)
+
+    tok_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else out / "tokenizer"
+    t = _step("tokenizer", (tok_dir / "tokenizer.json").is_file())
+    if not (tok_dir / "tokenizer.json").is_file():
+        init_ray(cfg.ray_address)
+        train_tokenizer([str(corpus)], tok_dir, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
+                        cfg.tokenizer.max_texts)
+        print(f"[pipeline] tokenizer: trained in {time.perf_counter() - t:.1f}s → {tok_dir}", flush=True)
+    tokenizer = load_tokenizer(tok_dir)
+
+    model_dir = out / "model_init"
+    _step("model", (model_dir / "config.json").is_file())
+    if not (model_dir / "config.json").is_file():
+        model = ConanForCausalLM(model_config_for(cfg.model, tokenizer))
+        model.save_pretrained(str(model_dir))
+        tokenizer.save_pretrained(str(model_dir))
+    config = ConanConfig.from_pretrained(str(model_dir))
+    print(f"[pipeline] model: preset {cfg.model.preset}, {count_parameters(config):,} parameters, "
+          f"vocab {config.vocab_size}, hidden {config.hidden_size}, layers {config.num_hidden_layers} "
+          f"→ {model_dir}", flush=True)
+    return {"corpus": str(corpus), "tokenizer": str(tok_dir), "model": str(model_dir)}

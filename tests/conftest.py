@@ -1,0 +1,61 @@
+"""Session fixtures: one local Ray cluster, the real data root, a tokenizer trained on real text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """../shared/data; its absence is an error, not a skip: the tests run on real data."""
+    from conan.config import default_data_root
+
+    root = Path(default_data_root())
+    assert (root / "tatoeba").is_dir(), f"real datasets missing at {root} (set CONAN_DATA_ROOT)"
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session, 2 CPUs like CI."""
+    import ray
+
+    from conan.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, data_root) -> Path:
+    """The multilingual corpus (Tatoeba + XQuAD), written once."""
+    from conan.data.corpus import write_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.parquet"
+    write_corpus(data_root, path, sources=["tatoeba", "xquad"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, ray_cluster, corpus) -> Path:
+    """A 4k byte-level BPE trained through Ray Data on the corpus."""
+    from conan.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([str(corpus)], out, vocab_size=4096)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    """The session tokenizer, loaded from disk."""
+    from conan.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)

@@ -1,0 +1,52 @@
+"""The `conan` command: --help everywhere, and the pipeline's first steps on real data."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conan.cli import build_parser, main
+
+SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "conan.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_top_level_help_lists_every_subcommand():
+    out = _run("--help")
+    assert out.returncode == 0
+    assert all(name in out.stdout for name in SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help(name):
+    out = _run(name, "--help")
+    assert out.returncode == 0 and f"usage: conan {name}" in out.stdout
+
+
+def test_model_info_prints_paper_size():
+    out = _run("model-info", "--preset", "conan-1.4b")
+    assert out.returncode == 0 and "conan-1.4b: 1,499,205,120 parameters" in out.stdout
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    assert main(["pipeline", "--set", "tokenizer.vocab=3"]) == 2
+    assert "tokenizer.vocab" in capsys.readouterr().err
+
+
+def test_pipeline_builds_tokenizer_and_model_then_skips(tmp_path, ray_cluster, capsys, data_root):
+    from conan.model import ConanConfig
+
+    args = ["pipeline", "--set", f"output_dir={tmp_path}", "--set", "corpus_max_per_source=2000",
+            "--set", f"data_root={data_root}", "--set", "tokenizer.vocab_size=1024"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[pipeline] tokenizer: trained" in out
+    config = ConanConfig.from_pretrained(tmp_path / "model_init")
+    assert config.vocab_size == 1024 and config.hidden_size == 128
+    assert f"{1024 * 128 + 2 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256 + 256) + 128:,} parameters" in out
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert again.count("exists, skipped") == 3

@@ -1,0 +1,60 @@
+"""Typed configs: YAML + dotted overrides, unknown keys and wrong types named in the error."""
+
+import pytest
+import yaml
+
+from conan.config import ConfigError, JobConfig, PipelineConfig, load_config
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_yaml_and_overrides_fill_typed_fields(tmp_path):
+    path = _write(tmp_path, {"stage": "weak", "optim": {"lr": "2e-5"}, "train": {"steps": 30},
+                             "model": {"overrides": {"num_hidden_layers": 4}}})
+    cfg = load_config(JobConfig, path, ["train.micro_batch_size=4", "soft_mask.schedule=accelerating",
+                                        "optim.betas=[0.9, 0.99]", "model.init_from=runs/sft/model"])
+    assert cfg.stage == "weak" and cfg.optim.lr == 2e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 30 and cfg.train.micro_batch_size == 4
+    assert cfg.soft_mask.schedule == "accelerating" and cfg.optim.betas == [0.9, 0.99]
+    assert cfg.model.overrides == {"num_hidden_layers": 4} and cfg.model.init_from == "runs/sft/model"
+    assert cfg.train.checkpoint_every == JobConfig().train.checkpoint_every  # defaults kept
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.lrr=1", "train.lrr"),
+    ("trian.steps=1", "trian"),
+    ("optim.lr=fast", "optim.lr"),
+    ("train.steps=1.5", "train.steps"),
+    ("train.steps=true", "train.steps"),
+    ("soft_mask.schedule=cubic", "soft_mask.schedule"),
+    ("soft_mask.enabled=3", "soft_mask.enabled"),
+    ("optim.betas=[0.9, x]", "optim.betas[1]"),
+    ("stage=finetune", "stage"),
+    ("data.max_rows=many", "data.max_rows"),
+])
+def test_bad_key_or_type_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(JobConfig, None, [override])
+    assert key in str(err.value)
+
+
+def test_bad_yaml_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="'tokenizer.vocab'"):
+        load_config(PipelineConfig, _write(tmp_path, {"tokenizer": {"vocab": 10}}))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(PipelineConfig, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(PipelineConfig, None, ["no-equals-sign"])
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    configs = sorted(Path(__file__).resolve().parents[1].glob("jobs/configs/*.yaml"))
+    assert configs
+    for path in configs:
+        cls = PipelineConfig if path.name.startswith("pipeline") else JobConfig
+        load_config(cls, path)
