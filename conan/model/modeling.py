@@ -103,8 +103,8 @@ class ConanModel(ConanPreTrainedModel):
         return BaseModelOutput(last_hidden_state=self.norm(x))
 
 
-class ConanForCausalLM(ConanPreTrainedModel):
-    """Decoder with a language-modelling head tied to the input embeddings."""
+class ConanWithHead(ConanPreTrainedModel):
+    """A ConanModel under the `model.` prefix, the base of every head."""
 
     def __init__(self, config: ConanConfig):
         super().__init__(config)
@@ -112,8 +112,12 @@ class ConanForCausalLM(ConanPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
-        """The token embedding table (also the output projection)."""
+        """The token embedding table."""
         return self.model.embed_tokens
+
+
+class ConanForCausalLM(ConanWithHead):
+    """Decoder with a language-modelling head tied to the input embeddings."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
@@ -127,17 +131,8 @@ class ConanForCausalLM(ConanPreTrainedModel):
         return CausalLMOutput(loss=loss, logits=logits)
 
 
-class ConanForEmbedding(ConanPreTrainedModel):
+class ConanForEmbedding(ConanWithHead):
     """Decoder with a pooling head producing L2-normalised, Matryoshka-truncatable sentence embeddings."""
-
-    def __init__(self, config: ConanConfig):
-        super().__init__(config)
-        self.model = ConanModel(config)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        """The token embedding table."""
-        return self.model.embed_tokens
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 attention_mode: AttentionMode = "bidirectional", soft_mask_alpha: float = 0.0,
