@@ -93,6 +93,18 @@ class LossConfig:
 
 
 @dataclass
+class SupervisedConfig:
+    """Task mixture of the supervised stage (App. A: batch 4 for retrieval, 32 for STS per worker)."""
+
+    num_negatives: int = 7
+    batch_sizes: dict[str, int] = field(default_factory=lambda: {
+        "retrieval": 4, "clr": 4, "classification": 4, "sts": 32})
+    task_weights: dict[str, float] = field(default_factory=lambda: {
+        "retrieval": 1.0, "clr": 1.0, "classification": 1.0, "sts": 1.0})
+    max_per_task: int | None = None
+
+
+@dataclass
 class TrainConfig:
     """Loop, parallelism and checkpointing."""
 
@@ -109,6 +121,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 1
     seed: int = 0
+    inject_failure_at_step: int | None = None  # chaos test: raise once at this step, to exercise resume
 
 
 @dataclass
@@ -125,6 +138,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     soft_mask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -249,6 +263,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
             raise ConfigError(f"{path}: the top level must be a mapping")
     for text in overrides or []:
         _set_dotted(data, *parse_override(text))
+    return _build(cls, data)
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Rebuild (and re-check) a config from plain data, e.g. inside a Ray worker."""
     return _build(cls, data)
 
 

@@ -5,18 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conan.config import ModelSpec, PipelineConfig
+from conan.config import PipelineConfig
 from conan.data.corpus import write_corpus
 from conan.model import ConanConfig, ConanForCausalLM, count_parameters
+from conan.model.build import model_config_for
 from conan.runtime import init_ray
 from conan.tokenizer import load_tokenizer, train_tokenizer
-
-
-def model_config_for(spec: ModelSpec, tokenizer) -> ConanConfig:
-    """The preset with overrides, its vocabulary and special ids taken from the tokenizer."""
-    return ConanConfig.from_preset(spec.preset, **{
-        **spec.overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
 
 
 def _step(name: str, done: bool):

@@ -136,13 +136,18 @@ class ConanForEmbedding(ConanWithHead):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 attention_mode: AttentionMode = "bidirectional", soft_mask_alpha: float = 0.0,
-                soft_mask_rank_reduction: bool = True, dim: int | None = None, **_) -> torch.Tensor:
-        """Unit-norm embeddings (batch, dim or hidden_size) pooled over non-padding tokens."""
+                soft_mask_rank_reduction: bool = True, dim: int | None = None, raw: bool = False,
+                **_) -> torch.Tensor:
+        """Unit-norm embeddings (batch, dim or hidden_size) pooled over non-padding tokens.
+
+        raw=True returns the pooled vectors before truncation and normalisation (for MRL losses).
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.model(input_ids, attention_mask, attention_mode, soft_mask_alpha,
                             soft_mask_rank_reduction).last_hidden_state
-        return matryoshka_truncate(pool(hidden, attention_mask, self.config.pooling), dim)
+        pooled = pool(hidden, attention_mask, self.config.pooling)
+        return pooled if raw else matryoshka_truncate(pooled, dim)
 
 
 def count_parameters(config: ConanConfig) -> int:

@@ -1,0 +1,8 @@
+"""Contrastive losses, one per file: InfoNCE (eq. 1), CoSENT (eq. 2), Matryoshka wrapper."""
+
+from conan.losses.cosent import cosent_loss
+from conan.losses.gather import gather_with_grad
+from conan.losses.infonce import infonce_loss
+from conan.losses.matryoshka import matryoshka_loss
+
+__all__ = ["cosent_loss", "gather_with_grad", "infonce_loss", "matryoshka_loss"]

@@ -1,0 +1,25 @@
+"""Building a stage's model: from the previous stage's export, or fresh from a preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conan.config import ModelSpec
+from conan.model.configuration import ConanConfig
+
+
+def model_config_for(spec: ModelSpec, tokenizer) -> ConanConfig:
+    """The preset with overrides, its vocabulary and special ids taken from the tokenizer."""
+    return ConanConfig.from_preset(spec.preset, **{
+        **spec.overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
+
+
+def load_or_init(model_class, spec: ModelSpec, tokenizer):
+    """`model_class` loaded from spec.init_from (any Conan head's export), else randomly initialised."""
+    if spec.init_from:
+        path = Path(spec.init_from)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.init_from: no exported model at {path}")
+        return model_class.from_pretrained(str(path))
+    return model_class(model_config_for(spec, tokenizer))

@@ -1,0 +1,87 @@
+"""The one place that picks device, collective backend and precision, and builds the DeepSpeed config.
+
+cuda → nccl, bf16 · npu → hccl, bf16 (`torch_npu` imported lazily; Ray's `prepare_model` fails on
+NPU, so the worker places the model itself) · cpu → gloo, fp32 (faster than bf16 on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from conan.config import JobConfig
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where and how the workers train."""
+
+    device: str  # cuda | npu | cpu
+    dist_backend: str  # nccl | hccl | gloo
+    precision: str  # bf16 | fp32
+
+    @property
+    def use_gpu(self) -> bool:
+        """Whether Ray should hand each worker a GPU."""
+        return self.device == "cuda"
+
+    def resources_per_worker(self, cpus: float) -> dict[str, float]:
+        """Ray resources of one training worker."""
+        return {"CPU": cpus, "NPU": 1} if self.device == "npu" else {"CPU": cpus}
+
+
+DIST_BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+
+def resolve_backend(device: str = "auto", precision: str = "auto",
+                    cluster_resources: dict | None = None) -> Backend:
+    """Pick the device from the config, or with 'auto' from what the Ray cluster offers."""
+    if device == "auto":
+        resources = cluster_resources or {}
+        device = "cuda" if resources.get("GPU", 0) > 0 else "npu" if resources.get("NPU", 0) > 0 else "cpu"
+    if device not in DIST_BACKENDS:
+        raise ValueError(f"unknown device {device!r}; expected auto, cuda, npu or cpu")
+    if precision == "auto":
+        precision = "fp32" if device == "cpu" else "bf16"
+    return Backend(device, DIST_BACKENDS[device], precision)
+
+
+def import_torch_npu() -> None:
+    """Register the NPU device and HCCL with torch (a Ray `worker_process_setup_hook` on NPU clusters)."""
+    import torch_npu  # noqa: F401
+
+
+def worker_device(backend: Backend) -> torch.device:
+    """The torch device of this training worker."""
+    if backend.device == "cuda":
+        from ray.train.torch import get_device
+        return get_device()
+    if backend.device == "npu":
+        import_torch_npu()
+        import ray.train
+        device = torch.device("npu", ray.train.get_context().get_local_rank())
+        torch.npu.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def deepspeed_config(cfg: JobConfig, backend: Backend, world_size: int) -> dict:
+    """DeepSpeed ZeRO config: AdamW (torch implementation, nothing compiled), clipping, warmup + cosine decay."""
+    total = max(cfg.train.steps, 1)
+    return {
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": backend.precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": total, "warmup_num_steps": int(cfg.optim.warmup_ratio * total),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.optim.min_lr_ratio, "warmup_type": "linear"}},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }

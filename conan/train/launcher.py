@@ -1,0 +1,108 @@
+"""Builds a Ray Train TorchTrainer for a stage config and runs it (local Ray or a cluster address).
+
+The run is named after the job and stage and stored under `<output_dir>/ray`, so launching the same
+config again resumes from its latest checkpoint (Ray Train V2 restores by name + storage path), and a
+stage whose export already exists is not launched at all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from conan.config import ConfigError, JobConfig, to_dict
+from conan.runtime import init_ray
+from conan.train.backend import resolve_backend
+from conan.train.loop import STAGE_MARKER, train_worker
+from conan.train.stages import Stage, export_path, stage_class
+
+
+@dataclass
+class StageResult:
+    """What a finished stage produced."""
+
+    model_dir: Path
+    metrics: dict
+    skipped: bool = False
+
+
+def check_inputs(cfg: JobConfig) -> Path:
+    """Fail before any worker starts when the previous stage's model or the tokenizer is missing; return the tokenizer dir."""
+    if cfg.model.init_from:
+        path = Path(cfg.model.init_from)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.init_from: no exported model at {path} (run the previous stage first)")
+    tokenizer_dir = Path(cfg.tokenizer.path or cfg.model.init_from or "")
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise ConfigError(f"tokenizer.path: no tokenizer at {tokenizer_dir or '(unset)'}; set tokenizer.path "
+                          "or model.init_from")
+    for p in cfg.data.paths:
+        if not Path(p).exists():
+            raise ConfigError(f"data.paths: {p} does not exist")
+    return tokenizer_dir
+
+
+def read_rows(paths: list[str], columns: tuple[str, ...]) -> list[dict]:
+    """Rows of a user's parquet / JSONL files, checked for the stage's columns."""
+    rows: list[dict] = []
+    for p in paths:
+        table = pq.read_table(p) if p.endswith(".parquet") else pajson.read_json(p)
+        missing = [c for c in columns if c not in table.column_names]
+        if missing:
+            raise ConfigError(f"data.paths: {p} lacks columns {missing} (has {table.column_names})")
+        rows += table.select(list(columns)).to_pylist()
+    return rows
+
+
+def stage_dataset(cfg: JobConfig, stage: type[Stage]):
+    """The stage's rows as a Ray dataset with a stable row_id (user files, else the real datasets)."""
+    import ray.data
+
+    rows = read_rows(cfg.data.paths, stage.columns) if cfg.data.paths else stage.records(cfg)
+    if cfg.data.max_rows is not None:
+        rows = rows[:cfg.data.max_rows]
+    if not rows:
+        raise ConfigError(f"stage {cfg.stage}: no training rows")
+    return ray.data.from_items([{**r, "row_id": i} for i, r in enumerate(rows)])
+
+
+def is_finished(cfg: JobConfig) -> bool:
+    """True when this stage's export exists for the configured number of steps."""
+    marker = export_path(cfg) / STAGE_MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == {"stage": cfg.stage, "steps": cfg.train.steps}
+
+
+def run_stage(cfg: JobConfig) -> StageResult:
+    """Train one stage on Ray Train with DeepSpeed workers and return the exported model's directory."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tokenizer_dir = check_inputs(cfg)
+    if is_finished(cfg):
+        print(f"[{cfg.stage}] already finished: {export_path(cfg)} (nothing to do)", flush=True)
+        return StageResult(export_path(cfg), {}, skipped=True)
+    init_ray(cfg.ray_address)
+    backend = resolve_backend(cfg.train.device, cfg.train.precision, ray.cluster_resources())
+    stage = stage_class(cfg.stage)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": to_dict(cfg), "backend": asdict(backend),
+                           "tokenizer_dir": str(tokenizer_dir.resolve())},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=backend.use_gpu,
+                                     resources_per_worker=backend.resources_per_worker(cfg.train.cpus_per_worker)),
+        run_config=RunConfig(name=f"{cfg.name}-{cfg.stage}", storage_path=str((Path(cfg.output_dir) / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+        torch_config=TorchConfig(backend=backend.dist_backend),
+        datasets={"train": stage_dataset(cfg, stage)},
+        # Every worker sees the whole (small) table and takes rows rank::world after sorting by row_id,
+        # so shards are identical across restarts and resumes replay exactly.
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    return StageResult(export_path(cfg), dict(result.metrics or {}))

@@ -1,0 +1,161 @@
+"""The generic worker loop every stage runs inside a Ray Train worker.
+
+Steps with accumulation on a DeepSpeed engine, metrics every `log_every` steps through
+`ray.train.report` (and `metrics.jsonl` on rank 0), a checkpoint every `checkpoint_every` steps
+(engine + optimizer shards + step + RNG + the stage's extra state), resume from the latest
+checkpoint after a worker failure or a restarted job, and export of the final model as a Hugging
+Face directory (safetensors + tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from conan.config import JobConfig, from_dict
+from conan.model.build import load_or_init
+from conan.tokenizer import load_tokenizer
+from conan.train.backend import Backend, deepspeed_config, worker_device
+from conan.train.stages import Stage, export_path, stage_class
+
+CHECKPOINT_TAG = "state"
+STAGE_MARKER = "conan_stage.json"
+
+
+def _shard_rows(rank: int, world: int) -> list[dict]:
+    """This worker's rows: every row of the dataset in row_id order, then rank::world (deterministic)."""
+    rows = list(ray.train.get_dataset_shard("train").iter_rows())
+    rows.sort(key=lambda r: r["row_id"])
+    return rows[rank::world]
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(engine, stage: Stage, step: int, rank: int, directory: str) -> None:
+    """Engine state (+ ZeRO optimizer shard of this rank), step, RNG and the stage's extra state."""
+    engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"step": step})
+    torch.save({"rng": _rng_state(), "stage": stage.state_dict()}, Path(directory) / f"worker_rank{rank}.pt")
+
+
+def load_checkpoint(engine, stage: Stage, rank: int, directory: str) -> int:
+    """Restore what save_checkpoint wrote; returns the step to continue from."""
+    _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+    extra = torch.load(Path(directory) / f"worker_rank{rank}.pt", weights_only=False)
+    _set_rng_state(extra["rng"])
+    stage.load_state_dict(extra["stage"])
+    return int(client_state["step"])
+
+
+def _mean_over_ranks(values: list[float]) -> float:
+    t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t[0] / t[1])
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train worker entry point: train one stage, checkpoint, resume, export."""
+    cfg: JobConfig = from_dict(JobConfig, loop_config["job"])
+    backend = Backend(**loop_config["backend"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = worker_device(backend)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(loop_config["tokenizer_dir"])
+
+    stage = stage_class(cfg.stage)(cfg, tokenizer, rank, world)
+    stage.prepare(_shard_rows(rank, world))
+    model = load_or_init(stage.model_class, cfg.model, tokenizer)
+
+    import deepspeed
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, backend, world), dist_init_required=False)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            start = load_checkpoint(engine, stage, rank, directory)
+        print(f"[{cfg.stage}] rank {rank} resumed at step {start}", flush=True)
+
+    out = Path(cfg.output_dir)
+    metrics_file = out / "metrics.jsonl"
+    losses: list[float] = []
+    samples = tokens = 0
+    window_start = time.perf_counter()
+    accum = cfg.train.grad_accum
+    for step in range(start, cfg.train.steps):
+        _maybe_inject_failure(cfg, step, rank, world)
+        step_metrics: dict = {}
+        for micro in range(accum):
+            batch = stage.batch(step * accum + micro)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, counters = stage.loss(engine, batch, step)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            samples += counters.pop("samples")
+            tokens += counters.pop("tokens")
+            step_metrics.update(counters)
+        done = step + 1
+        is_checkpoint = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+        if not (is_checkpoint or done % cfg.train.log_every == 0):
+            continue
+        elapsed = time.perf_counter() - window_start
+        steps_in_window = max(len(losses) // accum, 1)
+        metrics = {"step": done, "loss": _mean_over_ranks(losses), "lr": scheduler.get_last_lr()[0],
+                   "samples_per_s": samples * world / elapsed, "tokens_per_s": tokens * world / elapsed,
+                   "step_time_s": elapsed / steps_in_window, **step_metrics, **stage.metrics()}
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if is_checkpoint:
+            with tempfile.TemporaryDirectory() as directory:
+                save_checkpoint(engine, stage, done, rank, directory)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+        losses, samples, tokens = [], 0, 0
+        window_start = time.perf_counter()
+
+    if rank == 0:
+        export_model(engine.module, tokenizer, cfg)
+
+
+def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int, world: int) -> None:
+    """Chaos option: the last worker raises once at the chosen step (a marker file remembers it)."""
+    if cfg.train.inject_failure_at_step != step or rank != world - 1:
+        return
+    marker = Path(cfg.output_dir) / ".injected_failure"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    raise RuntimeError(f"injected failure at step {step} on rank {rank} (train.inject_failure_at_step)")
+
+
+def export_model(model, tokenizer, cfg: JobConfig) -> Path:
+    """Save the trained model and tokenizer as a Hugging Face directory, marked with the stage's record."""
+    path = export_path(cfg)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    (path / STAGE_MARKER).write_text(json.dumps({"stage": cfg.stage, "steps": cfg.train.steps}))
+    return path
