@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from conan.config import ConfigError, PipelineConfig, load_config
+from conan.config import STAGES, ConfigError, PipelineConfig, load_config
 
 
 def _add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -22,6 +22,21 @@ def cmd_pipeline(args) -> int:
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     paths = run_pipeline(cfg)
     print(json.dumps(paths, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Train one stage on Ray Train."""
+    from conan.config import JobConfig
+    from conan.train.launcher import run_stage
+
+    cfg = load_config(JobConfig, args.config, args.overrides)
+    if args.config and cfg.stage != args.stage:
+        raise ConfigError(f"stage: {args.config} configures stage {cfg.stage!r}, not {args.stage!r}")
+    cfg = load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"])
+    result = run_stage(cfg)
+    print(json.dumps({"stage": cfg.stage, "model": str(result.model_dir), "skipped": result.skipped,
+                      "metrics": result.metrics}, indent=2))
     return 0
 
 
@@ -67,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Corpus → tokenizer → model on real data; finished steps are skipped.")
     _add_config_args(p, "pipeline (PipelineConfig)")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("train", help="train one stage (pretrain, sft, weak, supervised) on Ray Train + DeepSpeed",
+                       description="Run a stage on Ray Train workers with DeepSpeed ZeRO; resumes from its latest "
+                                   "checkpoint and exports a Hugging Face model to <output_dir>/model.")
+    p.add_argument("stage", choices=list(STAGES), help="which stage")
+    _add_config_args(p, "stage (JobConfig)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("corpus", help="write the multilingual text corpus from ../shared/data",
                        description="Extract texts (with language and source) from the real datasets into parquet.")

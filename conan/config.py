@@ -153,6 +153,10 @@ class PipelineConfig:
     ray_address: str | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
+    # Stage YAMLs run in order after the model is built; each starts from the previous export and
+    # writes under output_dir/<stage>. Overrides apply to every stage (e.g. train.steps=10).
+    stages: list[str] = field(default_factory=list)
+    stage_overrides: list[str] = field(default_factory=list)
 
 
 def _type_name(tp) -> str:

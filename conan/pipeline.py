@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conan.config import PipelineConfig
+from conan.config import JobConfig, PipelineConfig, load_config
 from conan.data.corpus import write_corpus
 from conan.model import ConanConfig, ConanForCausalLM, count_parameters
 from conan.model.build import model_config_for
 from conan.runtime import init_ray
 from conan.tokenizer import load_tokenizer, train_tokenizer
+from conan.train.launcher import is_finished, run_stage
 
 
 def _step(name: str, done: bool):
@@ -19,7 +20,7 @@ def _step(name: str, done: bool):
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
-    """Build the corpus, the tokenizer and an initial model under cfg.output_dir; return their paths."""
+    """Corpus → tokenizer → initial model → the configured stages, under cfg.output_dir; return the paths."""
     out = Path(cfg.output_dir)
     corpus = out / "corpus" / "corpus.parquet"
     t = _step("corpus", corpus.is_file())
@@ -46,4 +47,19 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
     print(f"[pipeline] model: preset {cfg.model.preset}, {count_parameters(config):,} parameters, "
           f"vocab {config.vocab_size}, hidden {config.hidden_size}, layers {config.num_hidden_layers} "
           f"→ {model_dir}", flush=True)
-    return {"corpus": str(corpus), "tokenizer": str(tok_dir), "model": str(model_dir)}
+    paths = {"corpus": str(corpus), "tokenizer": str(tok_dir), "model_init": str(model_dir)}
+    previous = model_dir
+    for stage_yaml in cfg.stages:
+        stage_cfg = load_config(JobConfig, stage_yaml, [
+            *cfg.stage_overrides, f"model.init_from={previous}", f"tokenizer.path={tok_dir}",
+            f"data.root={cfg.data_root}", f"ray_address={cfg.ray_address or 'null'}"])
+        stage_cfg.output_dir = str(out / stage_cfg.stage)
+        t = _step(stage_cfg.stage, is_finished(stage_cfg))
+        result = run_stage(stage_cfg)
+        loss = result.metrics.get("loss")
+        print(f"[pipeline] {stage_cfg.stage}: → {result.model_dir}"
+              + (f" (final loss {loss:.3f}, {time.perf_counter() - t:.0f}s)" if loss is not None else ""), flush=True)
+        previous = result.model_dir
+        paths[stage_cfg.stage] = str(result.model_dir)
+    paths["model"] = str(previous)
+    return paths

@@ -11,7 +11,9 @@ RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS), or start a local Ray; a no-op when already connected."""
     import ray
+    import ray.data
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per stage, not a bar per block
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
@@ -20,5 +22,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True,
                  runtime_env={"env_vars": dict(RAY_ENV_DEFAULTS)})

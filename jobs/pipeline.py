@@ -1,11 +1,9 @@
-"""Entry point of the end-to-end pipeline: `python jobs/pipeline.py --config jobs/configs/pipeline_tiny.yaml`."""
+"""The pipeline job: `python jobs/pipeline.py --config jobs/configs/pipeline_tiny.yaml [--set key=value ...]`.
 
-import sys
-from pathlib import Path
+Under Ray: `ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/pipeline_tiny.yaml`.
+"""
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under `ray job submit`
-
-from conan.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["pipeline", *sys.argv[1:]]))
+    run("pipeline")

@@ -80,7 +80,7 @@ def deepspeed_config(cfg: JobConfig, backend: Backend, world_size: int) -> dict:
             "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": total, "warmup_num_steps": int(cfg.optim.warmup_ratio * total),
+            "total_num_steps": total, "warmup_num_steps": max(1, int(cfg.optim.warmup_ratio * total)),
             "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.optim.min_lr_ratio, "warmup_type": "linear"}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

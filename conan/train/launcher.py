@@ -8,7 +8,7 @@ stage whose export already exists is not launched at all.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow.json as pajson
@@ -76,12 +76,23 @@ def is_finished(cfg: JobConfig) -> bool:
     return marker.is_file() and json.loads(marker.read_text()) == {"stage": cfg.stage, "steps": cfg.train.steps}
 
 
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """A copy with every path absolute: Ray workers run in their own working directory."""
+    def absolute(p):
+        return str(Path(p).resolve()) if p else p
+    return replace(cfg, output_dir=absolute(cfg.output_dir),
+                   model=replace(cfg.model, init_from=absolute(cfg.model.init_from)),
+                   tokenizer=replace(cfg.tokenizer, path=absolute(cfg.tokenizer.path)),
+                   data=replace(cfg.data, root=absolute(cfg.data.root), paths=[absolute(p) for p in cfg.data.paths]))
+
+
 def run_stage(cfg: JobConfig) -> StageResult:
     """Train one stage on Ray Train with DeepSpeed workers and return the exported model's directory."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = absolute_paths(cfg)
     tokenizer_dir = check_inputs(cfg)
     if is_finished(cfg):
         print(f"[{cfg.stage}] already finished: {export_path(cfg)} (nothing to do)", flush=True)
@@ -92,10 +103,10 @@ def run_stage(cfg: JobConfig) -> StageResult:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": to_dict(cfg), "backend": asdict(backend),
-                           "tokenizer_dir": str(tokenizer_dir.resolve())},
+                           "tokenizer_dir": str(tokenizer_dir)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=backend.use_gpu,
                                      resources_per_worker=backend.resources_per_worker(cfg.train.cpus_per_worker)),
-        run_config=RunConfig(name=f"{cfg.name}-{cfg.stage}", storage_path=str((Path(cfg.output_dir) / "ray").resolve()),
+        run_config=RunConfig(name=f"{cfg.name}-{cfg.stage}", storage_path=str(Path(cfg.output_dir) / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         torch_config=TorchConfig(backend=backend.dist_backend),

@@ -32,6 +32,8 @@ STAGE_MARKER = "conan_stage.json"
 
 def _shard_rows(rank: int, world: int) -> list[dict]:
     """This worker's rows: every row of the dataset in row_id order, then rank::world (deterministic)."""
+    import ray.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
     rows = list(ray.train.get_dataset_shard("train").iter_rows())
     rows.sort(key=lambda r: r["row_id"])
     return rows[rank::world]
