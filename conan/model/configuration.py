@@ -28,6 +28,7 @@ class ConanConfig(PretrainedConfig):
                  rope_theta: float = 10_000.0, rms_norm_eps: float = 1e-6,
                  initializer_range: float = 0.02, attention_backend: str = "sdpa",
                  pooling: str = "mean", matryoshka_dims: list[int] | None = None,
+                 attention_mode: str = "causal",
                  pad_token_id: int = 0, bos_token_id: int = 1, eos_token_id: int = 2,
                  tie_word_embeddings: bool = True, **kwargs):
         if hidden_size % num_attention_heads:
@@ -37,6 +38,8 @@ class ConanConfig(PretrainedConfig):
                              f"num_key_value_heads {num_key_value_heads}")
         if attention_backend not in ("sdpa", "flex"):
             raise ValueError(f"attention_backend must be 'sdpa' or 'flex', got {attention_backend!r}")
+        if attention_mode not in ("causal", "bidirectional"):
+            raise ValueError(f"attention_mode must be 'causal' or 'bidirectional', got {attention_mode!r}")
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
         self.vocab_size = vocab_size
@@ -51,6 +54,9 @@ class ConanConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.attention_backend = attention_backend
         self.pooling = pooling
+        # The mask ConanModel uses when a caller (e.g. AutoModel in sentence-transformers) names none;
+        # embedding exports set it to bidirectional.
+        self.attention_mode = attention_mode
         self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims else [hidden_size]
         bad = [d for d in self.matryoshka_dims if not 0 < d <= hidden_size]
         if bad:

@@ -78,9 +78,11 @@ class ConanModel(ConanPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                attention_mode: AttentionMode = "causal", soft_mask_alpha: float = 0.0,
+                attention_mode: AttentionMode | None = None, soft_mask_alpha: float = 0.0,
                 soft_mask_rank_reduction: bool = True, **_) -> BaseModelOutput:
-        """Token states of right-padded input_ids under the causal, bidirectional or soft mask."""
+        """Token states of right-padded input_ids under the causal, bidirectional or soft mask
+        (None = config.attention_mode)."""
+        attention_mode = attention_mode or self.config.attention_mode
         b, l = input_ids.shape
         if l > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {l} exceeds max_position_embeddings "

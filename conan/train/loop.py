@@ -108,7 +108,7 @@ def train_worker(loop_config: dict) -> None:
         step_metrics: dict = {}
         for micro in range(accum):
             batch = stage.batch(step * accum + micro)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             loss, counters = stage.loss(engine, batch, step)
             engine.backward(loss)
             engine.step()
@@ -124,7 +124,8 @@ def train_worker(loop_config: dict) -> None:
         steps_in_window = max(len(losses) // accum, 1)
         metrics = {"step": done, "loss": _mean_over_ranks(losses), "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": samples * world / elapsed, "tokens_per_s": tokens * world / elapsed,
-                   "step_time_s": elapsed / steps_in_window, **step_metrics, **stage.metrics()}
+                   "step_time_s": elapsed / steps_in_window, "threads": torch.get_num_threads(),
+                   **step_metrics, **stage.metrics()}
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             with metrics_file.open("a") as f:
@@ -142,6 +143,13 @@ def train_worker(loop_config: dict) -> None:
         export_model(engine.module, tokenizer, cfg)
 
 
+def to_device(batch, device: torch.device):
+    """Move every tensor of a (nested) batch to the device."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
 def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int, world: int) -> None:
     """Chaos option: the last worker raises once at the chosen step (a marker file remembers it)."""
     if cfg.train.inject_failure_at_step != step or rank != world - 1:
@@ -157,6 +165,8 @@ def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int, world: int) -> N
 def export_model(model, tokenizer, cfg: JobConfig) -> Path:
     """Save the trained model and tokenizer as a Hugging Face directory, marked with the stage's record."""
     path = export_path(cfg)
+    if cfg.stage in ("weak", "supervised"):
+        model.config.attention_mode = "bidirectional"  # what AutoModel users (sentence-transformers) get
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
     (path / STAGE_MARKER).write_text(json.dumps({"stage": cfg.stage, "steps": cfg.train.steps}))

@@ -177,8 +177,9 @@ class WeakStage(Stage):
 
     def batch(self, index):
         chosen = self.sampler.batch(index, self.cfg.train.micro_batch_size)
-        return pad_batch([self.queries[i] for i in chosen] + [self.passages[i] for i in chosen],
-                         self.tokenizer.pad_token_id)
+        pad = self.tokenizer.pad_token_id
+        return {"query": pad_batch([self.queries[i] for i in chosen], pad),
+                "passage": pad_batch([self.passages[i] for i in chosen], pad)}
 
     def alpha(self, step: int) -> float:
         """Soft-mask alpha(t) at this step (1.0 = bidirectional when the soft mask is off)."""
@@ -187,13 +188,14 @@ class WeakStage(Stage):
 
     def loss(self, engine, batch, step):
         alpha = self.alpha(step)
-        emb = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], attention_mode="soft",
-                     soft_mask_alpha=alpha, soft_mask_rank_reduction=self.cfg.soft_mask.rank_reduction)
-        b = len(emb) // 2
-        queries, passages = emb[:b], gather_with_grad(emb[b:])
-        target = torch.arange(b, device=emb.device) + self.rank * b
-        loss, _ = infonce_loss(queries, passages, target, self.cfg.loss.temperature)
-        return loss, {"samples": b, "tokens": int(batch["attention_mask"].sum()), "alpha": alpha}
+        # Queries and passages are padded separately (short queries are not padded to passage length).
+        queries, passages = (engine(**batch[side], attention_mode="soft", soft_mask_alpha=alpha,
+                                    soft_mask_rank_reduction=self.cfg.soft_mask.rank_reduction)
+                             for side in ("query", "passage"))
+        b = len(queries)
+        target = torch.arange(b, device=queries.device) + self.rank * b
+        loss, _ = infonce_loss(queries, gather_with_grad(passages), target, self.cfg.loss.temperature)
+        return loss, {"samples": b, "tokens": _tokens(batch), "alpha": alpha}
 
 
 class SupervisedStage(Stage):
@@ -235,33 +237,35 @@ class SupervisedStage(Stage):
         task, occurrence = self.schedule[index], self.occurrence[index]
         size = self.cfg.supervised.batch_sizes[task]
         chosen = [self.rows[task][i] for i in self.samplers[task].batch(occurrence, size)]
+        pad = self.tokenizer.pad_token_id
         if task == "sts":
-            texts = [r["s1"] for r in chosen] + [r["s2"] for r in chosen]
-            extra = {"score": torch.tensor([r["score"] for r in chosen], dtype=torch.float32)}
-        else:
-            k = self.cfg.supervised.num_negatives
-            texts = [r["query"] for r in chosen] + [r["positive"] for r in chosen] + \
-                [n for r in chosen for n in r["negatives"][:k]]
-            extra = {}
-        return {**pad_batch(self.encode(texts), self.tokenizer.pad_token_id), "task": task, "size": size, **extra}
+            return {"task": task, "size": size,
+                    "pair": pad_batch(self.encode([r["s1"] for r in chosen] + [r["s2"] for r in chosen]), pad),
+                    "score": torch.tensor([r["score"] for r in chosen], dtype=torch.float32)}
+        k = self.cfg.supervised.num_negatives
+        passages = [r["positive"] for r in chosen] + [n for r in chosen for n in r["negatives"][:k]]
+        return {"task": task, "size": size, "query": pad_batch(self.encode([r["query"] for r in chosen]), pad),
+                "passage": pad_batch(self.encode(passages), pad)}
 
     def loss(self, engine, batch, step):
-        raw = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], raw=True)
         b, task = batch["size"], batch["task"]
         dims = self.dims or engine.module.config.matryoshka_dims
-        counters = {"samples": b, "tokens": int(batch["attention_mask"].sum())}
+        counters = {"samples": b, "tokens": _tokens(batch)}
         if task == "sts":
+            raw = engine(**batch["pair"], raw=True)
             left, right = gather_with_grad(raw[:b]), gather_with_grad(raw[b:])
-            gold = _gather(batch["score"].to(raw.device))
+            gold = _gather(batch["score"])
             loss, _ = matryoshka_loss(cosent_loss, (left, right), dims, gold, self.cfg.loss.cosent_scale)
             return loss, counters
-        queries, passages = raw[:b], gather_with_grad(raw[b:])
-        per_rank = len(raw) - b  # b positives then b*k negatives on every rank
-        target = torch.arange(b, device=raw.device) + self.rank * per_rank
+        queries = engine(**batch["query"], raw=True)
+        local_passages = engine(**batch["passage"], raw=True)
+        passages = gather_with_grad(local_passages)
+        per_rank = len(local_passages)  # b positives then b*k negatives on every rank
+        target = torch.arange(b, device=queries.device) + self.rank * per_rank
         mask = None
         if task == "classification":  # other rows' labels may be this row's label: own candidates only
             k = self.cfg.supervised.num_negatives
-            mask = torch.zeros(b, passages.shape[0], dtype=torch.bool, device=raw.device)
+            mask = torch.zeros(b, passages.shape[0], dtype=torch.bool, device=queries.device)
             base = self.rank * per_rank
             for i in range(b):
                 mask[i, base + i] = True
@@ -270,6 +274,11 @@ class SupervisedStage(Stage):
                                         self.cfg.loss.temperature, mask)
         self.last_scores = per_dim[max(per_dim)][1]  # full-dim cosines of this step (for DHNM)
         return loss, counters
+
+
+def _tokens(batch: dict) -> int:
+    """Non-padding tokens in every padded group of a batch."""
+    return sum(int(v["attention_mask"].sum()) for v in batch.values() if isinstance(v, dict))
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
