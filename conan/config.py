@@ -105,6 +105,20 @@ class SupervisedConfig:
 
 
 @dataclass
+class DHNMConfig:
+    """Dynamic hard-negative mining of the supervised stage (§3.4, eq. 6); thresholds default to the paper's."""
+
+    enabled: bool = False
+    candidates: str | None = None  # mined parquet (jobs/mine_negatives.py); None = mine with model.init_from first
+    pool_size: int = 30  # candidates per query
+    false_negative_ratio: float = 0.95
+    num_shards: int = 1
+    first_sight_min: float = 0.4
+    decay_factor: float = 1.2
+    stale_max: float = 0.7
+
+
+@dataclass
 class TrainConfig:
     """Loop, parallelism and checkpointing."""
 
@@ -139,6 +153,7 @@ class JobConfig:
     soft_mask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    dhnm: DHNMConfig = field(default_factory=DHNMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -74,9 +74,9 @@ class NegativePoolState:
         for q, c in pools.items():
             self.add(q, c)
 
-    def assign(self, query_ids: Sequence[Hashable]) -> list[list[int]]:
-        """The current active negative ids of each query."""
-        return [[n.id for n in self.pools[q].active] for q in query_ids]
+    def assign(self, query_ids: Sequence[Hashable]) -> list[list[int] | None]:
+        """The current active negative ids of each query (None for a query the pool does not manage)."""
+        return [[n.id for n in self.pools[q].active] if q in self.pools else None for q in query_ids]
 
     def report(self, query_ids: Sequence[Hashable], negative_ids: Sequence[Sequence[int]],
                scores: Sequence[Sequence[float]]) -> None:
@@ -162,8 +162,8 @@ class NegativePoolClient:
             by_shard.setdefault(shard_of(q, len(self.actors)), []).append(i)
         return by_shard
 
-    def assign(self, query_ids: Sequence[Hashable]) -> list[list[int]]:
-        """Active negatives of each query (one round trip per shard, in parallel)."""
+    def assign(self, query_ids: Sequence[Hashable]) -> list[list[int] | None]:
+        """Active negatives of each query, None where unmanaged (one round trip per shard, in parallel)."""
         import ray
         parts = self._split(query_ids)
         refs = {s: self.actors[s].assign.remote([query_ids[i] for i in idx]) for s, idx in parts.items()}
@@ -221,6 +221,8 @@ def create_negative_pools(pools: dict[Hashable, Sequence[int]], name: str, num_s
         actors.append(actor_class.options(name=n, namespace=namespace).remote(rule, num_active))
     shards: dict[int, dict] = {}
     for q, c in pools.items():
+        if len(c) < num_active:
+            continue  # too few candidates after the false-negative guard: the query keeps its static negatives
         shards.setdefault(shard_of(q, num_shards), {})[q] = c
     ray.get([actors[s].load_candidates.remote(shards.get(s, {})) for s in range(num_shards)])
     return NegativePoolClient(names, actors)

@@ -83,3 +83,65 @@ def test_sharded_actors_route_queries_and_apply_reports(ray_cluster):
     client.flush()
     client.load_state_dict(saved)
     assert client.assign(["q3"]) == [[307, 301, 302, 303, 304, 305, 306]]
+
+
+def test_a_replacement_reported_by_one_worker_is_what_another_worker_gets(ray_cluster):
+    import ray
+
+    owner = create_negative_pools({"q": list(range(20))}, "test-dhnm-share", num_shards=2, num_active=7)
+
+    @ray.remote(num_cpus=0.1)
+    def worker(action, names):
+        client = NegativePoolClient.connect(names)
+        if action == "report":
+            client.report(["q"], [[0, 1]], [[0.9, 0.2]])  # negative 1 is easy at first sight
+            client.flush()
+            return None
+        return client.assign(["q"])[0]
+
+    ray.get(worker.remote("report", owner.names))
+    assert ray.get(worker.remote("assign", owner.names)) == [0, 7, 2, 3, 4, 5, 6]
+
+
+def _random_embedding_model(tmp_path, tokenizer):
+    import torch
+
+    from conan.model import ConanConfig, ConanForEmbedding
+    torch.manual_seed(0)
+    model = ConanForEmbedding(ConanConfig.from_preset("tiny", vocab_size=len(tokenizer), attention_mode="bidirectional"))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ray_cluster, tmp_path, tokenizer, data_root):
+    import numpy as np
+
+    from conan.data import stage_data
+    from conan.data.mining import MiningConfig, embed_texts, mine_candidates, read_mined, mine_supervised_candidates
+
+    model_dir = _random_embedding_model(tmp_path, tokenizer)
+    rows = [r for r in stage_data.supervised_records(data_root, 7, 60, 0) if r["query_id"]]
+    corpus = stage_data.xquad_corpus(data_root)
+    assert len(corpus) == 240
+    n = mine_supervised_candidates(model_dir, rows, corpus, tmp_path / "mined.parquet", MiningConfig(top_k=20))
+    mined = read_mined(tmp_path / "mined.parquet")
+    assert n == len(mined) == len({r["query_id"] for r in rows}) == 120
+    by_query = {r["query_id"]: r for r in rows}
+    assert all(by_query[q]["positive_id"] not in c for q, c in mined.items())
+    assert all(len(c) <= 20 for c in mined.values())
+    assert sum(map(len, mined.values())) < 20 * n  # a random model ranks many paragraphs above the positive: guarded
+    # The guard, checked against exact cosines: no kept candidate scores above 0.95 × its positive.
+    cfg = MiningConfig(top_k=20, false_negative_ratio=0.95)
+    ids, corpus_emb = embed_texts(model_dir, list(range(240)), corpus, cfg)
+    qids = list(by_query)[:30]
+    _, q_emb = embed_texts(model_dir, qids, [by_query[q]["query"] for q in qids], cfg)
+    for q, e in zip(qids, q_emb):
+        pos = float(e @ corpus_emb[by_query[q]["positive_id"]])
+        limit = pos - 0.05 * abs(pos)
+        assert all(float(e @ corpus_emb[c]) <= limit + 1e-5 for c in mined[q])
+    # Without the guard, the ranking is the plain top-k minus the positive (exact flat index).
+    loose = mine_candidates(q_emb[:1], corpus_emb, ids, [{by_query[qids[0]]["positive_id"]}],
+                            MiningConfig(top_k=5, false_negative_ratio=10.0))[0]
+    order = [i for i in np.argsort(-(corpus_emb @ q_emb[0])) if i != by_query[qids[0]]["positive_id"]][:5]
+    assert loose[0] == [int(i) for i in order] and len(loose[0]) == 5

@@ -30,6 +30,11 @@ def _xquad(root: Path, lang: str) -> list[dict]:
     return rows
 
 
+def xquad_corpus(root: str | Path) -> list[str]:
+    """The 240 English XQuAD paragraphs; a paragraph's passage id is its index here."""
+    return sorted({r["context"] for r in _xquad(Path(root), "en")})
+
+
 def pretrain_records(root: str | Path, max_rows: int | None = None) -> list[dict]:
     """Documents of the multilingual corpus."""
     return [{"text": t} for t, _, _ in _take(iter_corpus(root), max_rows)]
@@ -58,23 +63,27 @@ def supervised_records(root: str | Path, num_negatives: int = 7, max_per_task: i
     root, rng = Path(root), random.Random(seed)
     rows: list[dict] = []
 
-    def add(task, query="", positive="", negatives=(), s1="", s2="", score=0.0):
+    def add(task, query="", positive="", negatives=(), s1="", s2="", score=0.0, query_id="", positive_id=-1):
         rows.append({"task": task, "query": query, "positive": positive, "negatives": list(negatives),
-                     "s1": s1, "s2": s2, "score": float(score)})
+                     "s1": s1, "s2": s2, "score": float(score), "query_id": query_id, "positive_id": positive_id})
 
     # Retrieval: English XQuAD question → paragraph, negatives = other paragraphs (same article first).
+    # These rows carry query and passage ids into xquad_corpus, so DHNM can manage their negatives.
     english = _xquad(root, "en")
-    paragraphs = sorted({(r["article"], r["context"]) for r in english})
+    corpus = xquad_corpus(root)
+    passage_id = {text: i for i, text in enumerate(corpus)}
+    article_of = {r["context"]: r["article"] for r in english}
     by_id = {r["id"]: r for r in english}
 
     def negatives_for(row):
-        same = [c for a, c in paragraphs if a == row["article"] and c != row["context"]]
-        other = [c for a, c in paragraphs if a != row["article"]]
+        same = [c for c in corpus if article_of[c] == row["article"] and c != row["context"]]
+        other = [c for c in corpus if article_of[c] != row["article"]]
         rng.shuffle(same)
         return (same + rng.sample(other, num_negatives))[:num_negatives]
 
     for r in _take(iter(english), max_per_task):
-        add("retrieval", r["question"], r["context"], negatives_for(r))
+        add("retrieval", r["question"], r["context"], negatives_for(r), query_id=f"en:{r['id']}",
+            positive_id=passage_id[r["context"]])
     # zh retrieval with the dataset's own hard negatives.
     for line in _take((root / "text2vec_zh" / "examples" / "data" / "bge_finetune_data.jsonl").open(encoding="utf-8"),
                       max_per_task):
@@ -85,7 +94,9 @@ def supervised_records(root: str | Path, num_negatives: int = 7, max_per_task: i
     clr = [(lang, q) for lang in XQUAD_LANGS if lang != "en" for q in _xquad(root, lang)]
     rng.shuffle(clr)
     for lang, q in _take(iter(clr), max_per_task):
-        add("clr", q["question"], by_id[q["id"]]["context"], negatives_for(by_id[q["id"]]))
+        english_row = by_id[q["id"]]
+        add("clr", q["question"], english_row["context"], negatives_for(english_row), query_id=f"{lang}:{q['id']}",
+            positive_id=passage_id[english_row["context"]])
     # Classification: utterance → its intent's name, other intents as negatives.
     with (root / "banking77" / "banking_data" / "train.csv").open(encoding="utf-8", newline="") as f:
         labelled = [(r["text"], r["category"].replace("_", " ")) for r in csv.DictReader(f)]

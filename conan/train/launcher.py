@@ -100,10 +100,12 @@ def run_stage(cfg: JobConfig) -> StageResult:
     init_ray(cfg.ray_address)
     backend = resolve_backend(cfg.train.device, cfg.train.precision, ray.cluster_resources())
     stage = stage_class(cfg.stage)
+    pools = start_negative_pools(cfg) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": to_dict(cfg), "backend": asdict(backend),
-                           "tokenizer_dir": str(tokenizer_dir)},
+                           "tokenizer_dir": str(tokenizer_dir),
+                           "stage_kwargs": {"pool_names": pools.names} if pools else {}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=backend.use_gpu,
                                      resources_per_worker=backend.resources_per_worker(cfg.train.cpus_per_worker)),
         run_config=RunConfig(name=f"{cfg.name}-{cfg.stage}", storage_path=str(Path(cfg.output_dir) / "ray"),
@@ -115,5 +117,26 @@ def run_stage(cfg: JobConfig) -> StageResult:
         # so shards are identical across restarts and resumes replay exactly.
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    result = trainer.fit()  # `pools` stays referenced until here: the actors live as long as the run
     return StageResult(export_path(cfg), dict(result.metrics or {}))
+
+
+def start_negative_pools(cfg: JobConfig):
+    """Mine candidates with the stage's starting model when none are given, then create the NegativePool actors."""
+    from conan.data import stage_data
+    from conan.data.mining import MiningConfig, mine_supervised_candidates, read_mined
+    from conan.dhnm import ReplacementRule, create_negative_pools
+
+    path = Path(cfg.dhnm.candidates) if cfg.dhnm.candidates else Path(cfg.output_dir) / "mined_negatives.parquet"
+    if not path.is_file():
+        if cfg.dhnm.candidates:
+            raise ConfigError(f"dhnm.candidates: {path} does not exist")
+        rows = stage_data.supervised_records(cfg.data.root, cfg.supervised.num_negatives,
+                                             cfg.supervised.max_per_task, cfg.train.seed)
+        n = mine_supervised_candidates(cfg.model.init_from, rows, stage_data.xquad_corpus(cfg.data.root), path,
+                                       MiningConfig(top_k=cfg.dhnm.pool_size,
+                                                    false_negative_ratio=cfg.dhnm.false_negative_ratio))
+        print(f"[supervised] mined {cfg.dhnm.pool_size} candidates for {n} queries → {path}", flush=True)
+    rule = ReplacementRule(cfg.dhnm.first_sight_min, cfg.dhnm.decay_factor, cfg.dhnm.stale_max)
+    return create_negative_pools(read_mined(path), f"{cfg.name}-dhnm", cfg.dhnm.num_shards, rule,
+                                 cfg.supervised.num_negatives)

@@ -81,9 +81,11 @@ def train_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(loop_config["tokenizer_dir"])
 
-    stage = stage_class(cfg.stage)(cfg, tokenizer, rank, world)
+    stage = stage_class(cfg.stage)(cfg, tokenizer, rank, world, **loop_config.get("stage_kwargs", {}))
     stage.prepare(_shard_rows(rank, world))
     model = load_or_init(stage.model_class, cfg.model, tokenizer)
+    forward_calls = [0]  # model forward passes, reported per step (DHNM must add none)
+    model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
 
     import deepspeed
     engine, _, _, scheduler = deepspeed.initialize(
@@ -125,7 +127,7 @@ def train_worker(loop_config: dict) -> None:
         metrics = {"step": done, "loss": _mean_over_ranks(losses), "lr": scheduler.get_last_lr()[0],
                    "samples_per_s": samples * world / elapsed, "tokens_per_s": tokens * world / elapsed,
                    "step_time_s": elapsed / steps_in_window, "threads": torch.get_num_threads(),
-                   **step_metrics, **stage.metrics()}
+                   "forwards_per_step": forward_calls[0] / steps_in_window, **step_metrics, **stage.metrics()}
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             with metrics_file.open("a") as f:
@@ -136,10 +138,13 @@ def train_worker(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
-        losses, samples, tokens = [], 0, 0
+        losses, samples, tokens, forward_calls[0] = [], 0, 0, 0
         window_start = time.perf_counter()
 
+    final_state = stage.state_dict()  # every rank takes part (the DHNM pool flushes and synchronises)
     if rank == 0:
+        if final_state:
+            torch.save(final_state, out / "stage_state.pt")
         export_model(engine.module, tokenizer, cfg)
 
 

@@ -202,8 +202,17 @@ class SupervisedStage(Stage):
     """Multi-task contrastive training: one task per step (the same on every worker), MRL over dims."""
 
     name, model_class = "supervised", ConanForEmbedding
-    columns = ("task", "query", "positive", "negatives", "s1", "s2", "score")
+    columns = ("task", "query", "positive", "negatives", "s1", "s2", "score", "query_id", "positive_id")
     PAIR_TASKS = ("retrieval", "clr", "classification")
+
+    def __init__(self, cfg, tokenizer, rank=0, world_size=1, pool_names: list[str] | None = None):
+        super().__init__(cfg, tokenizer, rank, world_size)
+        self.pool = None
+        if pool_names:
+            from conan.dhnm import NegativePoolClient
+            self.pool = NegativePoolClient.connect(pool_names)
+        self.negative_scores: list[float] = []  # mean own-negative cosine per step, all pair rows
+        self.mined_query_scores: list[float] = []  # the same over rows that have a query_id
 
     @staticmethod
     def records(cfg):
@@ -232,6 +241,8 @@ class SupervisedStage(Stage):
             self.occurrence.append(seen.get(task, 0))
             seen[task] = seen.get(task, 0) + 1
         self.dims = self.cfg.loss.matryoshka_dims
+        if self.pool is not None:  # passages the pool's candidate ids point at
+            self.corpus = stage_data.xquad_corpus(self.cfg.data.root)
 
     def batch(self, index):
         task, occurrence = self.schedule[index], self.occurrence[index]
@@ -243,9 +254,19 @@ class SupervisedStage(Stage):
                     "pair": pad_batch(self.encode([r["s1"] for r in chosen] + [r["s2"] for r in chosen]), pad),
                     "score": torch.tensor([r["score"] for r in chosen], dtype=torch.float32)}
         k = self.cfg.supervised.num_negatives
-        passages = [r["positive"] for r in chosen] + [n for r in chosen for n in r["negatives"][:k]]
+        negatives = [r["negatives"][:k] for r in chosen]
+        candidates = [i for i, r in enumerate(chosen) if self.pool is not None and r.get("query_id")]
+        assigned = self.pool.assign([chosen[i]["query_id"] for i in candidates]) if candidates else []
+        managed = [i for i, ids in zip(candidates, assigned) if ids is not None]
+        query_ids = [chosen[i]["query_id"] for i in managed]
+        negative_ids = [ids for ids in assigned if ids is not None]
+        for i, ids in zip(managed, negative_ids):
+            negatives[i] = [self.corpus[j] for j in ids]
+        passages = [r["positive"] for r in chosen] + [n for negs in negatives for n in negs]
         return {"task": task, "size": size, "query": pad_batch(self.encode([r["query"] for r in chosen]), pad),
-                "passage": pad_batch(self.encode(passages), pad)}
+                "passage": pad_batch(self.encode(passages), pad),
+                "query_ids": [r.get("query_id") or "" for r in chosen],
+                "dhnm": {"rows": managed, "query_ids": query_ids, "negative_ids": negative_ids}}
 
     def loss(self, engine, batch, step):
         b, task = batch["size"], batch["task"]
@@ -272,13 +293,54 @@ class SupervisedStage(Stage):
                 mask[i, base + b + i * k: base + b + (i + 1) * k] = True
         loss, per_dim = matryoshka_loss(infonce_loss, (queries, passages), dims, target,
                                         self.cfg.loss.temperature, mask)
-        self.last_scores = per_dim[max(per_dim)][1]  # full-dim cosines of this step (for DHNM)
+        self._track_negatives(per_dim[max(per_dim)][1], batch, self.rank * per_rank)
         return loss, counters
+
+    def _track_negatives(self, scores: torch.Tensor, batch: dict, base: int) -> None:
+        """Read each query's own-negative cosines off the loss's similarity matrix (no extra forward pass);
+        report them to the DHNM pool for the rows it manages."""
+        b, k = batch["size"], self.cfg.supervised.num_negatives
+        own = torch.stack([scores[i, base + b + i * k: base + b + (i + 1) * k] for i in range(b)])
+        self.negative_scores.append(float(own.mean()))
+        mined_rows = [i for i in range(b) if batch["query_ids"][i]]  # rows DHNM may manage, DHNM on or off
+        if mined_rows:
+            self.mined_query_scores.append(float(own[mined_rows].mean()))
+        dhnm = batch["dhnm"]
+        if dhnm["rows"]:
+            self.pool.report(dhnm["query_ids"], dhnm["negative_ids"], [own[i].tolist() for i in dhnm["rows"]])
+
+    def metrics(self) -> dict:
+        """Mean own-negative cosine since the last report, and the pool's counters."""
+        out = {}
+        for key, values in (("negative_score", self.negative_scores),
+                            ("negative_score_mined_queries", self.mined_query_scores)):
+            if values:
+                out[key] = sum(values) / len(values)
+                values.clear()
+        if self.pool is not None:
+            out.update({f"dhnm_{k}": v for k, v in self.pool.stats().items()})
+        return out
+
+    def state_dict(self) -> dict:
+        """The pool's state once every worker's reports have landed (rank 0 keeps it)."""
+        if self.pool is None:
+            return {}
+        self.pool.flush()
+        if dist.is_initialized():
+            dist.barrier()
+        return {"dhnm": self.pool.state_dict()} if self.rank == 0 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put the pool back to the checkpoint's state before any worker asks it for negatives."""
+        if self.pool is not None and self.rank == 0:
+            self.pool.load_state_dict(state["dhnm"])
+        if self.pool is not None and dist.is_initialized():
+            dist.barrier()
 
 
 def _tokens(batch: dict) -> int:
     """Non-padding tokens in every padded group of a batch."""
-    return sum(int(v["attention_mask"].sum()) for v in batch.values() if isinstance(v, dict))
+    return sum(int(v["attention_mask"].sum()) for v in batch.values() if isinstance(v, dict) and "attention_mask" in v)
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
