@@ -58,15 +58,19 @@ def read_rows(paths: list[str], columns: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def stage_dataset(cfg: JobConfig, stage: type[Stage]):
-    """The stage's rows as a Ray dataset with a stable row_id (user files, else the real datasets)."""
-    import ray.data
-
+def stage_rows(cfg: JobConfig, stage: type[Stage]) -> list[dict]:
+    """The stage's rows: the user's files, else the real datasets."""
     rows = read_rows(cfg.data.paths, stage.columns) if cfg.data.paths else stage.records(cfg)
     if cfg.data.max_rows is not None:
         rows = rows[:cfg.data.max_rows]
     if not rows:
         raise ConfigError(f"stage {cfg.stage}: no training rows")
+    return rows
+
+
+def stage_dataset(rows: list[dict]):
+    """Rows as a Ray dataset with a stable row_id."""
+    import ray.data
     return ray.data.from_items([{**r, "row_id": i} for i, r in enumerate(rows)])
 
 
@@ -100,7 +104,8 @@ def run_stage(cfg: JobConfig) -> StageResult:
     init_ray(cfg.ray_address)
     backend = resolve_backend(cfg.train.device, cfg.train.precision, ray.cluster_resources())
     stage = stage_class(cfg.stage)
-    pools = start_negative_pools(cfg) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
+    rows = stage_rows(cfg, stage)
+    pools = start_negative_pools(cfg, rows) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": to_dict(cfg), "backend": asdict(backend),
@@ -112,7 +117,7 @@ def run_stage(cfg: JobConfig) -> StageResult:
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         torch_config=TorchConfig(backend=backend.dist_backend),
-        datasets={"train": stage_dataset(cfg, stage)},
+        datasets={"train": stage_dataset(rows)},
         # Every worker sees the whole (small) table and takes rows rank::world after sorting by row_id,
         # so shards are identical across restarts and resumes replay exactly.
         dataset_config=DataConfig(datasets_to_split=[]),
@@ -121,8 +126,8 @@ def run_stage(cfg: JobConfig) -> StageResult:
     return StageResult(export_path(cfg), dict(result.metrics or {}))
 
 
-def start_negative_pools(cfg: JobConfig):
-    """Mine candidates with the stage's starting model when none are given, then create the NegativePool actors."""
+def start_negative_pools(cfg: JobConfig, rows: list[dict]):
+    """Mine candidates for `rows` with the stage's starting model when none are given, then create the pool actors."""
     from conan.data import stage_data
     from conan.data.mining import MiningConfig, mine_supervised_candidates, read_mined
     from conan.dhnm import ReplacementRule, create_negative_pools
@@ -131,8 +136,6 @@ def start_negative_pools(cfg: JobConfig):
     if not path.is_file():
         if cfg.dhnm.candidates:
             raise ConfigError(f"dhnm.candidates: {path} does not exist")
-        rows = stage_data.supervised_records(cfg.data.root, cfg.supervised.num_negatives,
-                                             cfg.supervised.max_per_task, cfg.train.seed)
         n = mine_supervised_candidates(cfg.model.init_from, rows, stage_data.xquad_corpus(cfg.data.root), path,
                                        MiningConfig(top_k=cfg.dhnm.pool_size,
                                                     false_negative_ratio=cfg.dhnm.false_negative_ratio))

@@ -258,7 +258,6 @@ class SupervisedStage(Stage):
         candidates = [i for i, r in enumerate(chosen) if self.pool is not None and r.get("query_id")]
         assigned = self.pool.assign([chosen[i]["query_id"] for i in candidates]) if candidates else []
         managed = [i for i, ids in zip(candidates, assigned) if ids is not None]
-        query_ids = [chosen[i]["query_id"] for i in managed]
         negative_ids = [ids for ids in assigned if ids is not None]
         for i, ids in zip(managed, negative_ids):
             negatives[i] = [self.corpus[j] for j in ids]
@@ -266,7 +265,7 @@ class SupervisedStage(Stage):
         return {"task": task, "size": size, "query": pad_batch(self.encode([r["query"] for r in chosen]), pad),
                 "passage": pad_batch(self.encode(passages), pad),
                 "query_ids": [r.get("query_id") or "" for r in chosen],
-                "dhnm": {"rows": managed, "query_ids": query_ids, "negative_ids": negative_ids}}
+                "dhnm": {"rows": managed, "negative_ids": negative_ids}}
 
     def loss(self, engine, batch, step):
         b, task = batch["size"], batch["task"]
@@ -307,7 +306,8 @@ class SupervisedStage(Stage):
             self.mined_query_scores.append(float(own[mined_rows].mean()))
         dhnm = batch["dhnm"]
         if dhnm["rows"]:
-            self.pool.report(dhnm["query_ids"], dhnm["negative_ids"], [own[i].tolist() for i in dhnm["rows"]])
+            self.pool.report([batch["query_ids"][i] for i in dhnm["rows"]], dhnm["negative_ids"],
+                             [own[i].tolist() for i in dhnm["rows"]])
 
     def metrics(self) -> dict:
         """Mean own-negative cosine since the last report, and the pool's counters."""
