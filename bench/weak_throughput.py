@@ -21,10 +21,12 @@ import torch
 from conan.config import JobConfig, load_config
 from conan.data.stage_data import pair_records
 from conan.losses import infonce_loss
-from conan.model import ConanConfig, ConanForEmbedding
+from conan.model import ConanForEmbedding
 from conan.runtime import init_ray
-from conan.tokenizer import INPUT, INSTRUCTION, load_tokenizer, train_tokenizer_from_iterator
+from conan.tokenizer import INPUT, INSTRUCTION, load_tokenizer
 from conan.train.launcher import run_stage
+
+from _tiny import tiny_embedding_model
 
 WARMUP = 5
 
@@ -110,19 +112,13 @@ def main() -> None:
     pairs = pair_records(default_data_root(), max_rows=4000)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tokenizer = train_tokenizer_from_iterator((t for p in pairs for t in (p["input"], p["output"])), 8192)
-        tokenizer.save_pretrained(str(tmp / "tok"))
-        tokenizer = load_tokenizer(tmp / "tok")
-        torch.manual_seed(0)
-        model = ConanForEmbedding(ConanConfig.from_preset("tiny", vocab_size=len(tokenizer),
-                                                          attention_mode="bidirectional"))
-        model.save_pretrained(str(tmp / "model"))
-        tokenizer.save_pretrained(str(tmp / "model"))
+        tiny_embedding_model((t for p in pairs for t in (p["input"], p["output"])), tmp / "model")
+        tokenizer = load_tokenizer(tmp / "model")
 
         bare = bare_loop(tmp / "model", tokenizer, pairs, args.batch, args.steps, args.seq_len)
         st = sentence_transformers_trainer(tmp / "model", pairs, args.batch, args.steps, args.seq_len)
         init_ray(num_cpus=args.threads)
-        ours = platform(tmp / "model", tmp / "tok", args.batch, args.steps, args.seq_len, args.threads, tmp / "run")
+        ours = platform(tmp / "model", tmp / "model", args.batch, args.steps, args.seq_len, args.threads, tmp / "run")
 
     print(f"batch={args.batch} seq_len≤{args.seq_len} threads={args.threads} steps={args.steps} (median step, "
           f"{WARMUP} warm-up steps excluded)")

@@ -112,10 +112,14 @@ class DHNMConfig:
     candidates: str | None = None  # mined parquet (jobs/mine_negatives.py); None = mine with model.init_from first
     pool_size: int = 30  # candidates per query
     false_negative_ratio: float = 0.95
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # faiss index for mining (auto: flat below 100k passages)
     num_shards: int = 1
     first_sight_min: float = 0.4
     decay_factor: float = 1.2
     stale_max: float = 0.7
+    # 0 = scores come from the loss (no extra forward pass). K > 0 = the v1 baseline, for comparison: every K steps
+    # an extra no-grad forward pass re-scores every managed query's active negatives.
+    rescore_every: int = 0
 
 
 @dataclass
@@ -136,6 +140,26 @@ class TrainConfig:
     max_failures: int = 1
     seed: int = 0
     inject_failure_at_step: int | None = None  # chaos test: raise once at this step, to exercise resume
+
+
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible embeddings server (`conan serve`)."""
+
+    model_dir: str = "runs/tiny/supervised/model"
+    model_name: str | None = None  # the `model` clients send and /v1/models lists; default: the directory's name
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key_env: str | None = None  # name of the environment variable holding the bearer token; None = no auth
+    device: str = "cpu"
+    max_batch_size: int = 64  # texts per forward pass across concurrent requests (dynamic batching)
+    max_wait_ms: float = 0.0  # extra wait for more requests to join a batch (0: take what queued during the last one)
+    max_inputs_per_request: int = 512
+    max_input_tokens: int | None = None  # longer inputs are refused (400); None = the model's context
+    backend: Literal["uvicorn", "ray"] = "uvicorn"
+    ray_address: str | None = None
+    replicas: int = 1  # Ray Serve replicas (backend: ray)
+    replica_cpus: float = 1.0
 
 
 @dataclass
@@ -172,6 +196,28 @@ class PipelineConfig:
     # writes under output_dir/<stage>. Overrides apply to every stage (e.g. train.steps=10).
     stages: list[str] = field(default_factory=list)
     stage_overrides: list[str] = field(default_factory=list)
+
+
+EVAL_TASKS = ("xquad-retrieval", "xquad-clr", "stsb", "stsb-cross", "banking77", "csl-categories", "tatoeba")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of an exported embedding model (`conan evaluate`) on local data, with baselines."""
+
+    model_dir: str = "runs/tiny/supervised/model"
+    model_name: str | None = None  # label in the report (default: the directory's name)
+    baseline_dir: str | None = None  # another exported model scored side by side (e.g. the untrained init)
+    output_dir: str = "runs/tiny/eval"
+    data_root: str = field(default_factory=default_data_root)
+    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
+    beir: list[str] = field(default_factory=list)  # BEIR folders: corpus.jsonl, queries.jsonl, qrels/test.tsv
+    dims: list[int] | None = None  # Matryoshka dims to score (default: the model's matryoshka_dims)
+    max_items: int | None = 500  # cap per task and language: queries, pairs, test texts, sentences
+    langs: list[str] | None = None  # languages of the multilingual tasks (default: all the data holds)
+    bm25: bool = True  # BM25 on the retrieval tasks
+    plots: bool = True
+    batch_size: int = 64
 
 
 def _type_name(tp) -> str:

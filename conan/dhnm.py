@@ -129,7 +129,30 @@ def _remote_pool_class():
 
     @ray.remote(num_cpus=0)
     class NegativePool(NegativePoolState):
-        """Named Ray actor holding one shard of the hard-negative pool."""
+        """Named Ray actor holding one shard of the hard-negative pool; exports its counters as Ray metrics
+        (Prometheus: ray_conan_dhnm_*) tagged with the shard's name."""
+
+        def __init__(self, rule: ReplacementRule, num_active: int, name: str):
+            from ray.util.metrics import Counter, Gauge
+
+            super().__init__(rule, num_active)
+            self.tags = {"pool": name}
+            self.metric_counters = {key: Counter(f"conan_dhnm_{key}", f"DHNM {key.replace('_', ' ')}",
+                                                 tag_keys=("pool",))
+                                    for key in ("reports", "replacements", "exhausted")}
+            self.score_gauge = Gauge("conan_dhnm_reported_negative_score",
+                                     "mean cosine of the active negatives in the latest report", tag_keys=("pool",))
+
+        def report(self, query_ids, negative_ids, scores) -> None:
+            """NegativePoolState.report, then the counter increments and the reported scores' mean as metrics."""
+            before = {k: self.counters[k] for k in self.metric_counters}
+            super().report(query_ids, negative_ids, scores)
+            for key, metric in self.metric_counters.items():
+                if self.counters[key] > before[key]:
+                    metric.inc(self.counters[key] - before[key], tags=self.tags)
+            flat = [s for row in scores for s in row]
+            if flat:
+                self.score_gauge.set(sum(flat) / len(flat), tags=self.tags)
 
         def ping(self) -> bool:
             """Returns once every call submitted before it by the same caller has run."""
@@ -218,7 +241,7 @@ def create_negative_pools(pools: dict[Hashable, Sequence[int]], name: str, num_s
             ray.kill(ray.get_actor(n, namespace=namespace))
         except ValueError:
             pass
-        actors.append(actor_class.options(name=n, namespace=namespace).remote(rule, num_active))
+        actors.append(actor_class.options(name=n, namespace=namespace).remote(rule, num_active, n))
     shards: dict[int, dict] = {}
     for q, c in pools.items():
         if len(c) < num_active:

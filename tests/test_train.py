@@ -176,20 +176,31 @@ def test_all_gathered_infonce_equals_single_process(ray_cluster, tmp_path):
     assert grads.abs().max() > 0
 
 
+# The tiny model's cosines sit in [0.9, 1] (an anisotropic space), where eq. 6's absolute thresholds (0.4, 0.7)
+# never fire; the tests scale them to that range (they are config values).
+TINY_SCALE_RULE = ["dhnm.decay_factor=1.01", "dhnm.stale_max=0.99"]
+
+
 @pytest.fixture(scope="module")
 def dhnm_runs(chain, tmp_path_factory):
-    """Supervised runs on XQuAD retrieval from the weak model: DHNM, DHNM with a killed worker, static negatives."""
+    """Supervised runs on XQuAD retrieval from the weak model: DHNM, DHNM with a killed worker, the mined
+    negatives kept static (a rule that never replaces), and the rows' own static negatives."""
     out = tmp_path_factory.mktemp("dhnm")
     base = [f"model.init_from={Path(chain['weak'].output_dir) / 'model'}", f"data.root={chain['weak'].data.root}",
-            "supervised.max_per_task=200", "supervised.task_weights={retrieval: 1.0}", "train.steps=20",
+            # 40 English queries (20 per worker, 8 per step): each comes back ~8 times, so DHNM has time to act.
+            "supervised.max_per_task=40", "supervised.task_weights={retrieval: 1.0}", "train.steps=20",
             "supervised.batch_sizes={retrieval: 8}", "dhnm.pool_size=239"]  # whole corpus: nearly every query managed
-    runs = {"dhnm": stage_config("supervised", out / "dhnm", *base, "dhnm.enabled=true")}
+    runs = {"dhnm": stage_config("supervised", out / "dhnm", *base, "dhnm.enabled=true", *TINY_SCALE_RULE)}
     run_stage(runs["dhnm"])
     mined = Path(runs["dhnm"].output_dir) / "mined_negatives.parquet"
     runs["faulty"] = stage_config("supervised", out / "faulty", *base, "dhnm.enabled=true", f"dhnm.candidates={mined}",
-                                  "train.inject_failure_at_step=13")
+                                  *TINY_SCALE_RULE, "train.inject_failure_at_step=13")
+    runs["mined_static"] = stage_config("supervised", out / "mined_static", *base, "dhnm.enabled=true",
+                                        f"dhnm.candidates={mined}", "dhnm.first_sight_min=-2", "dhnm.stale_max=-2")
     runs["static"] = stage_config("supervised", out / "static", *base)
-    for name in ("faulty", "static"):
+    runs["v1"] = stage_config("supervised", out / "v1", *base, "dhnm.enabled=true", f"dhnm.candidates={mined}",
+                              "dhnm.rescore_every=10")
+    for name in ("faulty", "mined_static", "static", "v1"):
         run_stage(runs[name])
     return runs
 
@@ -201,6 +212,16 @@ def _metric(cfg, key):
 def test_dhnm_adds_no_forward_pass(dhnm_runs):
     assert set(_metric(dhnm_runs["dhnm"], "forwards_per_step")) == {2.0}  # queries, passages
     assert _metric(dhnm_runs["dhnm"], "forwards_per_step") == _metric(dhnm_runs["static"], "forwards_per_step")
+
+
+def test_v1_rescoring_baseline_adds_forward_passes(dhnm_runs):
+    """The v1 comparison point: at steps 0 and 10 each worker re-embeds its 20 managed queries and their 7 active
+    negatives (16 queries per chunk, 2 forwards each), in the first and third 5-step windows only."""
+    forwards = _metric(dhnm_runs["v1"], "forwards_per_step")
+    assert forwards[0] == forwards[2] == pytest.approx(2 + 2 * 2 / 5)
+    assert forwards[1] == forwards[3] == 2.0
+    rows = [json.loads(x) for x in (Path(dhnm_runs["v1"].output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["dhnm_reports"] > 0
 
 
 def test_dhnm_counters_reach_the_reported_metrics(dhnm_runs):
@@ -221,3 +242,19 @@ def test_pool_state_survives_a_killed_worker_exactly(dhnm_runs):
     # restore they would count twice.
     assert sum(s["counters"]["reports"] for s in clean) > 0
 
+
+
+def test_dhnm_keeps_active_negatives_harder_than_static_ones(dhnm_runs):
+    """Mean latest cosine of the active negatives (the pool's figure) after the first window: DHNM swaps out the
+    negatives the model has pushed away, static mined negatives only get easier."""
+    def later_mean(name, key):
+        values = _metric(dhnm_runs[name], key)[1:]
+        return sum(values) / len(values)
+    dhnm, static = (later_mean(n, "dhnm_mean_active_score") for n in ("dhnm", "mined_static"))
+    print(f"mean active-negative cosine: DHNM {dhnm:.4f}, static mined {static:.4f}; own-negative cosine at loss "
+          f"time: DHNM {later_mean('dhnm', 'negative_score_mined_queries'):.4f}, static mined "
+          f"{later_mean('mined_static', 'negative_score_mined_queries'):.4f}, rows' own negatives "
+          f"{later_mean('static', 'negative_score_mined_queries'):.4f}")
+    assert _metric(dhnm_runs["dhnm"], "dhnm_replacements")[-1] > 0
+    assert _metric(dhnm_runs["mined_static"], "dhnm_replacements")[-1] == 0
+    assert dhnm > static + 0.02

@@ -33,27 +33,19 @@ class MiningConfig:
 
 
 class Embedder:
-    """Ray Data actor: loads an exported Conan embedding model once and embeds batches of text."""
+    """Ray Data actor: loads the platform's Encoder once and embeds batches of text."""
 
     def __init__(self, model_dir: str, max_length: int):
         import torch
 
-        from conan.model import ConanForEmbedding
-        from conan.tokenizer import load_tokenizer
+        from conan.encoder import Encoder
 
         torch.set_num_threads(1)
-        self.model = ConanForEmbedding.from_pretrained(model_dir).eval()
-        self.tokenizer = load_tokenizer(model_dir)
-        self.max_length = max_length
+        self.encoder = Encoder(model_dir, max_length=max_length)
 
     def __call__(self, batch: dict) -> dict:
         """Add an `embedding` column (unit-norm float32) for the `text` column."""
-        import torch
-        enc = self.tokenizer(list(batch["text"]), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        with torch.no_grad():
-            emb = self.model(enc["input_ids"], enc["attention_mask"])
-        return {**batch, "embedding": emb.float().numpy()}
+        return {**batch, "embedding": self.encoder.encode(list(batch["text"]))}
 
 
 def embed_texts(model_dir: str | Path, ids: list, texts: list[str], cfg: MiningConfig) -> tuple[list, np.ndarray]:

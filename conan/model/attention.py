@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conan.model.configuration import ConanConfig
-from conan.model.soft_mask import is_fully_open, soft_mask_bias, soft_mask_score_mod
+from .configuration import ConanConfig
+from .soft_mask import is_fully_open, soft_mask_bias, soft_mask_score_mod
 
 AttentionMode = Literal["causal", "bidirectional", "soft"]
 ATTENTION_MODES: tuple[str, ...] = ("causal", "bidirectional", "soft")

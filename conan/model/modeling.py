@@ -8,15 +8,18 @@ prefix, so each stage loads the directory the previous stage exported.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
-from conan.model.attention import AttentionMask, AttentionMode, ConanAttention, rotary_tables
-from conan.model.configuration import ConanConfig
-from conan.model.pooling import matryoshka_truncate, pool
+from .attention import AttentionMask, AttentionMode, ConanAttention, rotary_tables
+from .configuration import ConanConfig
+from .pooling import matryoshka_truncate, pool
 
 
 class ConanMLP(nn.Module):
@@ -49,6 +52,13 @@ class ConanDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Every export carries these source files and an auto_map: AutoModel / AutoModelForCausalLM load it with
+# trust_remote_code=True where Conan is not installed (with `import conan` the registered classes serve).
+REMOTE_CODE_FILES = ("configuration.py", "modeling.py", "attention.py", "soft_mask.py", "pooling.py")
+REMOTE_CODE_AUTO_MAP = {"AutoConfig": "configuration.ConanConfig", "AutoModel": "modeling.ConanModel",
+                        "AutoModelForCausalLM": "modeling.ConanForCausalLM"}
+
+
 class ConanPreTrainedModel(PreTrainedModel):
     """Shared loading/saving behaviour of the Conan models."""
 
@@ -56,6 +66,13 @@ class ConanPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["ConanDecoderLayer"]
     supports_gradient_checkpointing = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """PreTrainedModel.save_pretrained, plus the auto_map and the model's source files (remote code)."""
+        self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for name in REMOTE_CODE_FILES:
+            shutil.copy2(Path(__file__).with_name(name), Path(save_directory) / name)
 
 
 class ConanModel(ConanPreTrainedModel):

@@ -87,7 +87,8 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
     return replace(cfg, output_dir=absolute(cfg.output_dir),
                    model=replace(cfg.model, init_from=absolute(cfg.model.init_from)),
                    tokenizer=replace(cfg.tokenizer, path=absolute(cfg.tokenizer.path)),
-                   data=replace(cfg.data, root=absolute(cfg.data.root), paths=[absolute(p) for p in cfg.data.paths]))
+                   data=replace(cfg.data, root=absolute(cfg.data.root), paths=[absolute(p) for p in cfg.data.paths]),
+                   dhnm=replace(cfg.dhnm, candidates=absolute(cfg.dhnm.candidates)))
 
 
 def run_stage(cfg: JobConfig) -> StageResult:
@@ -126,20 +127,38 @@ def run_stage(cfg: JobConfig) -> StageResult:
     return StageResult(export_path(cfg), dict(result.metrics or {}))
 
 
-def start_negative_pools(cfg: JobConfig, rows: list[dict]):
-    """Mine candidates for `rows` with the stage's starting model when none are given, then create the pool actors."""
+def mined_negatives_path(cfg: JobConfig) -> Path:
+    """Where the stage's mined candidates are: dhnm.candidates, else <output_dir>/mined_negatives.parquet."""
+    return Path(cfg.dhnm.candidates) if cfg.dhnm.candidates else Path(cfg.output_dir) / "mined_negatives.parquet"
+
+
+def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Path:
+    """Mine dhnm.pool_size candidates per query of `rows` with the stage's starting model (model.init_from) in the
+    XQuAD passage corpus, unless the parquet exists already; returns its path."""
     from conan.data import stage_data
-    from conan.data.mining import MiningConfig, mine_supervised_candidates, read_mined
+    from conan.data.mining import MiningConfig, mine_supervised_candidates
+
+    path = mined_negatives_path(cfg)
+    if path.is_file() and not force:
+        return path
+    if not cfg.model.init_from:
+        raise ConfigError("model.init_from: mining needs a trained embedding model")
+    n = mine_supervised_candidates(cfg.model.init_from, rows, stage_data.xquad_corpus(cfg.data.root), path,
+                                   MiningConfig(top_k=cfg.dhnm.pool_size,
+                                                false_negative_ratio=cfg.dhnm.false_negative_ratio,
+                                                index=cfg.dhnm.index))
+    print(f"[{cfg.stage}] mined {cfg.dhnm.pool_size} candidates for {n} queries → {path}", flush=True)
+    return path
+
+
+def start_negative_pools(cfg: JobConfig, rows: list[dict]):
+    """Create the pool actors from the mined candidates (mining first when none are given)."""
+    from conan.data.mining import read_mined
     from conan.dhnm import ReplacementRule, create_negative_pools
 
-    path = Path(cfg.dhnm.candidates) if cfg.dhnm.candidates else Path(cfg.output_dir) / "mined_negatives.parquet"
-    if not path.is_file():
-        if cfg.dhnm.candidates:
-            raise ConfigError(f"dhnm.candidates: {path} does not exist")
-        n = mine_supervised_candidates(cfg.model.init_from, rows, stage_data.xquad_corpus(cfg.data.root), path,
-                                       MiningConfig(top_k=cfg.dhnm.pool_size,
-                                                    false_negative_ratio=cfg.dhnm.false_negative_ratio))
-        print(f"[supervised] mined {cfg.dhnm.pool_size} candidates for {n} queries → {path}", flush=True)
+    if cfg.dhnm.candidates and not Path(cfg.dhnm.candidates).is_file():
+        raise ConfigError(f"dhnm.candidates: {cfg.dhnm.candidates} does not exist")
+    path = mine_negatives(cfg, rows)
     rule = ReplacementRule(cfg.dhnm.first_sight_min, cfg.dhnm.decay_factor, cfg.dhnm.stale_max)
     return create_negative_pools(read_mined(path), f"{cfg.name}-dhnm", cfg.dhnm.num_shards, rule,
                                  cfg.supervised.num_negatives)

@@ -24,7 +24,7 @@ from conan.config import JobConfig, from_dict
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
 from conan.train.backend import Backend, deepspeed_config, worker_device
-from conan.train.stages import Stage, export_path, stage_class
+from conan.train.stages import Stage, export_path, stage_class, to_device
 
 CHECKPOINT_TAG = "state"
 STAGE_MARKER = "conan_stage.json"
@@ -148,13 +148,6 @@ def train_worker(loop_config: dict) -> None:
         export_model(engine.module, tokenizer, cfg)
 
 
-def to_device(batch, device: torch.device):
-    """Move every tensor of a (nested) batch to the device."""
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch.to(device) if torch.is_tensor(batch) else batch
-
-
 def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int, world: int) -> None:
     """Chaos option: the last worker raises once at the chosen step (a marker file remembers it)."""
     if cfg.train.inject_failure_at_step != step or rank != world - 1:
@@ -174,5 +167,8 @@ def export_model(model, tokenizer, cfg: JobConfig) -> Path:
         model.config.attention_mode = "bidirectional"  # what AutoModel users (sentence-transformers) get
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
+    if cfg.stage in ("weak", "supervised"):
+        from conan.export import add_sentence_transformers_files
+        add_sentence_transformers_files(path)
     (path / STAGE_MARKER).write_text(json.dumps({"stage": cfg.stage, "steps": cfg.train.steps}))
     return path

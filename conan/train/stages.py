@@ -204,6 +204,7 @@ class SupervisedStage(Stage):
     name, model_class = "supervised", ConanForEmbedding
     columns = ("task", "query", "positive", "negatives", "s1", "s2", "score", "query_id", "positive_id")
     PAIR_TASKS = ("retrieval", "clr", "classification")
+    RESCORE_CHUNK = 16  # queries per extra forward pass of the v1 re-scoring baseline
 
     def __init__(self, cfg, tokenizer, rank=0, world_size=1, pool_names: list[str] | None = None):
         super().__init__(cfg, tokenizer, rank, world_size)
@@ -213,6 +214,7 @@ class SupervisedStage(Stage):
             self.pool = NegativePoolClient.connect(pool_names)
         self.negative_scores: list[float] = []  # mean own-negative cosine per step, all pair rows
         self.mined_query_scores: list[float] = []  # the same over rows that have a query_id
+        self.rescored_step = -1
 
     @staticmethod
     def records(cfg):
@@ -293,7 +295,29 @@ class SupervisedStage(Stage):
         loss, per_dim = matryoshka_loss(infonce_loss, (queries, passages), dims, target,
                                         self.cfg.loss.temperature, mask)
         self._track_negatives(per_dim[max(per_dim)][1], batch, self.rank * per_rank)
+        every = self.cfg.dhnm.rescore_every
+        if self.pool is not None and every and step % every == 0 and step != self.rescored_step:
+            self.rescored_step = step
+            self._rescore(engine.module)
         return loss, counters
+
+    def _rescore(self, model) -> None:
+        """The v1 baseline (dhnm.rescore_every = K): every K steps an extra no-grad forward pass over every managed
+        query of this worker and its active negatives; those scores go to the pool instead of the loss's."""
+        rows = [r for t in ("retrieval", "clr") for r in self.rows.get(t, ()) if r.get("query_id")]
+        device, pad = next(model.parameters()).device, self.tokenizer.pad_token_id
+        for start in range(0, len(rows), self.RESCORE_CHUNK):
+            part = rows[start:start + self.RESCORE_CHUNK]
+            assigned = self.pool.assign([r["query_id"] for r in part])
+            kept = [(r["query_id"], r["query"], ids) for r, ids in zip(part, assigned) if ids is not None]
+            if not kept:
+                continue
+            with torch.no_grad():
+                q = model(**to_device(pad_batch(self.encode([text for _, text, _ in kept]), pad), device))
+                n = model(**to_device(pad_batch(self.encode([self.corpus[j] for *_, ids in kept for j in ids]), pad),
+                                      device))
+            scores = torch.einsum("qd,qkd->qk", q, n.view(len(kept), -1, n.shape[-1]))
+            self.pool.report([qid for qid, *_ in kept], [ids for *_, ids in kept], scores.tolist())
 
     def _track_negatives(self, scores: torch.Tensor, batch: dict, base: int) -> None:
         """Read each query's own-negative cosines off the loss's similarity matrix (no extra forward pass);
@@ -305,7 +329,7 @@ class SupervisedStage(Stage):
         if mined_rows:
             self.mined_query_scores.append(float(own[mined_rows].mean()))
         dhnm = batch["dhnm"]
-        if dhnm["rows"]:
+        if dhnm["rows"] and not self.cfg.dhnm.rescore_every:
             self.pool.report([batch["query_ids"][i] for i in dhnm["rows"]], dhnm["negative_ids"],
                              [own[i].tolist() for i in dhnm["rows"]])
 
@@ -336,6 +360,13 @@ class SupervisedStage(Stage):
             self.pool.load_state_dict(state["dhnm"])
         if self.pool is not None and dist.is_initialized():
             dist.barrier()
+
+
+def to_device(batch, device: torch.device):
+    """Move every tensor of a (nested) batch to the device."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch
 
 
 def _tokens(batch: dict) -> int:

@@ -1,0 +1,58 @@
+"""The platform's own text encoder: an exported Conan embedding model + its tokenizer, batched inference.
+
+Mining, evaluation and serving all embed through this class, so they agree to the last bit with each
+other (and, within float tolerance, with `SentenceTransformer(path)` on the same directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class Encoder:
+    """Encodes texts into unit-norm (optionally Matryoshka-truncated) float32 vectors."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", max_length: int | None = None,
+                 batch_size: int = 32):
+        from conan.model import ConanForEmbedding
+        from conan.tokenizer import load_tokenizer
+
+        self.model = ConanForEmbedding.from_pretrained(str(model_dir)).to(device).eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the server counts
+        # tokens on its event loop while a worker thread encodes, so counting has its own instance.
+        self.counting_tokenizer = load_tokenizer(model_dir)
+        self.device, self.batch_size = device, batch_size
+        self.max_length = max_length or self.model.config.max_position_embeddings
+        self.dims = list(self.model.config.matryoshka_dims or []) or [self.model.config.hidden_size]
+
+    @property
+    def dimension(self) -> int:
+        """Full embedding size."""
+        return self.model.config.hidden_size
+
+    def check_dim(self, dim: int | None) -> None:
+        """ValueError unless dim is None or a size the model can truncate to (1 … hidden size)."""
+        if dim is not None and not 0 < dim <= self.dimension:
+            raise ValueError(f"dimensions must be between 1 and {self.dimension}, got {dim}")
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, special tokens included, before truncation (what usage reports)."""
+        ids = self.counting_tokenizer(texts)["input_ids"]
+        return [len(x) for x in ids]
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], dim: int | None = None) -> np.ndarray:
+        """(len(texts), dim or hidden) float32; batches hold texts of similar length, output keeps input order."""
+        self.check_dim(dim)
+        out = np.zeros((len(texts), dim or self.dimension), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            out[idx] = self.model(enc["input_ids"], enc["attention_mask"], dim=dim).float().cpu().numpy()
+        return out
