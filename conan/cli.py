@@ -40,6 +40,50 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_mine(args) -> int:
+    """Mine hard-negative candidates for the supervised stage's queries."""
+    from conan.config import JobConfig
+    from conan.runtime import init_ray
+    from conan.train.launcher import absolute_paths, check_inputs, mine_negatives, stage_rows
+    from conan.train.stages import stage_class
+
+    cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, "stage=supervised"]))
+    check_inputs(cfg)
+    init_ray(cfg.ray_address)
+    path = mine_negatives(cfg, stage_rows(cfg, stage_class("supervised")), force=True)
+    print(json.dumps({"candidates": str(path)}))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve an exported embedding model over OpenAI-compatible HTTP."""
+    from conan.config import ServeConfig
+    from conan.serve.runner import run_ray_serve, run_uvicorn
+
+    cfg = load_config(ServeConfig, args.config, args.overrides)
+    (run_ray_serve if cfg.backend == "ray" else run_uvicorn)(cfg)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Add sentence-transformers files to an exported embedding model."""
+    from conan.export import add_sentence_transformers_files
+
+    print(add_sentence_transformers_files(args.model_dir))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Evaluate an exported embedding model on local data and write scores.json + report.md."""
+    from conan.config import EvalConfig
+    from conan.eval.runner import evaluate
+
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    evaluate(cfg)
+    print(json.dumps({"scores": f"{cfg.output_dir}/scores.json", "report": f"{cfg.output_dir}/report.md"}))
+    return 0
+
+
 def cmd_corpus(args) -> int:
     """Write the multilingual text corpus."""
     from conan.config import default_data_root
@@ -89,6 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=list(STAGES), help="which stage")
     _add_config_args(p, "stage (JobConfig)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("mine", help="mine hard-negative candidates (faiss) for the supervised stage's DHNM pool",
+                       description="Embed the supervised stage's queries and the passage corpus with model.init_from "
+                                   "on a Ray Data actor pool, search a faiss index, drop positives, apply the "
+                                   "false-negative guard and write parquet (query_id, candidate_ids, "
+                                   "candidate_scores) to dhnm.candidates or <output_dir>/mined_negatives.parquet.")
+    _add_config_args(p, "supervised stage (JobConfig; dhnm.pool_size, dhnm.false_negative_ratio, dhnm.index)")
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("serve", help="serve an embedding model: OpenAI-compatible /v1/embeddings (uvicorn or Ray Serve)",
+                       description="POST /v1/embeddings (input, model, dimensions, encoding_format), GET /v1/models, "
+                                   "/health, /metrics; dynamic batching, optional bearer token (api_key_env), "
+                                   "backend=uvicorn or backend=ray (replicas).")
+    _add_config_args(p, "server (ServeConfig)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("evaluate", help="score a model (each Matryoshka dim), a baseline model and BM25 on local data",
+                       description="Retrieval (XQuAD, cross-lingual XQuAD→English, BEIR folders), STS (STS-B multi, "
+                                   "cross-lingual pairs), classification (Banking77, CSL), bitext mining (Tatoeba); "
+                                   "writes scores.json, report.md and plots to output_dir.")
+    _add_config_args(p, "evaluation (EvalConfig)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="make an exported embedding model loadable by sentence-transformers",
+                       description="Write sentence-transformers' module files (Transformer → Pooling → Normalize) "
+                                   "into a model directory; the embedding stages do this on export already.")
+    p.add_argument("model_dir", help="exported Conan embedding model directory")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("corpus", help="write the multilingual text corpus from ../shared/data",
                        description="Extract texts (with language and source) from the real datasets into parquet.")

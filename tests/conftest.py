@@ -59,3 +59,19 @@ def tokenizer(tokenizer_dir):
     from conan.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def embedding_model_dir(tmp_path_factory, tokenizer):
+    """A randomly initialised tiny embedding model exported like the embedding stages export (ST files too)."""
+    import torch
+
+    from conan.export import add_sentence_transformers_files
+    from conan.model import ConanConfig, ConanForEmbedding
+
+    out = tmp_path_factory.mktemp("embedding_model") / "model"
+    torch.manual_seed(0)
+    model = ConanForEmbedding(ConanConfig.from_preset("tiny", vocab_size=len(tokenizer), attention_mode="bidirectional"))
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return add_sentence_transformers_files(out)

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from conan.config import ConfigError, JobConfig, PipelineConfig, load_config
+from conan.config import ConfigError, EvalConfig, JobConfig, PipelineConfig, ServeConfig, load_config
 
 
 def _write(tmp_path, data):
@@ -56,5 +56,6 @@ def test_shipped_configs_load():
     configs = sorted(Path(__file__).resolve().parents[1].glob("jobs/configs/*.yaml"))
     assert configs
     for path in configs:
-        cls = PipelineConfig if path.name.startswith("pipeline") else JobConfig
+        kind = path.name.split("_")[0]
+        cls = {"pipeline": PipelineConfig, "serve": ServeConfig, "eval": EvalConfig}.get(kind, JobConfig)
         load_config(cls, path)

@@ -1,0 +1,165 @@
+"""Evaluation tasks read from local files: real datasets under ../shared/data, or a user's BEIR folders.
+
+Each loader returns {subset: data} (subset = language or language pair), capped at `limit` items per subset.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conan.data.stage_data import XQUAD_LANGS, _xquad
+
+
+@dataclass
+class Retrieval:
+    """Queries, a corpus and graded relevance (qrels[query_id][doc_id] = gain)."""
+
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    qrels: dict[str, dict[str, float]]
+
+
+@dataclass
+class STS:
+    """Sentence pairs with gold similarity scores."""
+
+    left: list[str]
+    right: list[str]
+    scores: list[float]
+
+
+@dataclass
+class Classification:
+    """Labelled train and test texts."""
+
+    train_texts: list[str]
+    train_labels: list[str]
+    test_texts: list[str]
+    test_labels: list[str]
+
+
+@dataclass
+class Bitext:
+    """Aligned sentences: target[i] translates source[i]."""
+
+    source: list[str]
+    target: list[str] = field(default_factory=list)
+
+
+def _keep(lang: str, langs: list[str] | None) -> bool:
+    return langs is None or lang in langs
+
+
+def _xquad_retrieval(root: Path, query_lang: str, doc_lang: str, limit: int | None) -> Retrieval:
+    """Questions in query_lang → the paragraphs in doc_lang (XQuAD ids and paragraph order match across languages)."""
+    queries, docs = _xquad(root, query_lang), _xquad(root, doc_lang)
+    paragraphs = list(dict.fromkeys(r["context"] for r in docs))  # first-seen order = paragraph order
+    doc_of = {r["id"]: f"p{paragraphs.index(r['context'])}" for r in docs}
+    chosen = queries[:limit]
+    return Retrieval({q["id"]: q["question"] for q in chosen}, {f"p{i}": p for i, p in enumerate(paragraphs)},
+                     {q["id"]: {doc_of[q["id"]]: 1.0} for q in chosen})
+
+
+def xquad_retrieval(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, Retrieval]:
+    """Monolingual XQuAD: question → paragraph in the same language."""
+    return {lang: _xquad_retrieval(root, lang, lang, limit) for lang in XQUAD_LANGS if _keep(lang, langs)}
+
+
+def xquad_clr(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, Retrieval]:
+    """MKQA-style cross-lingual retrieval: question in language X → the English paragraphs."""
+    return {f"{lang}-en": _xquad_retrieval(root, lang, "en", limit) for lang in XQUAD_LANGS
+            if lang != "en" and _keep(lang, langs)}
+
+
+def _stsb_rows(root: Path, lang: str) -> list[list[str]]:
+    with (root / "stsb_multi_mt" / "data" / f"stsb-{lang}-test.csv").open(encoding="utf-8", newline="") as f:
+        return [r for r in csv.reader(f) if len(r) == 3]
+
+
+def _stsb_langs(root: Path) -> list[str]:
+    return sorted(p.name.split("-")[1] for p in (root / "stsb_multi_mt" / "data").glob("stsb-*-test.csv"))
+
+
+def stsb(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, STS]:
+    """STS-B test pairs in each language (0-5 scores)."""
+    out = {}
+    for lang in _stsb_langs(root):
+        if _keep(lang, langs):
+            rows = _stsb_rows(root, lang)[:limit]
+            out[lang] = STS([r[0] for r in rows], [r[1] for r in rows], [float(r[2]) for r in rows])
+    return out
+
+
+def stsb_cross(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, STS]:
+    """Cross-lingual STS: the English first sentence against the translated second one (rows are aligned)."""
+    english = _stsb_rows(root, "en")
+    out = {}
+    for lang in _stsb_langs(root):
+        if lang == "en" or not _keep(lang, langs):
+            continue
+        rows = _stsb_rows(root, lang)
+        if len(rows) != len(english):
+            continue  # not aligned with the English file
+        n = min(len(rows), limit or len(rows))
+        out[f"en-{lang}"] = STS([r[0] for r in english[:n]], [r[1] for r in rows[:n]], [float(r[2]) for r in english[:n]])
+    return out
+
+
+def banking77(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, Classification]:
+    """Banking77 intents (English); train capped at 4 × limit rows."""
+    def read(split):
+        with (root / "banking77" / "banking_data" / f"{split}.csv").open(encoding="utf-8", newline="") as f:
+            return [(r["text"], r["category"]) for r in csv.DictReader(f)]
+    train, test = read("train"), read("test")
+    train = train[::max(1, len(train) // (4 * limit))] if limit else train
+    test = test[::max(1, len(test) // limit)][:limit] if limit else test
+    return {"en": Classification([t for t, _ in train], [c for _, c in train], [t for t, _ in test], [c for _, c in test])}
+
+
+def csl_categories(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, Classification]:
+    """CSL paper titles → discipline (Chinese)."""
+    def read(split):
+        with (root / "csl_zh" / "benchmark" / "cls_ctg" / f"{split}.tsv").open(encoding="utf-8", newline="") as f:
+            return [(r[1], r[2]) for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if len(r) == 3]
+    train, test = read("train"), read("test")
+    train = train[:4 * limit] if limit else train
+    test = test[:limit] if limit else test
+    return {"zh": Classification([t for t, _ in train], [c for _, c in train], [t for t, _ in test], [c for _, c in test])}
+
+
+def tatoeba(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, Bitext]:
+    """Tatoeba bitext mining xx → English for every language pair in the folder."""
+    out = {}
+    for src in sorted((root / "tatoeba").glob("tatoeba.*-eng.*")):
+        lang = src.name.split(".")[-1]
+        if lang == "eng" or not _keep(lang, langs):
+            continue
+        source = src.read_text(encoding="utf-8").splitlines()
+        target = src.with_suffix(".eng").read_text(encoding="utf-8").splitlines()
+        pairs = [(s, t) for s, t in zip(source, target) if s.strip() and t.strip()][:limit]
+        if pairs:
+            out[f"{lang}-eng"] = Bitext([s for s, _ in pairs], [t for _, t in pairs])
+    return out
+
+
+def beir(folder: Path, limit: int | None) -> dict[str, Retrieval]:
+    """A BEIR-format folder: corpus.jsonl (_id, title, text), queries.jsonl (_id, text), qrels/test.tsv."""
+    corpus = {}
+    for line in (folder / "corpus.jsonl").open(encoding="utf-8"):
+        row = json.loads(line)
+        corpus[str(row["_id"])] = f"{row.get('title', '')} {row['text']}".strip()
+    queries = {str(r["_id"]): r["text"] for r in map(json.loads, (folder / "queries.jsonl").open(encoding="utf-8"))}
+    qrels: dict[str, dict[str, float]] = {}
+    with (folder / "qrels" / "test.tsv").open(encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f, delimiter="\t"):
+            if float(r["score"]) > 0 and r["query-id"] in queries:
+                qrels.setdefault(r["query-id"], {})[r["corpus-id"]] = float(r["score"])
+    kept = list(qrels)[:limit]
+    return {"default": Retrieval({q: queries[q] for q in kept}, corpus, {q: qrels[q] for q in kept})}
+
+
+LOADERS = {"xquad-retrieval": xquad_retrieval, "xquad-clr": xquad_clr, "stsb": stsb, "stsb-cross": stsb_cross,
+           "banking77": banking77, "csl-categories": csl_categories, "tatoeba": tatoeba}

@@ -1,0 +1,1 @@
+"""OpenAI-compatible embeddings serving: FastAPI app, dynamic batcher, uvicorn and Ray Serve runners."""

@@ -1,0 +1,115 @@
+"""Evaluation: metrics and BM25 against direct computations, and a run on real data writing scores, report, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conan.config import EvalConfig
+from conan.eval import metrics
+from conan.eval.bm25 import BM25, tokenize
+
+
+def test_bm25_matches_the_formula():
+    docs = ["the cat sat on the mat", "the dog sat", "cats and dogs", "猫坐在垫子上"]
+    index = BM25(docs, k1=1.2, b=0.75)
+    tokens = [tokenize(d) for d in docs]
+    avgdl = sum(map(len, tokens)) / len(tokens)
+
+    def direct(query, d):
+        total = 0.0
+        for t in tokenize(query):
+            tf = tokens[d].count(t)
+            if tf:
+                df = sum(t in x for x in tokens)
+                idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+                total += idf * tf * 2.2 / (tf + 1.2 * (1 - 0.75 + 0.75 * len(tokens[d]) / avgdl))
+        return total
+
+    for query in ("the cat", "sat dog", "垫子", "nothing"):
+        assert index.scores(query) == pytest.approx([direct(query, d) for d in range(len(docs))])
+    assert index.search("the cat", 2)[0] == 0 and index.search("垫子", 1) == [3]
+
+
+def test_retrieval_metrics_by_hand():
+    ranked = [["a", "b", "c"], ["x", "y", "z"]]
+    qrels = [{"b": 1.0}, {"q": 1.0}]
+    out = metrics.retrieval_metrics(ranked, qrels, ks=(1, 2))
+    assert out["ndcg@10"] == pytest.approx((1 / math.log2(3)) / 2)
+    assert out["mrr@10"] == pytest.approx(0.25)
+    assert out["recall@1"] == 0 and out["recall@2"] == pytest.approx(0.5)
+
+
+def test_bitext_and_rank():
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(20, 8))
+    src /= np.linalg.norm(src, axis=1, keepdims=True)
+    assert metrics.bitext_metrics(src, src)["accuracy"] == 1.0
+    assert metrics.rank(src, src, 3)[:, 0].tolist() == list(range(20))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, embedding_model_dir, data_root):
+    from conan.eval.runner import evaluate
+
+    out = tmp_path_factory.mktemp("eval")
+    cfg = EvalConfig(model_dir=str(embedding_model_dir), baseline_dir=str(embedding_model_dir), model_name="tiny",
+                     output_dir=str(out), data_root=str(data_root), max_items=40, langs=["en", "de", "zh", "cmn"])
+    return cfg, evaluate(cfg)
+
+
+def test_every_task_type_scores_in_range(evaluated):
+    cfg, result = evaluated
+    scores = result["scores"]["tiny"]
+    assert set(scores) == set(cfg.tasks)
+    assert set(scores["xquad-clr"]) == {"de-en", "zh-en"} and set(scores["tatoeba"]) == {"cmn-eng"}
+    assert set(scores["stsb-cross"]) == {"en-de", "en-zh"}
+    for task, by_subset in scores.items():
+        for subset, by_dim in by_subset.items():
+            assert list(by_dim) == ["32", "64", "128"]
+            for values in by_dim.values():
+                for name, v in values.items():
+                    low = -1.0 if name in ("spearman", "pearson") else 0.0
+                    assert low <= v <= 1.0, (task, subset, name, v)
+    # A random model still finds some XQuAD paragraphs among 48 (English subset) — and BM25 many more.
+    bm25 = result["scores"]["BM25"]["xquad-retrieval"]["en"]["lexical"]
+    assert bm25["recall@20"] > 0.8 and set(result["scores"]["BM25"]) == {"xquad-retrieval", "xquad-clr"}
+
+
+def test_baseline_is_scored_at_full_size(evaluated):
+    _, result = evaluated
+    baseline = [k for k in result["scores"] if k not in ("tiny", "BM25")][0]
+    assert list(result["scores"][baseline]["stsb"]["en"]) == ["128"]
+    # The same directory as baseline: identical scores.
+    assert result["scores"][baseline]["stsb"]["en"]["128"] == result["scores"]["tiny"]["stsb"]["en"]["128"]
+
+
+def test_report_and_plots_are_written(evaluated):
+    cfg, result = evaluated
+    from pathlib import Path
+    out = Path(cfg.output_dir)
+    report = (out / "report.md").read_text()
+    assert "| xquad-clr | ndcg@10 |" in report and "BM25" in report
+    for name in ("mrl_dims.png", "comparison.png", "embedding_map.png"):
+        assert (out / name).stat().st_size > 5000
+    assert json.loads((out / "scores.json").read_text())["dims"] == [32, 64, 128]
+
+
+def test_beir_folder_is_a_task(tmp_path, embedding_model_dir, data_root):
+    from conan.eval.runner import evaluate
+
+    beir = tmp_path / "mini"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("\n".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) for i, t in
+                                                 enumerate(["Paris is in France", "Berlin is in Germany", "Tokyo"])))
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "capital of Germany Berlin"}))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    cfg = EvalConfig(model_dir=str(embedding_model_dir), model_name="m", output_dir=str(tmp_path / "out"),
+                     data_root=str(data_root),
+                     tasks=[], beir=[str(beir)], plots=False)
+    result = evaluate(cfg)
+    assert result["scores"]["BM25"]["beir:mini"]["default"]["lexical"]["mrr@10"] == 1.0
+    assert 0 < result["scores"]["m"]["beir:mini"]["default"]["128"]["mrr@10"] <= 1.0
