@@ -196,6 +196,8 @@ class PipelineConfig:
     # writes under output_dir/<stage>. Overrides apply to every stage (e.g. train.steps=10).
     stages: list[str] = field(default_factory=list)
     stage_overrides: list[str] = field(default_factory=list)
+    # An EvalConfig YAML run on the final model (baseline: the untrained init) into output_dir/eval; None = skip.
+    evaluation: str | None = None
 
 
 EVAL_TASKS = ("xquad-retrieval", "xquad-clr", "stsb", "stsb-cross", "banking77", "csl-categories", "tatoeba")
@@ -216,6 +218,7 @@ class EvalConfig:
     max_items: int | None = 500  # cap per task and language: queries, pairs, test texts, sentences
     langs: list[str] | None = None  # languages of the multilingual tasks (default: all the data holds)
     bm25: bool = True  # BM25 on the retrieval tasks
+    mteb: bool = False  # also score the STS / classification / bitext subsets through mteb's evaluators
     plots: bool = True
     batch_size: int = 64
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conan.config import JobConfig, PipelineConfig, load_config
+from conan.config import EvalConfig, JobConfig, PipelineConfig, load_config
 from conan.data.corpus import write_corpus
 from conan.model import ConanConfig, ConanForCausalLM, count_parameters
 from conan.model.build import model_config_for
@@ -62,4 +62,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         previous = result.model_dir
         paths[stage_cfg.stage] = str(result.model_dir)
     paths["model"] = str(previous)
+    if cfg.evaluation:
+        from conan.eval.runner import evaluate
+
+        eval_cfg = load_config(EvalConfig, cfg.evaluation, [f"model_dir={previous}", f"baseline_dir={model_dir}",
+                                                            f"output_dir={out / 'eval'}", f"data_root={cfg.data_root}"])
+        report = Path(eval_cfg.output_dir) / "report.md"
+        t = _step("evaluate", report.is_file())
+        if not report.is_file():
+            evaluate(eval_cfg)
+            print(f"[pipeline] evaluate: {time.perf_counter() - t:.0f}s", flush=True)
+        paths["report"] = str(report)
     return paths

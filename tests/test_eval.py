@@ -113,3 +113,26 @@ def test_beir_folder_is_a_task(tmp_path, embedding_model_dir, data_root):
     result = evaluate(cfg)
     assert result["scores"]["BM25"]["beir:mini"]["default"]["lexical"]["mrr@10"] == 1.0
     assert 0 < result["scores"]["m"]["beir:mini"]["default"]["128"]["mrr@10"] <= 1.0
+
+
+def test_mteb_custom_tasks_agree_with_our_metrics(embedding_model_dir, data_root):
+    """The same STS-B and Tatoeba rows through mteb's evaluators give our Spearman and bitext accuracy."""
+    from pathlib import Path
+
+    from conan.encoder import Encoder
+    from conan.eval import tasks
+    from conan.eval.mteb_tasks import run_mteb
+    from conan.eval.runner import EmbeddingCache, score_subset
+
+    root = Path(data_root)
+    sts = tasks.stsb(root, 60, ["de"])["de"]
+    bitext = tasks.tatoeba(root, 60, ["deu"])["deu-eng"]
+    clf = tasks.banking77(root, 40, None)["en"]
+    for dim in (64, 128):
+        ours = EmbeddingCache(Encoder(embedding_model_dir))
+        theirs = run_mteb(str(embedding_model_dir), {"LocalSTS": sts, "LocalBitext": bitext, "LocalBanking": clf}, dim)
+        # Embeddings agree to ~1e-6; the untrained model's cosines are so close together that such differences
+        # swap a few ranks, hence a Spearman tolerance of 2e-3 rather than float precision.
+        assert theirs["LocalSTS"]["cosine_spearman"] == pytest.approx(score_subset(sts, ours, dim)["spearman"], abs=2e-3)
+        assert theirs["LocalBitext"]["accuracy"] == pytest.approx(score_subset(bitext, ours, dim)["accuracy"], abs=1e-9)
+        assert 0 <= theirs["LocalBanking"]["accuracy"] <= 1

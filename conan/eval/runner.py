@@ -112,6 +112,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         for task, subsets in loaded.items():
             if all(isinstance(d, tasks.Retrieval) for d in subsets.values()):
                 scores.setdefault(BM25_NAME, {})[task] = {s: {"lexical": score_bm25(d)} for s, d in subsets.items()}
+    if cfg.mteb:
+        from conan.eval.mteb_tasks import run_mteb
+
+        named = {f"{task}/{subset}": data for task, subsets in loaded.items() for subset, data in subsets.items()
+                 if not isinstance(data, tasks.Retrieval)}
+        for dim in dims:
+            for name, values in run_mteb(cfg.model_dir, named, dim).items():
+                task, subset = name.split("/", 1)
+                scores.setdefault(f"{main} (mteb)", {}).setdefault(task, {}).setdefault(subset, {})[str(dim)] = values
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": main, "dims": dims, "tasks": {t: kind_of(next(iter(s.values()))) for t, s in loaded.items()},
