@@ -21,16 +21,39 @@ def data_root() -> Path:
     return root
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session, 2 CPUs like CI."""
+    """One local Ray for the whole session, 2 CPUs like CI, Prometheus metrics on METRICS_PORT."""
     import ray
 
     from conan.runtime import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=2, metrics_export_port=METRICS_PORT)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def scrape_metrics(ray_cluster):
+    """Returns the sample lines of the Prometheus endpoint whose metric name starts with a prefix."""
+    import urllib.request
+
+    def scrape(prefix: str) -> list[str]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        return [line for line in text.splitlines() if line.startswith(prefix)]
+    return scrape
 
 
 @pytest.fixture(scope="session")

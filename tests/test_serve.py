@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from conftest import free_port
 from hypothesis import strategies as st
 
 from conan.config import ServeConfig
@@ -26,12 +26,6 @@ from conan.serve.app import create_app
 TEXTS = ["Where is the Eiffel tower?", "La tour Eiffel est à Paris.", "埃菲尔铁塔在巴黎。", "short",
          "A somewhat longer sentence about embeddings, Matryoshka dimensions and servers."]
 TOKEN = "test-token-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -258,3 +258,18 @@ def test_dhnm_keeps_active_negatives_harder_than_static_ones(dhnm_runs):
     assert _metric(dhnm_runs["dhnm"], "dhnm_replacements")[-1] > 0
     assert _metric(dhnm_runs["mined_static"], "dhnm_replacements")[-1] == 0
     assert dhnm > static + 0.02
+
+
+def test_training_and_pool_metrics_reach_prometheus(dhnm_runs, scrape_metrics):
+    """The Ray metrics of the runs above on the session cluster's Prometheus endpoint (reported every second)."""
+    import time
+
+    deadline = time.time() + 30
+    while True:
+        loss = [x for x in scrape_metrics("ray_conan_train_loss") if 'stage="supervised"' in x]
+        replacements = scrape_metrics("ray_conan_dhnm_replacements")
+        if (loss and replacements) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert loss and 'job="tiny"' in loss[0]
+    assert any(float(x.split()[-1]) > 0 for x in replacements), replacements

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from conan.config import JobConfig, from_dict
+from conan.metrics import TrainMetrics
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
 from conan.train.backend import Backend, deepspeed_config, worker_device
@@ -101,6 +102,7 @@ def train_worker(loop_config: dict) -> None:
 
     out = Path(cfg.output_dir)
     metrics_file = out / "metrics.jsonl"
+    ray_metrics = TrainMetrics(cfg.name, cfg.stage) if rank == 0 else None
     losses: list[float] = []
     samples = tokens = 0
     window_start = time.perf_counter()
@@ -129,6 +131,7 @@ def train_worker(loop_config: dict) -> None:
                    "step_time_s": elapsed / steps_in_window, "threads": torch.get_num_threads(),
                    "forwards_per_step": forward_calls[0] / steps_in_window, **step_metrics, **stage.metrics()}
         if rank == 0:
+            ray_metrics.record(metrics)
             out.mkdir(parents=True, exist_ok=True)
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")

@@ -1,0 +1,26 @@
+"""Custom Ray metrics of training (Prometheus: ray_conan_train_*), for the Ray Dashboard and Grafana.
+
+Rank 0 sets one gauge per reported figure, tagged with the job name and stage; the DHNM pool actors
+export their own counters (conan.dhnm).
+"""
+
+from __future__ import annotations
+
+TRAIN_GAUGES = ("step", "loss", "lr", "alpha", "samples_per_s", "tokens_per_s", "step_time_s", "negative_score")
+
+
+class TrainMetrics:
+    """Gauges conan_train_<figure>{job, stage} updated at every report."""
+
+    def __init__(self, job: str, stage: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"job": job, "stage": stage}
+        self.gauges = {key: Gauge(f"conan_train_{key}", f"training {key.replace('_', ' ')} (last report)",
+                                  tag_keys=("job", "stage")) for key in TRAIN_GAUGES}
+
+    def record(self, metrics: dict) -> None:
+        """Set the gauges present in a step report."""
+        for key, gauge in self.gauges.items():
+            if key in metrics:
+                gauge.set(float(metrics[key]), tags=self.tags)
