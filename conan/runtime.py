@@ -8,8 +8,9 @@ import os
 RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, metrics_export_port: int | None = None) -> None:
-    """Connect to `address` (or $RAY_ADDRESS), or start a local Ray; a no-op when already connected.
+def init_ray(address: str | None = None, num_cpus: int | None = None, metrics_export_port: int | None = None):
+    """Connect to `address` (or $RAY_ADDRESS), or start a local Ray; a no-op (returning None) when already connected,
+    else Ray's context (its dashboard_url is where `ray job submit` goes).
 
     A local Ray exports Prometheus metrics on `metrics_export_port` (or $CONAN_METRICS_EXPORT_PORT) when given,
     reported every second instead of Ray's default ten.
@@ -21,12 +22,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, metrics_ex
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        return ray.init(address=address, log_to_driver=True)
     else:
         port = metrics_export_port or os.environ.get("CONAN_METRICS_EXPORT_PORT")
         metrics = {"_metrics_export_port": int(port), "_system_config": {"metrics_report_interval_ms": 1000}} if port else {}
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": dict(RAY_ENV_DEFAULTS)}, **metrics)
+        return ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True,
+                        runtime_env={"env_vars": dict(RAY_ENV_DEFAULTS)}, **metrics)

@@ -35,13 +35,13 @@ METRICS_PORT = free_port()
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session, 2 CPUs like CI, Prometheus metrics on METRICS_PORT."""
+    """One local Ray for the whole session, 2 CPUs like CI, Prometheus metrics on METRICS_PORT; yields Ray's context."""
     import ray
 
     from conan.runtime import init_ray
 
-    init_ray(num_cpus=2, metrics_export_port=METRICS_PORT)
-    yield ray
+    context = init_ray(num_cpus=2, metrics_export_port=METRICS_PORT)
+    yield context
     ray.shutdown()
 
 
