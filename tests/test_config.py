@@ -59,3 +59,26 @@ def test_shipped_configs_load():
         kind = path.name.split("_")[0]
         cls = {"pipeline": PipelineConfig, "serve": ServeConfig, "eval": EvalConfig}.get(kind, JobConfig)
         load_config(cls, path)
+
+
+def test_grafana_dashboard_queries_metrics_the_code_exports():
+    """Every metric a panel of cluster/grafana_conan.json queries is one Conan defines (Ray metrics or the server's)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from conan.metrics import TRAIN_GAUGES
+
+    root = Path(__file__).resolve().parents[1]
+    dashboard = json.loads((root / "cluster" / "grafana_conan.json").read_text())
+    exported = {f"ray_conan_train_{k}" for k in TRAIN_GAUGES}
+    for path in ("conan/dhnm.py", "conan/serve/app.py"):
+        names = re.findall(r'"(conan_[a-z_]+)"', (root / path).read_text())
+        names += [f"conan_dhnm_{k}" for k in re.findall(r'for key in \(([^)]*)\)', (root / path).read_text())
+                  for k in re.findall(r'"(\w+)"', k)]
+        exported |= {f"ray_{n}" if path.endswith("dhnm.py") else n for n in names}
+    exported |= {f"{n}_total" for n in exported} | {f"{n}_bucket" for n in exported}
+    queried = {m for p in dashboard["panels"] for t in p["targets"]
+               for m in re.findall(r"\b(?:ray_)?conan_[a-z_]+", t["expr"])}
+    assert queried and queried <= exported, queried - exported
+    assert {"ray_conan_train_loss", "ray_conan_train_alpha", "ray_conan_dhnm_replacements"} <= queried
