@@ -9,10 +9,14 @@ import sys
 from conan.config import STAGES, ConfigError, PipelineConfig, load_config
 
 
-def _add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
+def _config_command(sub, name: str, func, what: str, **texts) -> argparse.ArgumentParser:
+    """A subcommand reading a typed config: --config YAML and repeatable --set overrides."""
+    parser = sub.add_parser(name, **texts)
+    parser.set_defaults(func=func)
     parser.add_argument("--config", help=f"YAML file of the {what} (defaults apply when omitted)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value by dotted key, e.g. --set optim.lr=2e-5 (repeatable)")
+    return parser
 
 
 def cmd_pipeline(args) -> int:
@@ -122,39 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conan", description=__doc__.splitlines()[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pipeline", help="run the end-to-end pipeline (the README's main job)",
-                       description="Corpus → tokenizer → model on real data; finished steps are skipped.")
-    _add_config_args(p, "pipeline (PipelineConfig)")
-    p.set_defaults(func=cmd_pipeline)
+    _config_command(sub, "pipeline", cmd_pipeline, "pipeline (PipelineConfig)",
+                    help="run the end-to-end pipeline (the README's main job)",
+                    description="Corpus → tokenizer → model on real data; finished steps are skipped.")
 
-    p = sub.add_parser("train", help="train one stage (pretrain, sft, weak, supervised) on Ray Train + DeepSpeed",
-                       description="Run a stage on Ray Train workers with DeepSpeed ZeRO; resumes from its latest "
-                                   "checkpoint and exports a Hugging Face model to <output_dir>/model.")
+    p = _config_command(sub, "train", cmd_train, "stage (JobConfig)",
+                        help="train one stage (pretrain, sft, weak, supervised) on Ray Train + DeepSpeed",
+                        description="Run a stage on Ray Train workers with DeepSpeed ZeRO; resumes from its latest "
+                                    "checkpoint and exports a Hugging Face model to <output_dir>/model.")
     p.add_argument("stage", choices=list(STAGES), help="which stage")
-    _add_config_args(p, "stage (JobConfig)")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("mine", help="mine hard-negative candidates (faiss) for the supervised stage's DHNM pool",
-                       description="Embed the supervised stage's queries and the passage corpus with model.init_from "
-                                   "on a Ray Data actor pool, search a faiss index, drop positives, apply the "
-                                   "false-negative guard and write parquet (query_id, candidate_ids, "
-                                   "candidate_scores) to dhnm.candidates or <output_dir>/mined_negatives.parquet.")
-    _add_config_args(p, "supervised stage (JobConfig; dhnm.pool_size, dhnm.false_negative_ratio, dhnm.index)")
-    p.set_defaults(func=cmd_mine)
+    _config_command(sub, "mine", cmd_mine,
+                    "supervised stage (JobConfig; dhnm.pool_size, dhnm.false_negative_ratio, dhnm.index)",
+                    help="mine hard-negative candidates (faiss) for the supervised stage's DHNM pool",
+                    description="Embed the supervised stage's queries and the passage corpus with model.init_from "
+                                "on a Ray Data actor pool, search a faiss index, drop positives, apply the "
+                                "false-negative guard and write parquet (query_id, candidate_ids, "
+                                "candidate_scores) to dhnm.candidates or <output_dir>/mined_negatives.parquet.")
 
-    p = sub.add_parser("serve", help="serve an embedding model: OpenAI-compatible /v1/embeddings (uvicorn or Ray Serve)",
-                       description="POST /v1/embeddings (input, model, dimensions, encoding_format), GET /v1/models, "
-                                   "/health, /metrics; dynamic batching, optional bearer token (api_key_env), "
-                                   "backend=uvicorn or backend=ray (replicas).")
-    _add_config_args(p, "server (ServeConfig)")
-    p.set_defaults(func=cmd_serve)
+    _config_command(sub, "serve", cmd_serve, "server (ServeConfig)",
+                    help="serve an embedding model: OpenAI-compatible /v1/embeddings (uvicorn or Ray Serve)",
+                    description="POST /v1/embeddings (input, model, dimensions, encoding_format), GET /v1/models, "
+                                "/health, /metrics; dynamic batching, optional bearer token (api_key_env), "
+                                "backend=uvicorn or backend=ray (replicas).")
 
-    p = sub.add_parser("evaluate", help="score a model (each Matryoshka dim), a baseline model and BM25 on local data",
-                       description="Retrieval (XQuAD, cross-lingual XQuAD→English, BEIR folders), STS (STS-B multi, "
-                                   "cross-lingual pairs), classification (Banking77, CSL), bitext mining (Tatoeba); "
-                                   "writes scores.json, report.md and plots to output_dir.")
-    _add_config_args(p, "evaluation (EvalConfig)")
-    p.set_defaults(func=cmd_evaluate)
+    _config_command(sub, "evaluate", cmd_evaluate, "evaluation (EvalConfig)",
+                    help="score a model (each Matryoshka dim), a baseline model and BM25 on local data",
+                    description="Retrieval (XQuAD, cross-lingual XQuAD→English, BEIR folders), STS (STS-B multi, "
+                                "cross-lingual pairs), classification (Banking77, CSL), bitext mining (Tatoeba); "
+                                "writes scores.json, report.md and plots to output_dir.")
 
     p = sub.add_parser("export", help="make an exported embedding model loadable by sentence-transformers",
                        description="Write sentence-transformers' module files (Transformer → Pooling → Normalize) "

@@ -12,6 +12,12 @@ import numpy as np
 import torch
 
 
+def model_name(model_dir: str | Path, name: str | None = None) -> str:
+    """A model's display / served name: `name` when given, else its directory's (the stage's for .../model)."""
+    path = Path(model_dir).resolve()
+    return name or (path.parent.name if path.name == "model" else path.name)
+
+
 class Encoder:
     """Encodes texts into unit-norm (optionally Matryoshka-truncated) float32 vectors."""
 

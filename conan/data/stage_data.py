@@ -18,7 +18,7 @@ from conan.data.corpus import iter_corpus
 XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
 
 
-def _xquad(root: Path, lang: str) -> list[dict]:
+def xquad_rows(root: Path, lang: str) -> list[dict]:
     """XQuAD questions with their paragraph and article index; ids are shared across languages."""
     rows = []
     data = json.loads((root / "xquad" / f"xquad.{lang}.json").read_text(encoding="utf-8"))["data"]
@@ -32,7 +32,7 @@ def _xquad(root: Path, lang: str) -> list[dict]:
 
 def xquad_corpus(root: str | Path) -> list[str]:
     """The 240 English XQuAD paragraphs; a paragraph's passage id is its index here."""
-    return sorted({r["context"] for r in _xquad(Path(root), "en")})
+    return sorted({r["context"] for r in xquad_rows(Path(root), "en")})
 
 
 def pretrain_records(root: str | Path, max_rows: int | None = None) -> list[dict]:
@@ -46,7 +46,7 @@ def pair_records(root: str | Path, max_rows: int | None = None, seed: int = 0) -
     rows = []
     for lang in XQUAD_LANGS:
         rows += [{"instruction": "Given a question, retrieve the passage that answers it.",
-                  "input": r["question"], "output": r["context"]} for r in _xquad(root, lang)]
+                  "input": r["question"], "output": r["context"]} for r in xquad_rows(root, lang)]
     with (root / "csl_zh" / "benchmark" / "ts" / "dev.tsv").open(encoding="utf-8", newline="") as f:
         rows += [{"instruction": "Write the title of this scientific abstract.", "input": r[1], "output": r[2]}
                  for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if len(r) == 3]
@@ -69,7 +69,7 @@ def supervised_records(root: str | Path, num_negatives: int = 7, max_per_task: i
 
     # Retrieval: English XQuAD question → paragraph, negatives = other paragraphs (same article first).
     # These rows carry query and passage ids into xquad_corpus, so DHNM can manage their negatives.
-    english = _xquad(root, "en")
+    english = xquad_rows(root, "en")
     corpus = xquad_corpus(root)
     passage_id = {text: i for i, text in enumerate(corpus)}
     article_of = {r["context"]: r["article"] for r in english}
@@ -91,7 +91,7 @@ def supervised_records(root: str | Path, num_negatives: int = 7, max_per_task: i
         if len(r["neg"]) >= num_negatives:
             add("retrieval", r["query"], r["pos"][0], r["neg"][:num_negatives])
     # Cross-lingual retrieval from human translations: question in language X → English paragraph.
-    clr = [(lang, q) for lang in XQUAD_LANGS if lang != "en" for q in _xquad(root, lang)]
+    clr = [(lang, q) for lang in XQUAD_LANGS if lang != "en" for q in xquad_rows(root, lang)]
     rng.shuffle(clr)
     for lang, q in _take(iter(clr), max_per_task):
         english_row = by_id[q["id"]]

@@ -12,7 +12,8 @@ from conan.eval import tasks
 
 MTEB_LANG = {"en": "eng-Latn", "de": "deu-Latn", "es": "spa-Latn", "fr": "fra-Latn", "it": "ita-Latn",
              "ja": "jpn-Jpan", "nl": "nld-Latn", "pl": "pol-Latn", "pt": "por-Latn", "ru": "rus-Cyrl",
-             "zh": "cmn-Hans", "cmn": "cmn-Hans", "eng": "eng-Latn"}
+             "zh": "cmn-Hans", "cmn": "cmn-Hans", "eng": "eng-Latn", "deu": "deu-Latn", "fra": "fra-Latn",
+             "spa": "spa-Latn", "rus": "rus-Cyrl", "jpn": "jpn-Jpan", "ara": "arb-Arab", "hin": "hin-Deva"}
 
 
 def _metadata(name: str, kind: str, main_score: str, langs: list[str]):
@@ -26,7 +27,8 @@ def _metadata(name: str, kind: str, main_score: str, langs: list[str]):
 
 
 def mteb_task(name: str, data, lang: str = "en"):
-    """An mteb task instance serving `data` (a tasks.STS, tasks.Classification or tasks.Bitext)."""
+    """An mteb task instance serving `data` (a tasks.STS, tasks.Classification or tasks.Bitext); `lang` is the subset
+    ("de", "en-de", "deu-eng") and only labels the task's languages."""
     from datasets import Dataset
     from mteb.abstasks.classification import AbsTaskClassification
     from mteb.abstasks.sts import AbsTaskSTS
@@ -63,6 +65,6 @@ def run_mteb(model_dir: str, named_data: dict[str, object], dim: int | None = No
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(model_dir), device="cpu", truncate_dim=dim)
-    built = [mteb_task(name, data) for name, data in named_data.items()]
+    built = [mteb_task(name, data, name.rsplit("/", 1)[-1]) for name, data in named_data.items()]
     results = mteb.evaluate(model, tasks=built, cache=None)
     return {r.task_name: r.scores["test"][0] for r in results.task_results}

@@ -29,8 +29,10 @@ def main_metric(result: dict, label: str, task: str, dim: str) -> float | None:
 
 
 def _full(result: dict, label: str, task: str) -> str | None:
+    from conan.eval.runner import largest_dim
+
     by_subset = result["scores"].get(label, {}).get(task)
-    return max(next(iter(by_subset.values())), key=lambda d: int(d) if d.isdigit() else -1) if by_subset else None
+    return largest_dim(next(iter(by_subset.values()))) if by_subset else None
 
 
 def write_report(result: dict, out: Path, encoder, cfg) -> Path:

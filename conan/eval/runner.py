@@ -11,10 +11,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from conan.config import EvalConfig
+from conan.encoder import Encoder, model_name
 from conan.eval import metrics, tasks
 from conan.eval.bm25 import BM25
+from conan.model.pooling import matryoshka_truncate
 
 MAIN_METRIC = {"retrieval": "ndcg@10", "sts": "spearman", "classification": "accuracy", "bitext": "accuracy"}
 BM25_NAME = "BM25"
@@ -26,10 +29,9 @@ def kind_of(data) -> str:
             tasks.Bitext: "bitext"}[type(data)]
 
 
-def truncate(emb: np.ndarray, dim: int) -> np.ndarray:
-    """Matryoshka truncation to `dim` with L2 renormalisation (numpy twin of conan.model.pooling)."""
-    cut = emb[:, :dim]
-    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+def largest_dim(by_dim: dict) -> str:
+    """The largest Matryoshka dim key of {dim: metrics} ("lexical" for BM25 when it is the only key)."""
+    return max(by_dim, key=lambda d: int(d) if d.isdigit() else -1)
 
 
 class EmbeddingCache:
@@ -43,7 +45,7 @@ class EmbeddingCache:
         missing = list(dict.fromkeys(t for t in texts if t not in self.vectors))
         if missing:
             self.vectors.update(zip(missing, self.encoder.encode(missing)))
-        return truncate(np.stack([self.vectors[t] for t in texts]), dim)
+        return matryoshka_truncate(torch.from_numpy(np.stack([self.vectors[t] for t in texts])), dim).numpy()
 
 
 def score_subset(data, embed, dim: int) -> dict:
@@ -81,21 +83,14 @@ def load_tasks(cfg: EvalConfig) -> dict[str, dict]:
     return {name: subsets for name, subsets in loaded.items() if subsets}
 
 
-def model_label(path: str, name: str | None = None) -> str:
-    """A model's name in the report: given, else its directory (the stage's for .../model)."""
-    p = Path(path).resolve()
-    return name or (p.parent.name if p.name == "model" else p.name)
-
-
 def evaluate(cfg: EvalConfig) -> dict:
     """Score the model (each dim), the baseline (full size) and BM25; write scores.json and the report."""
-    from conan.encoder import Encoder
     from conan.eval.report import write_report
 
     loaded = load_tasks(cfg)
-    models = {model_label(cfg.model_dir, cfg.model_name): Encoder(cfg.model_dir, batch_size=cfg.batch_size)}
+    models = {model_name(cfg.model_dir, cfg.model_name): Encoder(cfg.model_dir, batch_size=cfg.batch_size)}
     if cfg.baseline_dir:
-        models[model_label(cfg.baseline_dir)] = Encoder(cfg.baseline_dir, batch_size=cfg.batch_size)
+        models[model_name(cfg.baseline_dir)] = Encoder(cfg.baseline_dir, batch_size=cfg.batch_size)
     main = next(iter(models))
     dims = cfg.dims or models[main].dims
     scores: dict = {}
@@ -107,7 +102,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                 for dim in model_dims:
                     scores.setdefault(label, {}).setdefault(task, {}).setdefault(subset, {})[str(dim)] = \
                         score_subset(data, embed, dim)
-            print(f"[eval] {label} {task}: {summary(scores[label][task])}", flush=True)
+            print(f"[eval] {label} {task}: {summary(scores[label][task], kind_of(next(iter(subsets.values()))))}",
+                  flush=True)
     if cfg.bm25:
         for task, subsets in loaded.items():
             if all(isinstance(d, tasks.Retrieval) for d in subsets.values()):
@@ -118,8 +114,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         named = {f"{task}/{subset}": data for task, subsets in loaded.items() for subset, data in subsets.items()
                  if not isinstance(data, tasks.Retrieval)}
         for dim in dims:
-            for name, values in run_mteb(cfg.model_dir, named, dim).items():
-                task, subset = name.split("/", 1)
+            for key, values in run_mteb(cfg.model_dir, named, dim).items():
+                task, subset = key.split("/", 1)
                 scores.setdefault(f"{main} (mteb)", {}).setdefault(task, {}).setdefault(subset, {})[str(dim)] = values
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,10 +126,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     return result
 
 
-def summary(task_scores: dict) -> str:
+def summary(task_scores: dict, kind: str) -> str:
     """Mean main metric over subsets at the largest dim scored, as text."""
-    values = []
-    for by_dim in task_scores.values():
-        best = by_dim[max(by_dim, key=lambda d: int(d) if d.isdigit() else -1)]
-        values.append(next(best[m] for m in ("ndcg@10", "spearman", "accuracy") if m in best))
+    values = [by_dim[largest_dim(by_dim)][MAIN_METRIC[kind]] for by_dim in task_scores.values()]
     return f"{np.mean(values):.4f} over {len(values)} subset(s)"

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from conan.data.stage_data import XQUAD_LANGS, _xquad
+from conan.data.stage_data import XQUAD_LANGS, xquad_rows
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Bitext:
     """Aligned sentences: target[i] translates source[i]."""
 
     source: list[str]
-    target: list[str] = field(default_factory=list)
+    target: list[str]
 
 
 def _keep(lang: str, langs: list[str] | None) -> bool:
@@ -55,7 +55,7 @@ def _keep(lang: str, langs: list[str] | None) -> bool:
 
 def _xquad_retrieval(root: Path, query_lang: str, doc_lang: str, limit: int | None) -> Retrieval:
     """Questions in query_lang → the paragraphs in doc_lang (XQuAD ids and paragraph order match across languages)."""
-    queries, docs = _xquad(root, query_lang), _xquad(root, doc_lang)
+    queries, docs = xquad_rows(root, query_lang), xquad_rows(root, doc_lang)
     paragraphs = list(dict.fromkeys(r["context"] for r in docs))  # first-seen order = paragraph order
     doc_of = {r["id"]: f"p{paragraphs.index(r['context'])}" for r in docs}
     chosen = queries[:limit]

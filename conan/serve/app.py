@@ -12,7 +12,6 @@ import json
 import os
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -21,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
 from conan.config import ServeConfig
+from conan.encoder import model_name
 from conan.serve.batcher import DynamicBatcher
 
 
@@ -52,14 +52,6 @@ def _error(status: int, message: str, param=None, code=None, kind="invalid_reque
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
-def served_name(cfg: ServeConfig) -> str:
-    """The model id clients send: cfg.model_name, else the model directory's name (its parent's for .../model)."""
-    if cfg.model_name:
-        return cfg.model_name
-    path = Path(cfg.model_dir).resolve()
-    return path.parent.name if path.name == "model" else path.name
-
-
 class ServerMetrics:
     """Prometheus metrics of one app (its own registry: several apps may live in one process)."""
 
@@ -80,7 +72,7 @@ class ServerMetrics:
 
 def create_app(cfg: ServeConfig) -> FastAPI:
     """The embeddings app for cfg; the model loads when the app starts."""
-    name = served_name(cfg)
+    name = model_name(cfg.model_dir, cfg.model_name)
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     if cfg.api_key_env and not api_key:
         raise ValueError(f"api_key_env: environment variable {cfg.api_key_env} is not set")

@@ -166,11 +166,12 @@ def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int, world: int) -> N
 def export_model(model, tokenizer, cfg: JobConfig) -> Path:
     """Save the trained model and tokenizer as a Hugging Face directory, marked with the stage's record."""
     path = export_path(cfg)
-    if cfg.stage in ("weak", "supervised"):
+    embedding = cfg.stage in ("weak", "supervised")
+    if embedding:
         model.config.attention_mode = "bidirectional"  # what AutoModel users (sentence-transformers) get
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
-    if cfg.stage in ("weak", "supervised"):
+    if embedding:
         from conan.export import add_sentence_transformers_files
         add_sentence_transformers_files(path)
     (path / STAGE_MARKER).write_text(json.dumps({"stage": cfg.stage, "steps": cfg.train.steps}))
