@@ -200,6 +200,68 @@ class PipelineConfig:
     evaluation: str | None = None
 
 
+@dataclass
+class ActorPoolConfig:
+    """Resources of one Ray Data actor pool: fractional CPUs on small machines (2 CPUs starve otherwise), GPUs on
+    clusters."""
+
+    size: int = 1
+    cpus: float = 0.5
+    gpus: float = 0.0
+    batch_size: int = 64
+
+
+@dataclass
+class CurationConfig:
+    """Weak-pair curation (`jobs/curate_weak.py`): normalise → rule filters → language id → exact + near dedup
+    → quality score ≥ min_score; parquet pairs, rejects and stats.json under output_dir."""
+
+    inputs: list[str] = field(default_factory=list)  # JSONL / parquet files or directories (local or URIs)
+    output_dir: str = "runs/curated"
+    data_root: str = field(default_factory=default_data_root)  # Tatoeba, for the language identifier
+    ray_address: str | None = None
+    query_chars: list[int] = field(default_factory=lambda: [2, 2048])  # [min, max] after normalisation
+    positive_chars: list[int] = field(default_factory=lambda: [5, 16384])
+    max_char_run: int = 16  # a character repeated this often in a row marks junk
+    languages: list[str] | None = None  # allowed ISO 639-1 codes (None = any the identifier knows)
+    lang_top_k: int = 2  # a declared `lang` passes when among the identifier's top-k …
+    lang_margin: float = 10.0  # … and within this many nats of the best language's log-likelihood
+    blocklist: list[str] = field(default_factory=list)  # case-insensitive words / phrases
+    blocklist_file: str | None = None  # one phrase a line, added to blocklist
+    near_dedup: bool = True
+    minhash_perms: int = 64
+    minhash_bands: int = 8
+    shingle_bytes: int = 8
+    dedup_shards: int = 2
+    score_model: str | None = None  # Conan export, sentence-transformers or HF model dir; None = no scoring
+    min_score: float = 0.4  # the paper's threshold (gte-Qwen2-7B-instruct cosine)
+    cleaners: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=2048))
+    scorers: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    lines_per_block: int = 20_000
+
+
+@dataclass
+class CLRConfig:
+    """Cross-lingual retrieval set (`jobs/build_clr.py`): translate the queries of retrieval triples into languages
+    drawn with Table 7's proportions; positives and negatives stay in the source language."""
+
+    inputs: list[str] = field(default_factory=list)  # retrieval-triple parquet / JSONL; [] = English XQuAD triples
+    output_dir: str = "runs/clr"
+    data_root: str = field(default_factory=default_data_root)
+    ray_address: str | None = None
+    backend: Literal["lookup", "hf", "vllm"] = "lookup"
+    model: str | None = None  # hf / vllm: a local model directory (or hub id on a GPU image with its own cache)
+    languages: list[str] | None = None  # target languages (None: Table 7's, cut to what the backend can produce)
+    seed: int = 0
+    max_retries: int = 2  # a failed translation is tried again this many times, then rejected with its reason
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # first try; retries sample at retry_temperature
+    retry_temperature: float = 0.7
+    num_negatives: int = 7  # negatives of the default XQuAD triples
+    max_rows: int | None = None
+    translators: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=16))
+
+
 EVAL_TASKS = ("xquad-retrieval", "xquad-clr", "stsb", "stsb-cross", "banking77", "csl-categories", "tatoeba")
 
 

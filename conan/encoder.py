@@ -62,3 +62,29 @@ class Encoder:
                                  return_tensors="pt").to(self.device)
             out[idx] = self.model(enc["input_ids"], enc["attention_mask"], dim=dim).float().cpu().numpy()
         return out
+
+
+class SentenceTransformerEncoder:
+    """Any sentence-transformers or Hugging Face model directory behind Encoder's `encode` (unit-norm float32)."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", batch_size: int = 32):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+        self.batch_size = batch_size
+
+    def encode(self, texts: list[str], dim: int | None = None) -> np.ndarray:
+        """(len(texts), dim or full) unit-norm float32 embeddings."""
+        out = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                                truncate_dim=dim, show_progress_bar=False)
+        return out.astype(np.float32)
+
+
+def open_encoder(model_dir: str | Path, device: str = "cpu", max_length: int | None = None, batch_size: int = 32):
+    """The platform's Encoder for a Conan export, else sentence-transformers over the directory (any HF model)."""
+    import json
+
+    config = Path(model_dir) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "conan":
+        return Encoder(model_dir, device=device, max_length=max_length, batch_size=batch_size)
+    return SentenceTransformerEncoder(model_dir, device=device, batch_size=batch_size)

@@ -1,4 +1,4 @@
-"""Custom Ray metrics of training (Prometheus: ray_conan_train_*), for the Ray Dashboard and Grafana.
+"""Custom Ray metrics (Prometheus: ray_conan_*) of training and the data steps, for the Ray Dashboard and Grafana.
 
 Rank 0 sets one gauge per reported figure, tagged with the job name and stage; the DHNM pool actors
 export their own counters (conan.dhnm).
@@ -24,3 +24,24 @@ class TrainMetrics:
         for key, gauge in self.gauges.items():
             if key in metrics:
                 gauge.set(float(metrics[key]), tags=self.tags)
+
+
+_COUNTERS: dict = {}
+
+
+def data_rows_counter():
+    """Counter conan_data_rows{job, step, outcome}: rows a data step kept ("kept") or rejected (the reason)."""
+    if "rows" not in _COUNTERS:
+        from ray.util.metrics import Counter
+        _COUNTERS["rows"] = Counter("conan_data_rows", "rows out of a data step, by outcome (kept or reject reason)",
+                                    tag_keys=("job", "step", "outcome"))
+    return _COUNTERS["rows"]
+
+
+def translation_failures_counter():
+    """Counter conan_translation_failures{backend, reason}: failed translation attempts, retried ones included."""
+    if "translation" not in _COUNTERS:
+        from ray.util.metrics import Counter
+        _COUNTERS["translation"] = Counter("conan_translation_failures", "failed translation attempts",
+                                           tag_keys=("backend", "reason"))
+    return _COUNTERS["translation"]

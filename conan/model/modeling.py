@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from .attention import AttentionMask, AttentionMode, ConanAttention, rotary_tables
@@ -135,7 +135,7 @@ class ConanWithHead(ConanPreTrainedModel):
         return self.model.embed_tokens
 
 
-class ConanForCausalLM(ConanWithHead):
+class ConanForCausalLM(ConanWithHead, GenerationMixin):
     """Decoder with a language-modelling head tied to the input embeddings."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

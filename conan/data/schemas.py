@@ -1,0 +1,197 @@
+"""Arrow schemas of every record kind, readers for parquet / JSONL (local or any pyarrow/fsspec URI), validation.
+
+Reading never drops a row silently: every input line or parquet row becomes either a valid record (the
+kind's columns) or a reject (`reject_reason` set, the raw input kept in `raw`). `origin` says where each row
+came from (`path:line` for JSONL, `path` for parquet), so a reject can be found in its file.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import pyarrow as pa
+from ray.data.datasource import FileBasedDatasource
+
+S, TEXTS = pa.string(), pa.list_(pa.string())
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "pretrain": pa.schema([("text", S)]),
+    "sft": pa.schema([("instruction", S), ("input", S), ("output", S)]),
+    "weak_pair": pa.schema([("query", S), ("positive", S), ("source", S), ("lang", S)]),
+    "retrieval": pa.schema([("query", S), ("positive", S), ("negatives", TEXTS), ("query_lang", S), ("doc_lang", S),
+                            ("task", S), ("query_id", S)]),
+    "sts": pa.schema([("s1", S), ("s2", S), ("score", pa.float32())]),
+    "classification": pa.schema([("text", S), ("label", S), ("candidate_labels", TEXTS)]),
+}
+# Fields a record may omit (filled with the default); every other field is required.
+OPTIONAL: dict[str, dict[str, object]] = {
+    "sft": {"instruction": ""},
+    "weak_pair": {"source": "", "lang": ""},
+    "retrieval": {"negatives": [], "query_lang": "", "doc_lang": "", "task": "retrieval", "query_id": ""},
+    "classification": {"candidate_labels": []},
+}
+# Columns every reader output carries besides the kind's own.
+BOOKKEEPING = pa.schema([("origin", S), ("reject_reason", S), ("raw", S)])
+RAW_KEEP = 2000  # characters of a rejected input kept for inspection
+
+
+def output_schema(kind: str) -> pa.Schema:
+    """The kind's schema plus the bookkeeping columns readers add."""
+    return pa.unify_schemas([schema_of(kind), BOOKKEEPING])
+
+
+def schema_of(kind: str) -> pa.Schema:
+    """The Arrow schema of a record kind (ValueError for an unknown kind)."""
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {sorted(SCHEMAS)}")
+    return SCHEMAS[kind]
+
+
+def validate(kind: str, row: dict) -> tuple[dict | None, str | None]:
+    """(record with exactly the kind's fields, None) or (None, reason) for a row that is not a valid record."""
+    if not isinstance(row, dict):
+        return None, "not_an_object"
+    record, optional = {}, OPTIONAL.get(kind, {})
+    for field in schema_of(kind):
+        value = row.get(field.name)
+        if value is None:
+            if field.name not in optional:
+                return None, f"missing_field:{field.name}"
+            value = optional[field.name]
+        if pa.types.is_string(field.type):
+            if not isinstance(value, str):
+                return None, f"wrong_type:{field.name}"
+            if not value.strip() and field.name not in optional:
+                return None, f"empty_text:{field.name}"
+        elif pa.types.is_list(field.type):
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+                return None, f"wrong_type:{field.name}"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"wrong_type:{field.name}"
+        record[field.name] = value
+    return record, None
+
+
+def parse_line(kind: str, line: bytes, convert=None) -> tuple[dict | None, str | None]:
+    """Decode and validate one JSONL line (after `convert`, e.g. SFT → weak pair): (record, None) or (None, reason)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "bad_utf8"
+    try:
+        row = json.loads(text)
+    except ValueError:
+        return None, "bad_json"
+    return validate(kind, convert(row) if convert and isinstance(row, dict) else row)
+
+
+def reject_row(kind: str, origin: str, reason: str, raw: str) -> dict:
+    """A reader row that carries a reject: the kind's columns empty, the reason and the raw input."""
+    return {**empty_record(kind), "origin": origin, "reject_reason": reason, "raw": raw[:RAW_KEEP]}
+
+
+def empty_record(kind: str) -> dict:
+    """The kind's fields with neutral values (what reject rows carry in the record columns)."""
+    return {f.name: [] if pa.types.is_list(f.type) else 0.0 if pa.types.is_floating(f.type) else ""
+            for f in schema_of(kind)}
+
+
+def validate_lines(batch, kind: str, convert=None) -> pa.Table:
+    """Ray Data batch function: JSONL lines (`line`, `origin`) → the kind's columns + bookkeeping."""
+    rows = []
+    for line, origin in zip(batch["line"].to_pylist(), batch["origin"].to_pylist()):
+        record, reason = parse_line(kind, line, convert)
+        rows.append({**record, "origin": origin, "reject_reason": "", "raw": ""} if record else
+                    reject_row(kind, origin, reason, line.decode("utf-8", "replace")))
+    return _columns(kind, rows)
+
+
+def validate_rows(batch: dict, kind: str, convert=None) -> pa.Table:
+    """Ray Data batch function: parquet rows (any columns + `origin`) → the kind's columns + bookkeeping."""
+    names = [n for n in batch if n != "origin"]
+    rows = []
+    for i, origin in enumerate(batch["origin"]):
+        row = {n: _plain(batch[n][i]) for n in names}
+        record, reason = validate(kind, convert(row) if convert else row)
+        rows.append({**record, "origin": origin, "reject_reason": "", "raw": ""} if record else
+                    reject_row(kind, origin, reason, json.dumps(row, ensure_ascii=False, default=str)))
+    return _columns(kind, rows)
+
+
+def with_columns(table: pa.Table, **columns) -> pa.Table:
+    """The table with these columns replaced (same position) or appended: list columns stay Arrow lists untouched."""
+    for name, values in columns.items():
+        array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else \
+            pa.array(values.tolist() if hasattr(values, "tolist") else values)
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, array) if i >= 0 else table.append_column(name, array)
+    return table
+
+
+def _plain(value):
+    """numpy scalars / arrays from a batch → Python values (what validation expects)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _columns(kind: str, rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=output_schema(kind))
+
+
+def read_records(paths: list[str] | str, kind: str, filesystem=None, lines_per_block: int = 20_000, convert=None):
+    """A Ray dataset of `kind` records (+ origin / reject_reason / raw) from parquet and JSONL files or directories.
+
+    `convert` (a picklable function of a row dict) maps another record kind onto this one before validation.
+    Paths may be local or any URI pyarrow understands (s3://, gs://, hdfs://, or an fsspec filesystem passed as
+    `filesystem`). JSONL is read line by line in bounded blocks, so a bad line is one reject, not a failed read.
+    """
+    import ray.data
+
+    schema_of(kind)
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        raise ValueError("no input paths")
+    jsonl = [p for p in paths if not p.endswith(".parquet")]
+    parquet = [p for p in paths if p.endswith(".parquet")]
+    parts = []
+    if jsonl:
+        lines = ray.data.read_datasource(JsonLinesDatasource(jsonl, filesystem=filesystem,
+                                                             lines_per_block=lines_per_block))
+        parts.append(lines.map_batches(validate_lines, fn_args=(kind, convert), batch_format="pyarrow"))
+    if parquet:
+        rows = ray.data.read_parquet(parquet, filesystem=filesystem, include_paths=True)
+        rows = rows.rename_columns({"path": "origin"})
+        parts.append(rows.map_batches(validate_rows, fn_args=(kind, convert), batch_format="numpy"))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+class JsonLinesDatasource(FileBasedDatasource):
+    """Ray datasource yielding raw JSONL lines (bytes, undecoded) with `path:line` origins, a block at a time."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, paths, lines_per_block: int = 20_000, **kwargs):
+        super().__init__(paths, file_extensions=["jsonl", "json", "jsonl.gz", "json.gz"], **kwargs)
+        self.lines_per_block = lines_per_block
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        lines, origins, number, tail = [], [], 0, b""
+        while True:
+            chunk = f.read(self.CHUNK)
+            data = tail + chunk
+            parts = data.split(b"\n")
+            tail = parts.pop() if chunk else b""  # the last piece may continue in the next chunk
+            for line in parts:
+                number += 1
+                if line.strip():  # blank lines are layout, not rows
+                    lines.append(line.rstrip(b"\r"))
+                    origins.append(f"{path}:{number}")
+                if len(lines) >= self.lines_per_block:
+                    yield pa.table({"line": pa.array(lines, pa.binary()), "origin": pa.array(origins, S)})
+                    lines, origins = [], []
+            if not chunk:
+                break
+        if lines:
+            yield pa.table({"line": pa.array(lines, pa.binary()), "origin": pa.array(origins, S)})

@@ -1,0 +1,73 @@
+"""The end of every data step: kept rows and rejects written as parquet shards by the workers, counts to the driver.
+
+Each batch writes its own `part-<hash of its origins>.parquet` (the same name if a task is retried, so a retry
+overwrites instead of duplicating) and returns one count per outcome; the driver only sums counts, so its
+memory does not grow with the data. Outcomes are also counted in the Ray metric conan_data_rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conan.metrics import data_rows_counter
+
+KEPT = "kept"
+REJECT_COLUMNS = ("origin", "reject_reason", "raw")
+
+
+def write_split(batch: dict, output_dir: str, kept_schema: pa.Schema, step: str, job: str) -> dict:
+    """Ray Data batch function: rows with an empty reject_reason → <output_dir>/data, others → <output_dir>/rejects.
+
+    Returns {"outcome": [...], "count": [...]} for this batch."""
+    reasons = np.asarray(batch["reject_reason"], dtype=object)
+    kept = reasons == ""
+    name = "part-" + hashlib.blake2b("\n".join(map(str, batch["origin"])).encode(), digest_size=8).hexdigest()
+    reject_columns = list(REJECT_COLUMNS) + [f.name for f in kept_schema if f.name in batch
+                                            and f.name not in REJECT_COLUMNS and pa.types.is_string(f.type)]
+    for folder, mask, columns, schema in (("data", kept, [f.name for f in kept_schema], kept_schema),
+                                          ("rejects", ~kept, reject_columns, None)):
+        if mask.any():
+            table = pa.table({c: _column(batch[c], mask) for c in columns}, schema=schema)
+            path = Path(output_dir) / folder
+            path.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, path / f"{name}.parquet")
+    outcomes, counts = np.unique(np.where(kept, KEPT, reasons).astype(str), return_counts=True)
+    counter = data_rows_counter()
+    for outcome, count in zip(outcomes, counts):
+        counter.inc(int(count), tags={"job": job, "step": step, "outcome": str(outcome)})
+    return {"outcome": outcomes, "count": counts}
+
+
+def _column(values, mask: np.ndarray) -> list:
+    chosen = np.asarray(values, dtype=object)[mask] if not isinstance(values, np.ndarray) or values.ndim == 1 \
+        else values[mask]
+    return [v.tolist() if hasattr(v, "tolist") else v for v in chosen]
+
+
+def run_and_count(ds, output_dir: str | Path, kept_schema: pa.Schema, step: str, job: str) -> dict[str, int]:
+    """Execute the dataset into the sink (streaming) and return the total per outcome."""
+    totals: dict[str, int] = {}
+    out = ds.map_batches(write_split, fn_args=(str(output_dir), kept_schema, step, job), batch_format="numpy")
+    for row in out.iter_rows():
+        totals[row["outcome"]] = totals.get(row["outcome"], 0) + int(row["count"])
+    return totals
+
+
+def write_stats(output_dir: str | Path, totals: dict[str, int], started: float, extra: dict) -> dict:
+    """stats.json: rows in / out, rejects per reason (every input row is one of them), rate, and step details."""
+    rejected = {k: v for k, v in sorted(totals.items()) if k != KEPT}
+    rows_in = sum(totals.values())
+    seconds = time.perf_counter() - started
+    stats = {"rows_in": rows_in, "rows_out": totals.get(KEPT, 0), "rejected": rejected,
+             "rejected_total": sum(rejected.values()), "seconds": round(seconds, 2),
+             "rows_per_s": round(rows_in / seconds, 1) if seconds else None, **extra}
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    return stats

@@ -1,0 +1,199 @@
+"""Weak-pair curation on Ray Data (paper §3.1.2 and Table 10): a streaming pipeline with bounded memory.
+
+    read (JSONL lines / parquet rows; SFT records become pairs: instruction + input → query, output → positive)
+    → PairCleaner actors: normalise (NFKC, whitespace), length bounds, repeated characters, blocklist, language id,
+      exact key and MinHash band keys
+    → dedup tasks: exact then near duplicates against the sharded DedupShard actors
+    → PairScorer actors (optional): cosine of query and positive with an embedding model, keep ≥ min_score (0.4)
+    → sink: parquet shards of kept pairs and of rejects (with the reason), counts per outcome → stats.json
+
+Every input row ends as exactly one outcome: kept, or one reject reason (bad_json, bad_utf8, missing_field:*,
+empty_text:*, wrong_type:*, too_short:*, too_long:*, repeated_chars, blocklist, wrong_language,
+language_not_allowed, exact_duplicate, near_duplicate, low_score).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import unicodedata
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from conan.config import CurationConfig
+from conan.data.dedup import DedupShard, MinHasher, exact_keys, first_seen
+from conan.data.langid import LanguageIdentifier
+from conan.data.schemas import read_records
+from conan.data.sink import run_and_count, write_stats
+
+PAIR_SCHEMA = pa.schema([("query", pa.string()), ("positive", pa.string()), ("source", pa.string()),
+                         ("lang", pa.string()), ("score", pa.float32())])
+WHITESPACE = re.compile(r"\s+")
+
+
+def sft_to_weak_pair(row: dict) -> dict:
+    """An SFT record (instruction, input, output) as a weak pair; other rows pass through unchanged."""
+    if "positive" in row or "output" not in row:
+        return row
+    query = " ".join(str(row.get(k) or "").strip() for k in ("instruction", "input")).strip() \
+        if all(isinstance(row.get(k) or "", str) for k in ("instruction", "input")) else None
+    return {"query": query, "positive": row["output"], "source": row.get("source") or "sft", "lang": row.get("lang")}
+
+
+def normalise(text: str) -> str:
+    """NFKC, every whitespace run as one space, no leading/trailing space."""
+    return WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def blocklist_pattern(cfg: CurationConfig) -> re.Pattern | None:
+    """One case-insensitive regex over the configured phrases (whole words where the phrase starts/ends in one)."""
+    phrases = list(cfg.blocklist)
+    if cfg.blocklist_file:
+        phrases += [p.strip() for p in Path(cfg.blocklist_file).read_text(encoding="utf-8").splitlines() if p.strip()]
+    if not phrases:
+        return None
+    parts = [(r"\b" if p[0].isalnum() else "") + re.escape(p) + (r"\b" if p[-1].isalnum() else "") for p in phrases]
+    return re.compile("|".join(parts), re.IGNORECASE)
+
+
+class PairCleaner:
+    """Ray Data actor: normalisation, rule filters and language id per row, then the dedup keys."""
+
+    def __init__(self, cfg: dict, langid_path: str):
+        self.cfg = CurationConfig(**{k: v for k, v in cfg.items() if k not in ("cleaners", "scorers")})
+        self.langid = LanguageIdentifier.load(langid_path)
+        self.blocklist = blocklist_pattern(self.cfg)
+        self.repeat = re.compile(r"(.)\1{%d,}" % (self.cfg.max_char_run - 1), re.DOTALL)
+        self.minhash = MinHasher(self.cfg.minhash_perms, self.cfg.minhash_bands, self.cfg.shingle_bytes)
+
+    def rule_reason(self, query: str, positive: str) -> str:
+        """The first rule a normalised pair breaks, or ''."""
+        for name, text, (low, high) in (("query", query, self.cfg.query_chars),
+                                        ("positive", positive, self.cfg.positive_chars)):
+            if len(text) < low:
+                return f"too_short:{name}"
+            if len(text) > high:
+                return f"too_long:{name}"
+        if self.repeat.search(query) or self.repeat.search(positive):
+            return "repeated_chars"
+        if self.blocklist and (self.blocklist.search(query) or self.blocklist.search(positive)):
+            return "blocklist"
+        return ""
+
+    def __call__(self, batch: dict) -> dict:
+        """Normalised text, reasons, detected languages, exact keys and band keys for a batch."""
+        reasons = np.asarray(batch["reject_reason"], dtype=object).copy()
+        query = np.asarray(batch["query"], dtype=object).copy()
+        positive = np.asarray(batch["positive"], dtype=object).copy()
+        lang = np.asarray(batch["lang"], dtype=object).copy()
+        live = np.nonzero(reasons == "")[0]
+        for i in live:
+            query[i], positive[i] = normalise(query[i]), normalise(positive[i])
+            reasons[i] = self.rule_reason(query[i], positive[i])
+        live = live[reasons[live] == ""]
+        # A pair's language is its positive's: queries may be in another language (cross-lingual pairs).
+        texts = [positive[i] for i in live]
+        detected = self.langid.predict(texts)
+        plausible = self.langid.plausible(texts, [lang[i] or d for i, d in zip(live, detected)],
+                                          self.cfg.lang_top_k, self.cfg.lang_margin)
+        for i, best, ok in zip(live, detected, plausible):
+            if not ok:
+                reasons[i] = "wrong_language"
+                continue
+            lang[i] = lang[i] or best
+            if self.cfg.languages and lang[i] not in self.cfg.languages:
+                reasons[i] = "language_not_allowed"
+        live = live[reasons[live] == ""]
+        exact = np.zeros(len(reasons), dtype=np.uint64)
+        bands = np.zeros((len(reasons), self.cfg.minhash_bands), dtype=np.uint64)
+        exact[live] = exact_keys([f"{query[i]}\n{positive[i]}" for i in live])
+        if self.cfg.near_dedup and len(live):
+            # a band collides only when query and positive both agree on it: many questions about one paragraph
+            # are different pairs, not near duplicates
+            bands[live] = self.minhash.band_keys([query[i] for i in live], [positive[i] for i in live])
+        return {**batch, "query": query, "positive": positive, "lang": lang, "reject_reason": reasons,
+                "exact_key": exact, "band_keys": bands}
+
+
+def drop_duplicates(batch: dict, shards: list, near: bool) -> dict:
+    """Ray Data batch function: exact then near duplicates (against every earlier batch, via the shard actors)."""
+    reasons = np.asarray(batch["reject_reason"], dtype=object).copy()
+    live = np.nonzero(reasons == "")[0]
+    new = first_seen(shards, "exact", batch["exact_key"][live])
+    reasons[live[~new]] = "exact_duplicate"
+    live = live[new]
+    if near and len(live):
+        bands = batch["band_keys"][live]
+        fresh = first_seen(shards, "near", bands.ravel()).reshape(bands.shape)
+        reasons[live[~fresh.all(axis=1)]] = "near_duplicate"
+    out = {k: v for k, v in batch.items() if k not in ("exact_key", "band_keys")}
+    return {**out, "reject_reason": reasons}
+
+
+class PairScorer:
+    """Ray Data actor: cosine of query and positive under an embedding model; below min_score → low_score."""
+
+    def __init__(self, model_dir: str, min_score: float, batch_size: int):
+        import torch
+
+        from conan.encoder import open_encoder
+
+        torch.set_num_threads(1)
+        self.encoder = open_encoder(model_dir, batch_size=batch_size)
+        self.min_score = min_score
+
+    def __call__(self, batch: dict) -> dict:
+        """Adds `score`; rejects the pairs below the threshold."""
+        reasons = np.asarray(batch["reject_reason"], dtype=object).copy()
+        scores = np.full(len(reasons), np.nan, dtype=np.float32)
+        live = np.nonzero(reasons == "")[0]
+        if len(live):
+            q = self.encoder.encode([batch["query"][i] for i in live])
+            p = self.encoder.encode([batch["positive"][i] for i in live])
+            scores[live] = (q * p).sum(axis=1)
+            reasons[live[scores[live] < self.min_score]] = "low_score"
+        return {**batch, "score": scores, "reject_reason": reasons}
+
+
+def curate(cfg: CurationConfig, job: str = "curate") -> dict:
+    """Run the curation pipeline over cfg.inputs into cfg.output_dir; returns the stats it writes."""
+    import ray
+    import ray.data
+
+    from conan.runtime import init_ray
+
+    if not cfg.inputs:
+        raise ValueError("curation: no inputs (set inputs: [files or directories])")
+    started = time.perf_counter()
+    out = Path(cfg.output_dir).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"curation: {out} is not empty; choose a new output_dir (outputs are never mixed)")
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.ray_address)
+    langid_path = out / "langid.npz"
+    LanguageIdentifier.train(cfg.data_root).save(langid_path)
+    shards = [ray.remote(DedupShard).options(num_cpus=0).remote() for _ in range(cfg.dedup_shards)]
+    c, s = cfg.cleaners, cfg.scorers
+    ds = read_records(cfg.inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair)
+    ds = ds.map_batches(PairCleaner, fn_constructor_args=(asdict(cfg), str(langid_path)), batch_format="numpy",
+                        batch_size=c.batch_size, num_cpus=c.cpus, num_gpus=c.gpus,
+                        compute=ray.data.ActorPoolStrategy(size=c.size))
+    ds = ds.map_batches(drop_duplicates, fn_args=(shards, cfg.near_dedup), batch_format="numpy",
+                        batch_size=c.batch_size, num_cpus=c.cpus)
+    if cfg.score_model:
+        ds = ds.map_batches(PairScorer, fn_constructor_args=(str(Path(cfg.score_model).resolve()), cfg.min_score,
+                                                             s.batch_size),
+                            batch_format="numpy", batch_size=s.batch_size * 4, num_cpus=s.cpus, num_gpus=s.gpus,
+                            compute=ray.data.ActorPoolStrategy(size=s.size))
+    else:
+        ds = ds.map_batches(_no_score, batch_format="numpy")
+    totals = run_and_count(ds, out, PAIR_SCHEMA, "curate", job)
+    dedup = ray.get([shard.stats.remote() for shard in shards])
+    return write_stats(out, totals, started, {"dedup_shards": dedup, "config": asdict(cfg)})
+
+
+def _no_score(batch: dict) -> dict:
+    return {**batch, "score": np.full(len(batch["reject_reason"]), np.nan, dtype=np.float32)}

@@ -1,0 +1,380 @@
+"""Data platform: schemas and readers, weak-pair curation, the CLR builder and its translation backends."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conan.config import CLRConfig, CurationConfig
+
+
+# ---------------------------------------------------------------- schemas and readers
+
+def test_validate_every_kind():
+    """Each kind accepts a good record, names the field of a bad one, fills optional fields."""
+    from conan.data.schemas import SCHEMAS, validate
+
+    assert set(SCHEMAS) == {"pretrain", "sft", "weak_pair", "retrieval", "sts", "classification"}
+    assert validate("sts", {"s1": "a", "s2": "b", "score": 3}) == ({"s1": "a", "s2": "b", "score": 3}, None)
+    assert validate("sts", {"s1": "a", "s2": "b", "score": "high"}) == (None, "wrong_type:score")
+    assert validate("sts", {"s1": "a", "s2": "b", "score": True}) == (None, "wrong_type:score")
+    assert validate("classification", {"text": "t", "label": "x", "candidate_labels": ["x", ""]}) == \
+        (None, "wrong_type:candidate_labels")
+    record, _ = validate("retrieval", {"query": "q", "positive": "p"})
+    assert record == {"query": "q", "positive": "p", "negatives": [], "query_lang": "", "doc_lang": "",
+                      "task": "retrieval", "query_id": ""}
+    assert validate("sft", {"input": "i", "output": " "}) == (None, "empty_text:output")
+    assert validate("pretrain", ["not", "a", "dict"]) == (None, "not_an_object")
+
+
+def test_reader_accounts_for_every_row(ray_cluster, tmp_path):
+    """JSONL (bad JSON, non-UTF-8, missing field, blank line) and parquet rows: one output row per input row."""
+    from conan.data.schemas import read_records
+
+    lines = [b'{"text": "first document"}', b"{oops", b'{"txt": "wrong key"}', b"\xff\xfe bytes", b"",
+             b'{"text": ""}', b'{"text": "last document"}']
+    (tmp_path / "docs.jsonl").write_bytes(b"\n".join(lines))
+    pq.write_table(pa.table({"text": ["from parquet", None]}), tmp_path / "docs.parquet")
+    rows = read_records([str(tmp_path / "docs.jsonl"), str(tmp_path / "docs.parquet")], "pretrain").take_all()
+    by_origin = {r["origin"].rsplit("/", 1)[-1]: (r["text"], r["reject_reason"]) for r in rows}
+    assert by_origin == {
+        "docs.jsonl:1": ("first document", ""), "docs.jsonl:2": ("", "bad_json"),
+        "docs.jsonl:3": ("", "missing_field:text"), "docs.jsonl:4": ("", "bad_utf8"),
+        "docs.jsonl:6": ("", "empty_text:text"), "docs.jsonl:7": ("last document", ""),
+        "docs.parquet": by_origin["docs.parquet"]}
+    parquet = sorted((r["text"], r["reject_reason"]) for r in rows if r["origin"].endswith(".parquet"))
+    assert parquet == [("", "missing_field:text"), ("from parquet", "")]
+    assert next(r["raw"] for r in rows if r["reject_reason"] == "bad_json") == "{oops"
+
+
+# ---------------------------------------------------------------- language id and dedup primitives
+
+def test_language_identifier_on_xquad(data_root):
+    """Trained on Tatoeba, it names the language of XQuAD questions (other text, 12 languages) ≥ 97% of the time."""
+    from conan.data.langid import LanguageIdentifier
+    from conan.data.stage_data import XQUAD_LANGS, xquad_rows
+
+    langid = LanguageIdentifier.train(data_root)
+    texts, gold = [], []
+    for lang in XQUAD_LANGS:
+        questions = [r["question"] for r in xquad_rows(data_root, lang)][:200]
+        texts += questions
+        gold += [lang] * len(questions)
+    accuracy = np.mean([p == g for p, g in zip(langid.predict(texts), gold)])
+    assert accuracy >= 0.97, accuracy
+
+
+def test_minhash_estimates_jaccard_and_hashset(data_root):
+    """Signature agreement tracks the true shingle Jaccard; band keys collide for near copies only."""
+    from conan.data.dedup import HashSet64, MinHasher
+    from conan.data.stage_data import xquad_corpus
+
+    hasher = MinHasher(perms=64, bands=8, shingle_bytes=8)
+    paragraphs = xquad_corpus(data_root)[:20]
+
+    def jaccard(a, b):
+        sa, sb = ({t.encode()[i:i + 8] for i in range(len(t.encode()) - 7)} for t in (a, b))
+        return len(sa & sb) / len(sa | sb)
+    errors = []
+    for a in paragraphs:
+        b = a.replace(" the ", " a ", 3)
+        sig = hasher.signatures([a, b])
+        errors.append(abs((sig[0] == sig[1]).mean() - jaccard(a, b)))
+    assert np.mean(errors) < 0.08
+    keys = hasher.band_keys(paragraphs + [paragraphs[0] + " Extra."])
+    assert (keys[-1] == keys[0]).any() and not any((keys[i] == keys[j]).any()
+                                                   for i in range(20) for j in range(i))
+    seen = HashSet64()
+    assert seen.add_new(np.array([5, 7, 5], dtype=np.uint64)).tolist() == [True, True, False]
+    assert seen.add_new(np.arange(10, dtype=np.uint64)).sum() == 8 and len(seen) == 10 and seen.nbytes == 80
+
+
+# ---------------------------------------------------------------- weak-pair curation
+
+@pytest.fixture(scope="session")
+def static_scorer_dir(tmp_path_factory, tokenizer):
+    """A sentence-transformers StaticEmbedding model over the session tokenizer (seeded random vectors): its cosine
+    measures token overlap, a real if crude quality score, built offline."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+    torch.manual_seed(0)
+    weights = torch.randn(len(tokenizer), 256)
+    model = SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_weights=weights)], device="cpu")
+    out = tmp_path_factory.mktemp("static_scorer")
+    model.save(str(out))
+    return out
+
+
+def _curation_input(data_root: Path, path: Path) -> dict[int, str]:
+    """Real SFT records and weak pairs from ../shared/data, then injected rows; returns line → expected reason."""
+    from conan.data.stage_data import pair_records
+
+    sft = pair_records(data_root, max_rows=400, seed=1)
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in sft]
+    bge = data_root / "text2vec_zh" / "examples" / "data" / "bge_finetune_data.jsonl"
+    for raw in bge.read_text(encoding="utf-8").splitlines()[:100]:
+        r = json.loads(raw)
+        lines.append(json.dumps({"query": r["query"], "positive": r["pos"][0], "source": "bge", "lang": "zh"},
+                                ensure_ascii=False).encode())
+    english = next(r for r in sft if r["output"].isascii() and len(r["output"]) > 300)
+    injected = {
+        "bad_json": b'{"query": "unterminated',
+        "missing_field:positive": json.dumps({"query": "a query without a positive"}).encode(),
+        "empty_text:positive": json.dumps({"query": "a query", "positive": "   "}).encode(),
+        "bad_utf8": b'{"query": "caf\xe9", "positive": "latin-1 bytes"}',
+        "exact_duplicate": lines[3],
+        "near_duplicate": json.dumps({**english, "output": english["output"].replace(" the ", " a ", 2)},
+                                     ensure_ascii=False).encode(),
+        "wrong_language": json.dumps({"query": "What happened in 1890?", "lang": "en",
+                                      "positive": "Dans les années 1890, la ville a construit un nouveau pont sur "
+                                                  "la rivière et une gare pour les voyageurs."},
+                                     ensure_ascii=False).encode(),
+        "blocklist": json.dumps({"query": "Where can I buy cheap rolex watches?",
+                                 "positive": "Buy cheap rolex watches online today at the best price."}).encode(),
+        "repeated_chars": json.dumps({"query": "help", "positive": "aaaaaaaaaaaaaaaaaaaaaaaa!!!"}).encode(),
+        "low_score": json.dumps({"query": "晚上好，你今天过得怎么样？",
+                                 "positive": "The Panthers defense gave up just 308 points, ranking sixth in the "
+                                             "league, while also leading the NFL in interceptions."},
+                                ensure_ascii=False).encode(),
+    }
+    expected = {}
+    for reason, line in injected.items():
+        lines.append(line)
+        expected[len(lines)] = reason
+    sft_copy = {**english}  # an SFT record and the same pair as a weak pair are one pair
+    lines.append(json.dumps({"query": f"{sft_copy['instruction']} {sft_copy['input']}",
+                             "positive": sft_copy["output"]}).encode())
+    expected[len(lines)] = "exact_duplicate"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return expected
+
+
+def test_curation_routes_every_row(ray_cluster, data_root, tmp_path, static_scorer_dir):
+    """Real pairs + injected bad rows: each injected row lands under its reason, the counts add up to the input, the
+    parquet outputs hold exactly the counted rows, and kept scores clear the threshold."""
+    from conan.data.weak import curate
+
+    source = tmp_path / "pairs.jsonl"
+    expected = _curation_input(data_root, source)
+    n_lines = len(source.read_bytes().splitlines())
+    stats = curate(CurationConfig(inputs=[str(source)], output_dir=str(tmp_path / "out"), blocklist=["rolex"],
+                                  score_model=str(static_scorer_dir), min_score=0.4))
+    rejects = pq.read_table(tmp_path / "out" / "rejects").to_pylist()
+    kept = pq.read_table(tmp_path / "out" / "data").to_pylist()
+    by_line = {int(r["origin"].rsplit(":", 1)[1]): r["reject_reason"] for r in rejects}
+    for line, reason in expected.items():
+        if reason == "exact_duplicate" or reason == "near_duplicate":  # either copy may win; the pair loses one
+            continue
+        assert by_line.get(line) == reason, (line, reason, by_line.get(line))
+    assert Counter(by_line.values())["exact_duplicate"] >= 2 and Counter(by_line.values())["near_duplicate"] >= 1
+    assert stats["rows_in"] == n_lines == stats["rows_out"] + stats["rejected_total"]
+    assert stats["rows_out"] == len(kept) and stats["rejected_total"] == len(rejects)
+    assert dict(Counter(r["reject_reason"] for r in rejects)) == stats["rejected"]
+    assert all(r["score"] >= 0.4 for r in kept) and len(kept) > 100
+    scored_low = [r for r in rejects if r["reject_reason"] == "low_score"]
+    assert {r["lang"] for r in kept} >= {"en", "zh"}
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["rows_in"] == n_lines
+    # the kept languages come from the identifier where rows declared none; the blocklisted text is nowhere kept
+    assert not any("rolex" in r["positive"].lower() for r in kept) and scored_low
+
+
+def test_curation_memory_stays_flat(ray_cluster, data_root, tmp_path):
+    """10× the rows (50k → 500k synthetic pairs): the driver's peak RSS grows by < 10%, the whole Ray session's
+    (driver + every worker) by < 20%, and the dedup state is 8 bytes a key."""
+    import threading
+
+    import psutil
+
+    from conan.data.synthetic import write_pairs
+    from conan.data.weak import curate
+
+    def session_rss() -> int:
+        total = psutil.Process().memory_info().rss
+        for p in psutil.process_iter(["name"]):
+            if (p.info["name"] or "").startswith("ray::"):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        return total
+
+    peaks = {}
+    for rows in (50_000, 500_000):
+        inputs = write_pairs(data_root, tmp_path / f"in{rows}", rows)
+        peak, done = [0, 0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], session_rss())
+                peak[1] = max(peak[1], psutil.Process().memory_info().rss)
+                done.wait(0.2)
+        thread = threading.Thread(target=sample)
+        thread.start()
+        stats = curate(CurationConfig(inputs=[str(p) for p in inputs], output_dir=str(tmp_path / f"out{rows}")))
+        done.set()
+        thread.join()
+        assert stats["rows_in"] == rows == stats["rows_out"] + stats["rejected_total"]
+        keys = sum(s["exact"]["keys"] for s in stats["dedup_shards"])
+        assert sum(s["exact"]["bytes"] for s in stats["dedup_shards"]) == 8 * keys
+        peaks[rows] = peak
+    (small_session, small_driver), (large_session, large_driver) = peaks[50_000], peaks[500_000]
+    assert large_driver < 1.10 * small_driver, peaks
+    assert large_session < 1.20 * small_session, peaks
+
+
+# ---------------------------------------------------------------- CLR
+
+def test_clr_language_draw_follows_table7():
+    """10k queries: every language's share within 1 point of Table 7 (renormalised without the source language)."""
+    from conan.data.clr import TABLE7, draw_targets, target_proportions
+
+    keys = [f"q{i}" for i in range(10_000)]
+    drawn = Counter(draw_targets(keys, ["en"] * len(keys), target_proportions(), seed=0))
+    assert "en" not in drawn and len(drawn) == 25
+    total = sum(w for lang, w in TABLE7.items() if lang != "en")
+    for lang, weight in TABLE7.items():
+        if lang != "en":
+            assert abs(drawn[lang] / 10_000 - weight / total) < 0.01, (lang, drawn[lang])
+    assert draw_targets(keys[:50], ["zh"] * 50, target_proportions(), seed=0) == \
+        draw_targets(keys[:50], ["zh"] * 50, target_proportions(), seed=0)
+    assert draw_targets(keys[:50], ["zh"] * 50, target_proportions(), seed=1) != \
+        draw_targets(keys[:50], ["zh"] * 50, target_proportions(), seed=0)
+
+
+def test_clean_translation():
+    """Prefixes and quotes go; empty, unchanged and wrong-language outputs are refused with their reason."""
+    from conan.data.translate import clean
+
+    class FixedLanguage:
+        languages = ["de", "en"]
+
+        def top_k(self, texts, k):
+            return [["de" if "wurde" in t else "en"] for t in texts]
+    langid = FixedLanguage()
+    assert clean('Translation: "Wann wurde es gebaut?"', "When was it built?", "de", langid) == \
+        ("Wann wurde es gebaut?", "")
+    assert clean("German: «Wann wurde es gebaut?»\nNote: literal.", "When was it built?", "de", langid)[0] == \
+        "Wann wurde es gebaut?"
+    assert clean("  ", "x", "de", langid) == ("", "empty_translation")
+    assert clean("When was it built?", "When was it built?", "de", langid) == ("", "unchanged")
+    assert clean("When is it built?", "When was it built?", "de", langid) == ("", "wrong_language")
+    assert clean(None, "x", "de", langid) == ("", "no_output")
+
+
+def test_clr_lookup_reproduces_xquad(ray_cluster, data_root, tmp_path):
+    """The lookup backend's CLR rows carry XQuAD's human translation of each English question, the English
+    paragraph and negatives unchanged; every input row is written or rejected with a reason."""
+    from conan.data.clr import build_clr
+    from conan.data.stage_data import xquad_rows
+
+    stats = build_clr(CLRConfig(output_dir=str(tmp_path / "clr"), max_rows=300))
+    rows = pq.read_table(tmp_path / "clr" / "data").to_pylist()
+    assert stats["rows_in"] == 300 == stats["rows_out"] + stats["rejected_total"] and len(rows) > 250
+    questions = {lang: {r["id"]: r["question"].strip() for r in xquad_rows(data_root, lang)}
+                 for lang in {r["query_lang"] for r in rows}}
+    english = {r["id"]: r for r in xquad_rows(data_root, "en")}
+    same_text = {}  # a few English questions occur twice in XQuAD, with different human translations
+    for qid, r in english.items():
+        same_text.setdefault(r["question"].strip(), []).append(qid)
+    for r in rows:
+        qid = r["query_id"].split(":", 1)[1]
+        human = {questions[r["query_lang"]][i] for i in same_text[english[qid]["question"].strip()]}
+        assert r["query"] in human and r["query_lang"] != "en"
+        assert r["doc_lang"] == "en" and r["task"] == "clr" and r["positive"] == english[qid]["context"]
+        assert r["source_query"] == english[qid]["question"] and len(r["negatives"]) == 7
+    assert set(stats["rejected"]) <= {"wrong_language", "unchanged"}
+
+
+def test_clr_hf_backend_end_to_end(ray_cluster, data_root, tmp_path, tokenizer):
+    """A tiny local causal LM translates through transformers on an actor pool: every row is written or rejected
+    with a reason after 1 + max_retries attempts, and the prompt names the target language."""
+    import torch
+
+    from conan.data.clr import build_clr
+    from conan.data.translate import HFBackend
+    from conan.model import ConanConfig, ConanForCausalLM
+
+    model_dir = tmp_path / "tiny_lm"
+    torch.manual_seed(0)
+    ConanForCausalLM(ConanConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    backend = HFBackend(str(model_dir), max_new_tokens=8, temperature=0.0, retry_temperature=0.7)
+    assert "into German" in backend.prompt("When?", "en", "de")
+    assert len(backend.translate(["When was it built?"], ["en"], ["de"], attempt=0)) == 1
+    stats = build_clr(CLRConfig(output_dir=str(tmp_path / "clr"), backend="hf", model=str(model_dir), max_rows=12,
+                                max_new_tokens=8, max_retries=1, languages=["de", "zh"]))
+    assert stats["rows_in"] == 12 == stats["rows_out"] + stats["rejected_total"]
+    rejects = pq.read_table(tmp_path / "clr" / "rejects").to_pylist() if stats["rejected_total"] else []
+    assert all(r["reject_reason"] in {"empty_translation", "unchanged", "wrong_language", "no_output"}
+               for r in rejects)
+    assert set(stats["proportions"]) == {"de", "zh"}
+
+
+class _FakeRequestOutput:
+    """vLLM's RequestOutput as LLM.chat returns it: .prompt and .outputs[i].text."""
+
+    def __init__(self, prompt, text):
+        self.prompt, self.outputs = prompt, [types.SimpleNamespace(text=text, index=0)]
+
+
+def _fake_vllm():
+    """A stand-in `vllm` module with LLM(model, **engine_kwargs).chat(messages, sampling_params, use_tqdm) and
+    SamplingParams accepting only the keyword arguments vLLM's SamplingParams defines."""
+    calls = []
+    vllm_sampling_fields = {"n", "temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "presence_penalty",
+                            "frequency_penalty", "repetition_penalty", "min_tokens", "logprobs"}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            unknown = set(kwargs) - vllm_sampling_fields
+            if unknown:
+                raise TypeError(f"unexpected SamplingParams fields {unknown}")
+            self.__dict__.update(kwargs)
+
+    class LLM:
+        def __init__(self, model, **engine_kwargs):
+            self.model = model
+
+        def chat(self, messages, sampling_params=None, use_tqdm=True, **kwargs):
+            calls.append((messages, sampling_params))
+            out = []
+            for conversation in messages:
+                assert [m["role"] for m in conversation] == ["system", "user"]
+                text = conversation[1]["content"].rsplit("\n\n", 1)[1]
+                out.append(_FakeRequestOutput(conversation[1]["content"],
+                                              "Translation: «Wann wurde es gebaut?»" if "built" in text else ""))
+            return out
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams, module.calls = LLM, SamplingParams, calls
+    return module
+
+
+def test_vllm_backend_contract(monkeypatch):
+    """With vLLM absent, the backend says how to install it; against a stand-in with vLLM's API it sends one
+    chat conversation per text with valid SamplingParams (greedy, then sampling on retries) and reads
+    outputs[0].text of each RequestOutput."""
+    from conan.data.translate import VLLMBackend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match="conan\\[vllm\\]"):
+        VLLMBackend("some/model", 32, 0.0, 0.7)
+    fake = _fake_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    backend = VLLMBackend("some/model", 32, 0.0, 0.7)
+    out = backend.translate(["When was it built?", "Who?"], ["en", "en"], ["de", "de"], attempt=0)
+    assert out == ["Translation: «Wann wurde es gebaut?»", ""]
+    messages, params = fake.calls[0]
+    assert len(messages) == 2 and "into German" in messages[0][1]["content"]
+    assert (params.temperature, params.max_tokens, params.seed, params.n) == (0.0, 32, 0, 1)
+    backend.translate(["Who?"], ["en"], ["de"], attempt=1)
+    assert fake.calls[1][1].temperature == 0.7 and fake.calls[1][1].seed == 1
