@@ -59,6 +59,32 @@ def cmd_mine(args) -> int:
     return 0
 
 
+def cmd_curate(args) -> int:
+    """Curate weak pairs: clean, filter, deduplicate, score."""
+    from conan.config import CurationConfig
+    from conan.data.weak import curate
+
+    cfg = load_config(CurationConfig, args.config, args.overrides)
+    stats = curate(cfg)
+    print(json.dumps({k: stats[k] for k in ("rows_in", "rows_out", "rejected", "seconds")} |
+                     {"pairs": f"{cfg.output_dir}/data", "rejects": f"{cfg.output_dir}/rejects",
+                      "stats": f"{cfg.output_dir}/stats.json"}, indent=2))
+    return 0
+
+
+def cmd_clr(args) -> int:
+    """Build the cross-lingual retrieval set."""
+    from conan.config import CLRConfig
+    from conan.data.clr import build_clr
+
+    cfg = load_config(CLRConfig, args.config, args.overrides)
+    stats = build_clr(cfg)
+    print(json.dumps({k: stats[k] for k in ("rows_in", "rows_out", "rejected", "languages", "seconds")} |
+                     {"clr": f"{cfg.output_dir}/data", "rejects": f"{cfg.output_dir}/rejects",
+                      "stats": f"{cfg.output_dir}/stats.json"}, indent=2))
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve an exported embedding model over OpenAI-compatible HTTP."""
     from conan.config import ServeConfig
@@ -144,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 "false-negative guard and write parquet (query_id, candidate_ids, "
                                 "candidate_scores) to dhnm.candidates or <output_dir>/mined_negatives.parquet.")
 
+    _config_command(sub, "curate", cmd_curate, "curation (CurationConfig)",
+                    help="curate weak pairs on Ray Data: normalise, rule filters, language id, exact + MinHash "
+                         "dedup, quality score >= min_score",
+                    description="Stream JSONL / parquet pairs or SFT records (instruction + input → query, output → "
+                                "positive) through Ray Data; write parquet pairs to <output_dir>/data, every "
+                                "rejected row with its reason to <output_dir>/rejects, counts to stats.json.")
+
+    _config_command(sub, "clr", cmd_clr, "CLR build (CLRConfig)",
+                    help="build the cross-lingual retrieval set: translate queries into Table 7's languages",
+                    description="Draw a target language per query with the paper's Table 7 proportions (seeded), "
+                                "translate the query only (backend lookup | hf | vllm), clean and retry, and write "
+                                "CLR triples (query_lang, doc_lang) to <output_dir>/data, rejects and stats.json.")
+
     _config_command(sub, "serve", cmd_serve, "server (ServeConfig)",
                     help="serve an embedding model: OpenAI-compatible /v1/embeddings (uvicorn or Ray Serve)",
                     description="POST /v1/embeddings (input, model, dimensions, encoding_format), GET /v1/models, "
@@ -193,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"conan {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -102,6 +102,7 @@ class SupervisedConfig:
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "retrieval": 1.0, "clr": 1.0, "classification": 1.0, "sts": 1.0})
     max_per_task: int | None = None
+    clr_paths: list[str] = field(default_factory=list)  # CLR parquet (conan clr) replacing the built-in CLR rows
 
 
 @dataclass
@@ -216,8 +217,8 @@ class CurationConfig:
     """Weak-pair curation (`jobs/curate_weak.py`): normalise → rule filters → language id → exact + near dedup
     → quality score ≥ min_score; parquet pairs, rejects and stats.json under output_dir."""
 
-    inputs: list[str] = field(default_factory=list)  # JSONL / parquet files or directories (local or URIs)
-    output_dir: str = "runs/curated"
+    inputs: list[str] = field(default_factory=list)  # JSONL / parquet files or dirs (local or URIs); [] = the SFT
+    output_dir: str = "runs/curated"                  # records of data_root (XQuAD, CSL, bge pairs)
     data_root: str = field(default_factory=default_data_root)  # Tatoeba, for the language identifier
     ray_address: str | None = None
     query_chars: list[int] = field(default_factory=lambda: [2, 2048])  # [min, max] after normalisation

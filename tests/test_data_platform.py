@@ -289,7 +289,7 @@ def test_clr_lookup_reproduces_xquad(ray_cluster, data_root, tmp_path):
     for r in rows:
         qid = r["query_id"].split(":", 1)[1]
         human = {questions[r["query_lang"]][i] for i in same_text[english[qid]["question"].strip()]}
-        assert r["query"] in human and r["query_lang"] != "en"
+        assert r["query"] in human and r["query_lang"] != "en" and r["query_id"] == f"{r['query_lang']}:{qid}"
         assert r["doc_lang"] == "en" and r["task"] == "clr" and r["positive"] == english[qid]["context"]
         assert r["source_query"] == english[qid]["question"] and len(r["negatives"]) == 7
     assert set(stats["rejected"]) <= {"wrong_language", "unchanged"}
@@ -378,3 +378,32 @@ def test_vllm_backend_contract(monkeypatch):
     assert (params.temperature, params.max_tokens, params.seed, params.n) == (0.0, 32, 0, 1)
     backend.translate(["Who?"], ["en"], ["de"], attempt=1)
     assert fake.calls[1][1].temperature == 0.7 and fake.calls[1][1].seed == 1
+
+
+# ---------------------------------------------------------------- feeding training
+
+def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
+    """The weak stage reads a curation output directory (query/positive stand in for input/output); the supervised
+    stage swaps its built-in CLR rows for a built CLR set, with XQuAD passage ids for DHNM mining."""
+    from conan.config import JobConfig, from_dict
+    from conan.data.clr import CLR_SCHEMA
+    from conan.data.stage_data import xquad_corpus
+    from conan.data.weak import PAIR_SCHEMA
+    from conan.train.launcher import read_rows
+    from conan.train.stages import SupervisedStage, WeakStage
+
+    (tmp_path / "curated" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"query": "q1", "positive": "p1", "source": "s", "lang": "en", "score": 0.5}],
+                                        schema=PAIR_SCHEMA), tmp_path / "curated" / "data" / "part-1.parquet")
+    assert read_rows([str(tmp_path / "curated" / "data")], WeakStage) == \
+        [{"instruction": "", "input": "q1", "output": "p1"}]
+    paragraph = xquad_corpus(data_root)[5]
+    clr = [{"query": "Wer?", "positive": paragraph, "negatives": ["n"] * 7, "query_lang": "de", "doc_lang": "en",
+            "task": "clr", "query_id": "de:abc", "source_query": "Who?", "attempts": 1}]
+    pq.write_table(pa.Table.from_pylist(clr, schema=CLR_SCHEMA), tmp_path / "clr.parquet")
+    cfg = from_dict(JobConfig, {"stage": "supervised", "data": {"root": str(data_root)},
+                                "supervised": {"clr_paths": [str(tmp_path / "clr.parquet")], "max_per_task": 20}})
+    rows = SupervisedStage.records(cfg)
+    clr_rows = [r for r in rows if r["task"] == "clr"]
+    assert len(clr_rows) == 1 and clr_rows[0]["positive_id"] == 5 and clr_rows[0]["query_id"] == "de:abc"
+    assert clr_rows[0]["s1"] == "" and {r["task"] for r in rows} == {"retrieval", "clr", "classification", "sts"}

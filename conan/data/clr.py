@@ -78,11 +78,15 @@ class TargetSampler:
 
 
 def finish_rows(batch: pa.Table) -> pa.Table:
-    """Translated rows become CLR rows: query_lang = the target, task = clr."""
+    """Translated rows become CLR rows: query_lang = the target, task = clr, query_id = "<target>:<source id>"
+    (a query and its translations are different queries to DHNM)."""
     done = [r == "" for r in batch["reject_reason"].to_pylist()]
-    query_lang = [t if d else q for d, t, q in zip(done, batch["target_lang"].to_pylist(),
-                                                   batch["query_lang"].to_pylist())]
-    return with_columns(batch.drop_columns(["target_lang"]), query_lang=query_lang, task=["clr"] * len(done))
+    targets = batch["target_lang"].to_pylist()
+    query_lang = [t if d else q for d, t, q in zip(done, targets, batch["query_lang"].to_pylist())]
+    query_id = [f"{t}:{q.split(':', 1)[-1]}" if d and q else q
+                for d, t, q in zip(done, targets, batch["query_id"].to_pylist())]
+    return with_columns(batch.drop_columns(["target_lang"]), query_lang=query_lang, query_id=query_id,
+                        task=["clr"] * len(done))
 
 
 def xquad_triples(data_root: str, num_negatives: int, path: Path) -> Path:

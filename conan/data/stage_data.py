@@ -111,6 +111,12 @@ def supervised_records(root: str | Path, num_negatives: int = 7, max_per_task: i
     return rows
 
 
+def with_passage_ids(rows: list[dict], root: str | Path) -> list[dict]:
+    """Rows whose positive is an XQuAD paragraph get its passage id (so DHNM mining can drop it), task kept."""
+    passage_id = {text: i for i, text in enumerate(xquad_corpus(root))}
+    return [{**r, "positive_id": passage_id.get(r["positive"], r["positive_id"])} for r in rows]
+
+
 def _take(it: Iterator, n: int | None) -> Iterator:
     for i, x in enumerate(it):
         if n is not None and i >= n:

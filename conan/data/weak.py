@@ -165,19 +165,18 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
 
     from conan.runtime import init_ray
 
-    if not cfg.inputs:
-        raise ValueError("curation: no inputs (set inputs: [files or directories])")
     started = time.perf_counter()
     out = Path(cfg.output_dir).resolve()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"curation: {out} is not empty; choose a new output_dir (outputs are never mixed)")
     out.mkdir(parents=True, exist_ok=True)
+    inputs = cfg.inputs or [str(sft_records_file(cfg.data_root, out / "source" / "sft.jsonl"))]
     init_ray(cfg.ray_address)
     langid_path = out / "langid.npz"
     LanguageIdentifier.train(cfg.data_root).save(langid_path)
     shards = [ray.remote(DedupShard).options(num_cpus=0).remote() for _ in range(cfg.dedup_shards)]
     c, s = cfg.cleaners, cfg.scorers
-    ds = read_records(cfg.inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair)
+    ds = read_records(inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair)
     ds = ds.map_batches(PairCleaner, fn_constructor_args=(asdict(cfg), str(langid_path)), batch_format="numpy",
                         batch_size=c.batch_size, num_cpus=c.cpus, num_gpus=c.gpus,
                         compute=ray.data.ActorPoolStrategy(size=c.size))
@@ -193,6 +192,19 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
     totals = run_and_count(ds, out, PAIR_SCHEMA, "curate", job)
     dedup = ray.get([shard.stats.remote() for shard in shards])
     return write_stats(out, totals, started, {"dedup_shards": dedup, "config": asdict(cfg)})
+
+
+def sft_records_file(data_root: str, path: Path) -> Path:
+    """The SFT records of the real datasets (the bundled weak-pair source) as JSONL."""
+    import json
+
+    from conan.data.stage_data import pair_records
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in pair_records(data_root):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 def _no_score(batch: dict) -> dict:

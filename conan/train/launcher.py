@@ -46,21 +46,28 @@ def check_inputs(cfg: JobConfig) -> Path:
     return tokenizer_dir
 
 
-def read_rows(paths: list[str], columns: tuple[str, ...]) -> list[dict]:
-    """Rows of a user's parquet / JSONL files, checked for the stage's columns."""
+def read_rows(paths: list[str], stage: type[Stage], key: str = "data.paths") -> list[dict]:
+    """Rows of parquet files / directories (e.g. a curation or CLR output) or JSONL files, as the stage's columns:
+    a missing column is taken from its alias (weak pairs' query/positive for input/output) or its default."""
     rows: list[dict] = []
     for p in paths:
-        table = pq.read_table(p) if p.endswith(".parquet") else pajson.read_json(p)
-        missing = [c for c in columns if c not in table.column_names]
+        table = pq.read_table(p) if Path(p).is_dir() or p.endswith(".parquet") else pajson.read_json(p)
+        names = set(table.column_names)
+        missing = [c for c in stage.columns if c not in names and stage.aliases.get(c) not in names
+                   and c not in stage.defaults]
         if missing:
-            raise ConfigError(f"data.paths: {p} lacks columns {missing} (has {table.column_names})")
-        rows += table.select(list(columns)).to_pylist()
+            raise ConfigError(f"{key}: {p} lacks columns {missing} (has {table.column_names})")
+        columns = {c: table[c] if c in names else table[stage.aliases[c]] if stage.aliases.get(c) in names
+                   else None for c in stage.columns}
+        n = table.num_rows
+        values = {c: col.to_pylist() if col is not None else [stage.defaults[c]] * n for c, col in columns.items()}
+        rows += [dict(zip(values, row)) for row in zip(*values.values())]
     return rows
 
 
 def stage_rows(cfg: JobConfig, stage: type[Stage]) -> list[dict]:
     """The stage's rows: the user's files, else the real datasets."""
-    rows = read_rows(cfg.data.paths, stage.columns) if cfg.data.paths else stage.records(cfg)
+    rows = read_rows(cfg.data.paths, stage) if cfg.data.paths else stage.records(cfg)
     if cfg.data.max_rows is not None:
         rows = rows[:cfg.data.max_rows]
     if not rows:

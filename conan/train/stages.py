@@ -67,8 +67,10 @@ class Stage:
 
     name: str
     model_class: type
-    # Columns of the stage's input rows (a user's parquet/JSONL must have them).
+    # Columns of the stage's input rows (a user's parquet/JSONL must have them, or an alias, or a default).
     columns: tuple[str, ...]
+    aliases: dict[str, str] = {}  # column → another record kind's column that stands in for it
+    defaults: dict[str, object] = {}  # columns a file may lack
 
     def __init__(self, cfg: JobConfig, tokenizer, rank: int = 0, world_size: int = 1):
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
@@ -167,6 +169,8 @@ class WeakStage(Stage):
     """InfoNCE on (instruction + input, output) pairs with in-batch negatives and the soft mask."""
 
     name, model_class, columns = "weak", ConanForEmbedding, ("instruction", "input", "output")
+    # Curated weak pairs (conan curate): the query already holds instruction + input.
+    aliases, defaults = {"input": "query", "output": "positive"}, {"instruction": ""}
 
     records = SFTStage.records
 
@@ -203,6 +207,8 @@ class SupervisedStage(Stage):
 
     name, model_class = "supervised", ConanForEmbedding
     columns = ("task", "query", "positive", "negatives", "s1", "s2", "score", "query_id", "positive_id")
+    # Retrieval / CLR triples (conan clr) lack the STS columns and passage ids.
+    defaults = {"s1": "", "s2": "", "score": 0.0, "query_id": "", "positive_id": -1}
     PAIR_TASKS = ("retrieval", "clr", "classification")
     RESCORE_CHUNK = 16  # queries per extra forward pass of the v1 re-scoring baseline
 
@@ -218,8 +224,14 @@ class SupervisedStage(Stage):
 
     @staticmethod
     def records(cfg):
-        return stage_data.supervised_records(cfg.data.root, cfg.supervised.num_negatives,
+        rows = stage_data.supervised_records(cfg.data.root, cfg.supervised.num_negatives,
                                              cfg.supervised.max_per_task, cfg.train.seed)
+        if cfg.supervised.clr_paths:  # a built CLR set replaces the built-in human-translation CLR rows
+            from conan.train.launcher import read_rows
+            clr = read_rows(cfg.supervised.clr_paths, SupervisedStage, "supervised.clr_paths")
+            rows = [r for r in rows if r["task"] != "clr"] + stage_data.with_passage_ids(
+                clr[:cfg.supervised.max_per_task], cfg.data.root)
+        return rows
 
     def prepare(self, rows):
         sup = self.cfg.supervised
