@@ -197,6 +197,10 @@ class PipelineConfig:
     # writes under output_dir/<stage>. Overrides apply to every stage (e.g. train.steps=10).
     stages: list[str] = field(default_factory=list)
     stage_overrides: list[str] = field(default_factory=list)
+    # A CurationConfig YAML run before the weak stage (which then trains on its pairs) into output_dir/curated, and
+    # a CLRConfig YAML run before the supervised stage (its CLR rows) into output_dir/clr; None = skip the step.
+    curation: str | None = None
+    clr: str | None = None
     # An EvalConfig YAML run on the final model (baseline: the untrained init) into output_dir/eval; None = skip.
     evaluation: str | None = None
 

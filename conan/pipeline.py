@@ -1,11 +1,14 @@
-"""The end-to-end pipeline on bundled/real data; each step is skipped when its output exists."""
+"""The end-to-end pipeline on bundled/real data; each step is skipped when its output exists.
+
+corpus → tokenizer → model init → stages (pretrain, sft, [curate →] weak, [build CLR →] supervised) → evaluate.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from conan.config import EvalConfig, JobConfig, PipelineConfig, load_config
+from conan.config import CLRConfig, CurationConfig, EvalConfig, JobConfig, PipelineConfig, load_config
 from conan.data.corpus import write_corpus
 from conan.model import ConanConfig, ConanForCausalLM, count_parameters
 from conan.model.build import model_config_for
@@ -17,6 +20,38 @@ from conan.train.launcher import is_finished, run_stage
 def _step(name: str, done: bool):
     print(f"[pipeline] {name}: {'exists, skipped' if done else 'running'}", flush=True)
     return time.perf_counter()
+
+
+def _data_step(name: str, config_cls, yaml_path: str, out: Path, cfg: PipelineConfig, run) -> Path:
+    """Run a data step (curation or CLR) into out/<name> unless its stats.json exists; return its data folder."""
+    step_dir = out / name
+    t = _step(name, (step_dir / "stats.json").is_file())
+    if not (step_dir / "stats.json").is_file():
+        import shutil
+
+        shutil.rmtree(step_dir, ignore_errors=True)  # a half-written step starts again
+        step_cfg = load_config(config_cls, yaml_path, [f"output_dir={step_dir}", f"data_root={cfg.data_root}",
+                                                       f"ray_address={cfg.ray_address or 'null'}"])
+        init_ray(cfg.ray_address)
+        stats = run(step_cfg)
+        print(f"[pipeline] {name}: {stats['rows_in']} rows in, {stats['rows_out']} kept, rejected "
+              f"{stats['rejected']} ({time.perf_counter() - t:.0f}s)", flush=True)
+    return step_dir / "data"
+
+
+def _with_data_steps(cfg: PipelineConfig, stage_cfg: JobConfig, out: Path, paths: dict) -> JobConfig:
+    """Curate before the weak stage and build the CLR set before the supervised stage, when configured."""
+    from dataclasses import replace
+
+    if stage_cfg.stage == "weak" and cfg.curation:
+        from conan.data.weak import curate
+        paths["curated"] = str(_data_step("curated", CurationConfig, cfg.curation, out, cfg, curate))
+        return replace(stage_cfg, data=replace(stage_cfg.data, paths=[paths["curated"]]))
+    if stage_cfg.stage == "supervised" and cfg.clr:
+        from conan.data.clr import build_clr
+        paths["clr"] = str(_data_step("clr", CLRConfig, cfg.clr, out, cfg, build_clr))
+        return replace(stage_cfg, supervised=replace(stage_cfg.supervised, clr_paths=[paths["clr"]]))
+    return stage_cfg
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
@@ -53,6 +88,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         stage_cfg = load_config(JobConfig, stage_yaml, [
             *cfg.stage_overrides, f"model.init_from={previous}", f"tokenizer.path={tok_dir}",
             f"data.root={cfg.data_root}", f"ray_address={cfg.ray_address or 'null'}"])
+        stage_cfg = _with_data_steps(cfg, stage_cfg, out, paths)
         stage_cfg.output_dir = str(out / stage_cfg.stage)
         t = _step(stage_cfg.stage, is_finished(stage_cfg))
         result = run_stage(stage_cfg)

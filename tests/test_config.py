@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from conan.config import ConfigError, EvalConfig, JobConfig, PipelineConfig, ServeConfig, load_config
+from conan.config import (CLRConfig, ConfigError, CurationConfig, EvalConfig, JobConfig, PipelineConfig, ServeConfig,
+                          load_config)
 
 
 def _write(tmp_path, data):
@@ -57,7 +58,8 @@ def test_shipped_configs_load():
     assert configs
     for path in configs:
         kind = path.name.split("_")[0]
-        cls = {"pipeline": PipelineConfig, "serve": ServeConfig, "eval": EvalConfig}.get(kind, JobConfig)
+        cls = {"pipeline": PipelineConfig, "serve": ServeConfig, "eval": EvalConfig, "curate": CurationConfig,
+               "clr": CLRConfig}.get(kind, JobConfig)
         load_config(cls, path)
 
 
@@ -72,13 +74,14 @@ def test_grafana_dashboard_queries_metrics_the_code_exports():
     root = Path(__file__).resolve().parents[1]
     dashboard = json.loads((root / "cluster" / "grafana_conan.json").read_text())
     exported = {f"ray_conan_train_{k}" for k in TRAIN_GAUGES}
-    for path in ("conan/dhnm.py", "conan/serve/app.py"):
+    for path in ("conan/dhnm.py", "conan/serve/app.py", "conan/metrics.py"):
         names = re.findall(r'"(conan_[a-z_]+)"', (root / path).read_text())
         names += [f"conan_dhnm_{k}" for k in re.findall(r'for key in \(([^)]*)\)', (root / path).read_text())
                   for k in re.findall(r'"(\w+)"', k)]
-        exported |= {f"ray_{n}" if path.endswith("dhnm.py") else n for n in names}
+        exported |= {n if path.endswith("app.py") else f"ray_{n}" for n in names}
     exported |= {f"{n}_total" for n in exported} | {f"{n}_bucket" for n in exported}
     queried = {m for p in dashboard["panels"] for t in p["targets"]
                for m in re.findall(r"\b(?:ray_)?conan_[a-z_]+", t["expr"])}
     assert queried and queried <= exported, queried - exported
-    assert {"ray_conan_train_loss", "ray_conan_train_alpha", "ray_conan_dhnm_replacements"} <= queried
+    assert {"ray_conan_train_loss", "ray_conan_train_alpha", "ray_conan_dhnm_replacements", "ray_conan_data_rows_total",
+            "ray_conan_translation_failures_total"} <= queried

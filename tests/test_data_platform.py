@@ -159,7 +159,7 @@ def _curation_input(data_root: Path, path: Path) -> dict[int, str]:
     return expected
 
 
-def test_curation_routes_every_row(ray_cluster, data_root, tmp_path, static_scorer_dir):
+def test_curation_routes_every_row(ray_cluster, data_root, tmp_path, static_scorer_dir, scrape_metrics):
     """Real pairs + injected bad rows: each injected row lands under its reason, the counts add up to the input, the
     parquet outputs hold exactly the counted rows, and kept scores clear the threshold."""
     from conan.data.weak import curate
@@ -186,6 +186,15 @@ def test_curation_routes_every_row(ray_cluster, data_root, tmp_path, static_scor
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["rows_in"] == n_lines
     # the kept languages come from the identifier where rows declared none; the blocklisted text is nowhere kept
     assert not any("rolex" in r["positive"].lower() for r in kept) and scored_low
+    # and the outcomes reach Prometheus as conan_data_rows{step="curate", outcome=...}
+    import time
+    deadline = time.time() + 30
+    while True:
+        lines = [x for x in scrape_metrics("ray_conan_data_rows") if 'step="curate"' in x and "blocklist" in x]
+        if lines or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert lines and float(lines[0].split()[-1]) >= 1
 
 
 def test_curation_memory_stays_flat(ray_cluster, data_root, tmp_path):

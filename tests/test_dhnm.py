@@ -1,6 +1,5 @@
 """Dynamic hard-negative mining: eq. 6 on hand-made score sequences, pool exhaustion, the shared actor."""
 
-import pytest
 
 from conan.dhnm import NegativePoolClient, NegativePoolState, ReplacementRule, create_negative_pools, shard_of
 
