@@ -85,3 +85,48 @@ def test_grafana_dashboard_queries_metrics_the_code_exports():
     assert queried and queried <= exported, queried - exported
     assert {"ray_conan_train_loss", "ray_conan_train_alpha", "ray_conan_dhnm_replacements", "ray_conan_data_rows_total",
             "ray_conan_translation_failures_total"} <= queried
+
+
+def test_cluster_manifests_match_job_configs():
+    """The GPU autoscaler YAML and the KubeRay Ascend manifests parse, offer enough accelerators for every 1.4b stage's
+    workers (64 for pretraining, 16 after it: Appendix A), and every RayJob runs an existing job script with its config."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    gpu = yaml.safe_load((root / "cluster" / "ray-gpu-autoscaler.yaml").read_text())
+    worker = gpu["available_node_types"]["gpu_worker"]
+    gpu_capacity = worker["resources"]["GPU"] * worker["max_workers"]
+    assert worker["max_workers"] <= gpu["max_workers"]
+    assert any("--metrics-export-port" in c for c in gpu["head_start_ray_commands"])
+
+    cluster = yaml.safe_load((root / "cluster" / "kuberay" / "raycluster-ascend.yaml").read_text())
+    assert cluster["kind"] == "RayCluster"
+    group = cluster["spec"]["workerGroupSpecs"][0]
+    container = group["template"]["spec"]["containers"][0]
+    npus_per_node = container["resources"]["limits"]["huawei.com/Ascend910"]
+    # KubeRay passes the value to `ray start --resources` as a quoted JSON string
+    assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {"NPU": npus_per_node}
+    assert {"HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT"} <= {e["name"] for e in container["env"]}
+    npu_capacity = npus_per_node * group["maxReplicas"]
+
+    jobs = [d for d in yaml.safe_load_all((root / "cluster" / "kuberay" / "rayjob-stages.yaml").read_text()) if d]
+    assert [j["metadata"]["name"] for j in jobs] == [f"conan-{s}" for s in ("pretrain", "sft", "weak", "supervised")]
+    for job in jobs:
+        assert job["kind"] == "RayJob" and job["spec"]["clusterSelector"]["ray.io/cluster"] == \
+            cluster["metadata"]["name"]
+        argv = shlex.split(job["spec"]["entrypoint"])
+        assert argv[0] == "python" and (root / argv[1]).is_file()
+        config_path = argv[argv.index("--config") + 1]
+        overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        cfg = load_config(JobConfig, root / config_path, overrides)
+        assert argv[1] == f"jobs/{cfg.stage}.py" and cfg.train.device == "npu" and cpus_fit(cfg, container)
+        expected = 64 if cfg.stage == "pretrain" else 16
+        assert cfg.train.num_workers == expected <= min(npu_capacity, gpu_capacity)
+
+
+def cpus_fit(cfg, container) -> bool:
+    """A node's CPUs hold the workers its NPUs host (cpus_per_worker each)."""
+    npus = container["resources"]["limits"]["huawei.com/Ascend910"]
+    return cfg.train.cpus_per_worker * npus <= float(container["resources"]["limits"]["cpu"])

@@ -124,7 +124,7 @@ def build_clr(cfg: CLRConfig, job: str = "build_clr") -> dict:
         languages = [lang for lang in TABLE7 if lang in LookupBackend.QUESTION_LANGUAGES]
     proportions = target_proportions(languages)
     t = cfg.translators
-    ds = read_records(inputs, "retrieval")
+    ds = read_records(inputs, "retrieval", cpus=t.cpus)
     if cfg.max_rows is not None:
         ds = ds.limit(cfg.max_rows)
     ds = ds.map_batches(TargetSampler, fn_constructor_args=(proportions, cfg.seed, str(langid_path)),
@@ -135,8 +135,8 @@ def build_clr(cfg: CLRConfig, job: str = "build_clr") -> dict:
     ds = ds.map_batches(TranslationActor, fn_constructor_args=(backend_args, str(langid_path), cfg.max_retries),
                         batch_format="pyarrow", batch_size=t.batch_size, num_cpus=t.cpus, num_gpus=t.gpus,
                         compute=ray.data.ActorPoolStrategy(size=t.size))
-    ds = ds.map_batches(finish_rows, batch_format="pyarrow")
-    totals = run_and_count(ds, out, CLR_SCHEMA, "build_clr", job)
+    ds = ds.map_batches(finish_rows, batch_format="pyarrow", num_cpus=t.cpus)
+    totals = run_and_count(ds, out, CLR_SCHEMA, "build_clr", job, t.cpus)
     return write_stats(out, totals, started, {"proportions": proportions, "languages": kept_languages(out),
                                               "config": asdict(cfg)})
 

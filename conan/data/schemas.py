@@ -140,10 +140,12 @@ def _columns(kind: str, rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=output_schema(kind))
 
 
-def read_records(paths: list[str] | str, kind: str, filesystem=None, lines_per_block: int = 20_000, convert=None):
+def read_records(paths: list[str] | str, kind: str, filesystem=None, lines_per_block: int = 20_000, convert=None,
+                 cpus: float = 1.0):
     """A Ray dataset of `kind` records (+ origin / reject_reason / raw) from parquet and JSONL files or directories.
 
     `convert` (a picklable function of a row dict) maps another record kind onto this one before validation.
+    Read and validation tasks ask for `cpus` each (fractional on small machines, beside actor pools).
     Paths may be local or any URI pyarrow understands (s3://, gs://, hdfs://, or an fsspec filesystem passed as
     `filesystem`). JSONL is read line by line in bounded blocks, so a bad line is one reject, not a failed read.
     """
@@ -158,12 +160,13 @@ def read_records(paths: list[str] | str, kind: str, filesystem=None, lines_per_b
     parts = []
     if jsonl:
         lines = ray.data.read_datasource(JsonLinesDatasource(jsonl, filesystem=filesystem,
-                                                             lines_per_block=lines_per_block))
-        parts.append(lines.map_batches(validate_lines, fn_args=(kind, convert), batch_format="pyarrow"))
+                                                             lines_per_block=lines_per_block), num_cpus=cpus)
+        parts.append(lines.map_batches(validate_lines, fn_args=(kind, convert), batch_format="pyarrow",
+                                       num_cpus=cpus))
     if parquet:
-        rows = ray.data.read_parquet(parquet, filesystem=filesystem, include_paths=True)
+        rows = ray.data.read_parquet(parquet, filesystem=filesystem, include_paths=True, num_cpus=cpus)
         rows = rows.rename_columns({"path": "origin"})
-        parts.append(rows.map_batches(validate_rows, fn_args=(kind, convert), batch_format="numpy"))
+        parts.append(rows.map_batches(validate_rows, fn_args=(kind, convert), batch_format="numpy", num_cpus=cpus))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 

@@ -51,10 +51,12 @@ def _column(values, mask: np.ndarray) -> list:
     return [v.tolist() if hasattr(v, "tolist") else v for v in chosen]
 
 
-def run_and_count(ds, output_dir: str | Path, kept_schema: pa.Schema, step: str, job: str) -> dict[str, int]:
-    """Execute the dataset into the sink (streaming) and return the total per outcome."""
+def run_and_count(ds, output_dir: str | Path, kept_schema: pa.Schema, step: str, job: str,
+                  cpus: float = 1.0) -> dict[str, int]:
+    """Execute the dataset into the sink (streaming; writer tasks ask for `cpus`) and return the total per outcome."""
     totals: dict[str, int] = {}
-    out = ds.map_batches(write_split, fn_args=(str(output_dir), kept_schema, step, job), batch_format="numpy")
+    out = ds.map_batches(write_split, fn_args=(str(output_dir), kept_schema, step, job), batch_format="numpy",
+                         num_cpus=cpus)
     for row in out.iter_rows():
         totals[row["outcome"]] = totals.get(row["outcome"], 0) + int(row["count"])
     return totals

@@ -176,7 +176,8 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
     LanguageIdentifier.train(cfg.data_root).save(langid_path)
     shards = [ray.remote(DedupShard).options(num_cpus=0).remote() for _ in range(cfg.dedup_shards)]
     c, s = cfg.cleaners, cfg.scorers
-    ds = read_records(inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair)
+    ds = read_records(inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair,
+                      cpus=c.cpus)
     ds = ds.map_batches(PairCleaner, fn_constructor_args=(asdict(cfg), str(langid_path)), batch_format="numpy",
                         batch_size=c.batch_size, num_cpus=c.cpus, num_gpus=c.gpus,
                         compute=ray.data.ActorPoolStrategy(size=c.size))
@@ -188,8 +189,8 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
                             batch_format="numpy", batch_size=s.batch_size * 4, num_cpus=s.cpus, num_gpus=s.gpus,
                             compute=ray.data.ActorPoolStrategy(size=s.size))
     else:
-        ds = ds.map_batches(_no_score, batch_format="numpy")
-    totals = run_and_count(ds, out, PAIR_SCHEMA, "curate", job)
+        ds = ds.map_batches(_no_score, batch_format="numpy", num_cpus=c.cpus)
+    totals = run_and_count(ds, out, PAIR_SCHEMA, "curate", job, c.cpus)
     dedup = ray.get([shard.stats.remote() for shard in shards])
     return write_stats(out, totals, started, {"dedup_shards": dedup, "config": asdict(cfg)})
 
