@@ -375,7 +375,7 @@ def test_vllm_backend_contract(monkeypatch):
     from conan.data.translate import VLLMBackend
 
     monkeypatch.setitem(sys.modules, "vllm", None)
-    with pytest.raises(ImportError, match="conan\\[vllm\\]"):
+    with pytest.raises(ImportError, match="conan\\[gpu\\]"):
         VLLMBackend("some/model", 32, 0.0, 0.7)
     fake = _fake_vllm()
     monkeypatch.setitem(sys.modules, "vllm", fake)

@@ -138,7 +138,7 @@ class VLLMBackend:
         try:
             import vllm
         except ImportError as e:
-            raise ImportError("the vllm translation backend needs vLLM: pip install 'conan[vllm]' on a GPU image") from e
+            raise ImportError("the vllm translation backend needs vLLM: pip install 'conan[gpu]' (vLLM) on a GPU image") from e
         self.vllm = vllm
         self.llm = vllm.LLM(model=model, **(engine_kwargs or {}))
         self.max_new_tokens, self.temperature, self.retry_temperature = max_new_tokens, temperature, retry_temperature
