@@ -24,6 +24,10 @@ def cmd_pipeline(args) -> int:
     from conan.pipeline import run_pipeline
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
+    if args.from_step:
+        from conan.pipeline import reset_from
+        for path in reset_from(cfg.output_dir, args.from_step):
+            print(f"[pipeline] --from {args.from_step}: removed {path}", flush=True)
     paths = run_pipeline(cfg)
     print(json.dumps(paths, indent=2))
     return 0
@@ -152,9 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conan", description=__doc__.splitlines()[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    _config_command(sub, "pipeline", cmd_pipeline, "pipeline (PipelineConfig)",
-                    help="run the end-to-end pipeline (the README's main job)",
-                    description="Corpus → tokenizer → model on real data; finished steps are skipped.")
+    p = _config_command(sub, "pipeline", cmd_pipeline, "pipeline (PipelineConfig)",
+                        help="run the end-to-end pipeline (the README's main job)",
+                        description="Corpus → tokenizer → model → pretrain → sft → curate → weak → clr → supervised "
+                                    "→ evaluate on real data; finished steps are skipped.")
+    from conan.pipeline import PIPELINE_STEPS
+    p.add_argument("--from", dest="from_step", choices=list(PIPELINE_STEPS), metavar="STEP",
+                   help=f"redo STEP and every later one (their outputs are removed first): {', '.join(PIPELINE_STEPS)}")
 
     p = _config_command(sub, "train", cmd_train, "stage (JobConfig)",
                         help="train one stage (pretrain, sft, weak, supervised) on Ray Train + DeepSpeed",

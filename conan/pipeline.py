@@ -17,6 +17,28 @@ from conan.tokenizer import load_tokenizer, train_tokenizer
 from conan.train.launcher import is_finished, run_stage
 
 
+# Every step in run order with the folder under output_dir that holds its output.
+PIPELINE_STEPS = {"corpus": "corpus", "tokenizer": "tokenizer", "model": "model_init", "pretrain": "pretrain",
+                  "sft": "sft", "curate": "curated", "weak": "weak", "clr": "clr", "supervised": "supervised",
+                  "evaluate": "eval"}
+
+
+def reset_from(output_dir: str | Path, step: str) -> list[Path]:
+    """Delete the outputs of `step` and every later step, so the next run redoes them; returns what was removed."""
+    import shutil
+
+    if step not in PIPELINE_STEPS:
+        raise ValueError(f"--from: unknown step {step!r}; expected one of {list(PIPELINE_STEPS)}")
+    names = list(PIPELINE_STEPS)
+    removed = []
+    for name in names[names.index(step):]:
+        path = Path(output_dir) / PIPELINE_STEPS[name]
+        if path.exists():
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
 def _step(name: str, done: bool):
     print(f"[pipeline] {name}: {'exists, skipped' if done else 'running'}", flush=True)
     return time.perf_counter()
