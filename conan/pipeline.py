@@ -54,7 +54,6 @@ def _data_step(name: str, config_cls, yaml_path: str, out: Path, cfg: PipelineCo
         shutil.rmtree(step_dir, ignore_errors=True)  # a half-written step starts again
         step_cfg = load_config(config_cls, yaml_path, [f"output_dir={step_dir}", f"data_root={cfg.data_root}",
                                                        f"ray_address={cfg.ray_address or 'null'}"])
-        init_ray(cfg.ray_address)
         stats = run(step_cfg)
         print(f"[pipeline] {name}: {stats['rows_in']} rows in, {stats['rows_out']} kept, rejected "
               f"{stats['rejected']} ({time.perf_counter() - t:.0f}s)", flush=True)

@@ -21,7 +21,7 @@ import pyarrow as pa
 from conan.config import CLRConfig
 from conan.data.langid import LanguageIdentifier
 from conan.data.schemas import SCHEMAS, read_records, with_columns
-from conan.data.sink import run_and_count, write_stats
+from conan.data.sink import run_and_count, start_step, write_stats
 from conan.data.translate import TranslationActor
 
 # Table 7 of the paper (percent of translation pairs); they sum to 106 as printed, so they are renormalised.
@@ -44,14 +44,15 @@ def draw_targets(keys: list[str], sources: list[str], proportions: dict[str, flo
     """A target language per query from a hash of (seed, key); the source language is excluded and the rest
     renormalised, so the draw never asks for a translation into the query's own language."""
     langs = list(proportions)
-    weights = np.array([proportions[lang] for lang in langs])
+    cdfs: dict[str, np.ndarray] = {}
     out = []
     for key, source in zip(keys, sources):
+        if source not in cdfs:
+            w = np.array([0.0 if lang == source else proportions[lang] for lang in langs])
+            cdfs[source] = np.cumsum(w / w.sum())
         digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
         u = int.from_bytes(digest, "little") / 2.0 ** 64
-        w = np.where(np.array(langs) == source, 0.0, weights)
-        cdf = np.cumsum(w / w.sum())
-        out.append(langs[min(int(np.searchsorted(cdf, u, side="right")), len(langs) - 1)])
+        out.append(langs[min(int(np.searchsorted(cdfs[source], u, side="right")), len(langs) - 1)])
     return out
 
 
@@ -108,16 +109,9 @@ def build_clr(cfg: CLRConfig, job: str = "build_clr") -> dict:
     import ray.data
 
     from conan.data.translate import LookupBackend
-    from conan.runtime import init_ray
 
     started = time.perf_counter()
-    out = Path(cfg.output_dir).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"build_clr: {out} is not empty; choose a new output_dir (outputs are never mixed)")
-    out.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg.ray_address)
-    langid_path = out / "langid.npz"
-    LanguageIdentifier.train(cfg.data_root).save(langid_path)
+    out, langid_path = start_step(cfg.output_dir, "build_clr", cfg.ray_address, cfg.data_root)
     inputs = cfg.inputs or [str(xquad_triples(cfg.data_root, cfg.num_negatives, out / "source" / "xquad_en.parquet"))]
     languages = cfg.languages
     if cfg.backend == "lookup" and not languages:  # XQuAD's languages: the questions it holds in parallel

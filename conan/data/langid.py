@@ -52,12 +52,17 @@ def char_ngram_counts(texts: list[str]):
                       shape=(len(texts), N_FEATURES))
 
 
+def tatoeba_pairs(root: str | Path, lang: str) -> list[tuple[str, str]]:
+    """Aligned (sentence in lang, English sentence) pairs of Tatoeba; lines empty on either side are skipped."""
+    code = TATOEBA_CODES[lang]
+    base = Path(root) / "tatoeba" / f"tatoeba.{code}-eng"
+    foreign, english = (Path(f"{base}.{side}").read_text(encoding="utf-8").splitlines() for side in (code, "eng"))
+    return [(f.strip(), e.strip()) for f, e in zip(foreign, english) if f.strip() and e.strip()]
+
+
 def tatoeba_sentences(root: str | Path, lang: str) -> list[str]:
     """Tatoeba sentences of one language (English from the eng side of the German file)."""
-    tatoeba = Path(root) / "tatoeba"
-    path = tatoeba / "tatoeba.deu-eng.eng" if lang == "en" else \
-        tatoeba / f"tatoeba.{TATOEBA_CODES[lang]}-eng.{TATOEBA_CODES[lang]}"
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [e for _, e in tatoeba_pairs(root, "de")] if lang == "en" else [f for f, _ in tatoeba_pairs(root, lang)]
 
 
 class LanguageIdentifier:

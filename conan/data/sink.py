@@ -22,6 +22,22 @@ KEPT = "kept"
 REJECT_COLUMNS = ("origin", "reject_reason", "raw")
 
 
+def start_step(output_dir: str | Path, step: str, ray_address: str | None, data_root: str) -> tuple[Path, Path]:
+    """Make a fresh output dir (never mixing outputs), join Ray, and save the language identifier the step's actors
+    load; returns (output dir, identifier path)."""
+    from conan.data.langid import LanguageIdentifier
+    from conan.runtime import init_ray
+
+    out = Path(output_dir).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{step}: {out} is not empty; choose a new output_dir (outputs are never mixed)")
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(ray_address)
+    langid_path = out / "langid.npz"
+    LanguageIdentifier.train(data_root).save(langid_path)
+    return out, langid_path
+
+
 def write_split(batch: dict, output_dir: str, kept_schema: pa.Schema, step: str, job: str) -> dict:
     """Ray Data batch function: rows with an empty reject_reason → <output_dir>/data, others → <output_dir>/rejects.
 
@@ -46,9 +62,7 @@ def write_split(batch: dict, output_dir: str, kept_schema: pa.Schema, step: str,
 
 
 def _column(values, mask: np.ndarray) -> list:
-    chosen = np.asarray(values, dtype=object)[mask] if not isinstance(values, np.ndarray) or values.ndim == 1 \
-        else values[mask]
-    return [v.tolist() if hasattr(v, "tolist") else v for v in chosen]
+    return [v.tolist() if hasattr(v, "tolist") else v for v in np.asarray(values)[mask]]
 
 
 def run_and_count(ds, output_dir: str | Path, kept_schema: pa.Schema, step: str, job: str,

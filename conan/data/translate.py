@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from conan.data.langid import LanguageIdentifier, tatoeba_sentences
+from conan.data.langid import TATOEBA_CODES, LanguageIdentifier, tatoeba_pairs
+from conan.data.schemas import with_columns
 from conan.data.stage_data import XQUAD_LANGS, xquad_rows
+from conan.metrics import translation_failures_counter
 
 LANGUAGE_NAMES = {
     "ar": "Arabic", "bn": "Bengali", "da": "Danish", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
@@ -26,9 +28,12 @@ LANGUAGE_NAMES = {
 }
 SYSTEM_PROMPT = "You are a professional translator. Reply with the translation only, without notes or quotes."
 USER_PROMPT = "Translate this {source} text into {target}:\n\n{text}"
-PREFIX = re.compile(r"^\s*(?:here is the translation|translation|translated text|{names})\s*(?:\([^)]*\))?\s*[:：]\s*",
-                    re.IGNORECASE)
 QUOTES = "\"'“”‘’«»「」『』„"
+
+
+# "Translation:", "German (formal):" … at the start of an output
+PREFIX = re.compile(r"^\s*(?:here is the translation|translation|translated text|%s)\s*(?:\([^)]*\))?\s*[:：]\s*"
+                    % "|".join(re.escape(n) for n in LANGUAGE_NAMES.values()), re.IGNORECASE)
 
 
 def messages(text: str, source: str, target: str) -> list[dict]:
@@ -44,8 +49,7 @@ def clean(raw: str | None, source_text: str, target: str, langid: LanguageIdenti
         return "", "no_output"
     lines = [line.strip() for line in raw.strip().splitlines() if line.strip()]
     text = lines[0] if lines else ""
-    names = "|".join(re.escape(n) for n in LANGUAGE_NAMES.values())
-    text = re.sub(PREFIX.pattern.format(names=names), "", text, flags=re.IGNORECASE).strip().strip(QUOTES).strip()
+    text = PREFIX.sub("", text).strip().strip(QUOTES).strip()
     if not text:
         return "", "empty_translation"
     if text.casefold() == source_text.strip().casefold():
@@ -71,13 +75,8 @@ class LookupBackend:
                 if other != lang:
                     self.table.update({(a["question"].strip(), other): b["question"].strip()
                                        for a, b in zip(rows, other_rows)})
-        from conan.data.langid import TATOEBA_CODES
         for lang in TATOEBA_CODES:
-            foreign = tatoeba_sentences(root, lang)
-            code = TATOEBA_CODES[lang]
-            english = [s.strip() for s in (root / "tatoeba" / f"tatoeba.{code}-eng.eng").read_text(
-                encoding="utf-8").splitlines() if s.strip()]
-            for f, e in zip(foreign, english):
+            for f, e in tatoeba_pairs(root, lang):
                 self.table.setdefault((e, lang), f)
                 self.table.setdefault((f, "en"), e)
         self.languages = sorted({lang for _, lang in self.table})
@@ -179,9 +178,6 @@ class TranslationActor:
 
     def __call__(self, batch):
         """Adds translated queries (original kept in source_query), attempts, and reject reasons (a pyarrow batch)."""
-        from conan.data.schemas import with_columns
-        from conan.metrics import translation_failures_counter
-
         query, sources, targets = (batch[c].to_pylist() for c in ("query", "query_lang", "target_lang"))
         reasons = batch["reject_reason"].to_pylist()
         translated, attempts = list(query), [0] * len(query)

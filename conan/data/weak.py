@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from conan.config import CurationConfig
+from conan.config import CurationConfig, from_dict
 from conan.data.dedup import DedupShard, MinHasher, exact_keys, first_seen
 from conan.data.langid import LanguageIdentifier
 from conan.data.schemas import read_records
-from conan.data.sink import run_and_count, write_stats
+from conan.data.sink import run_and_count, start_step, write_stats
 
 PAIR_SCHEMA = pa.schema([("query", pa.string()), ("positive", pa.string()), ("source", pa.string()),
                          ("lang", pa.string()), ("score", pa.float32())])
@@ -38,8 +38,9 @@ def sft_to_weak_pair(row: dict) -> dict:
     """An SFT record (instruction, input, output) as a weak pair; other rows pass through unchanged."""
     if "positive" in row or "output" not in row:
         return row
-    query = " ".join(str(row.get(k) or "").strip() for k in ("instruction", "input")).strip() \
-        if all(isinstance(row.get(k) or "", str) for k in ("instruction", "input")) else None
+    instruction, text = row.get("instruction") or "", row.get("input") or ""
+    query = f"{instruction.strip()} {text.strip()}".strip() if isinstance(instruction, str) and isinstance(text, str) \
+        else None  # validation then rejects the row as wrong_type:query
     return {"query": query, "positive": row["output"], "source": row.get("source") or "sft", "lang": row.get("lang")}
 
 
@@ -63,7 +64,7 @@ class PairCleaner:
     """Ray Data actor: normalisation, rule filters and language id per row, then the dedup keys."""
 
     def __init__(self, cfg: dict, langid_path: str):
-        self.cfg = CurationConfig(**{k: v for k, v in cfg.items() if k not in ("cleaners", "scorers")})
+        self.cfg = from_dict(CurationConfig, cfg)
         self.langid = LanguageIdentifier.load(langid_path)
         self.blocklist = blocklist_pattern(self.cfg)
         self.repeat = re.compile(r"(.)\1{%d,}" % (self.cfg.max_char_run - 1), re.DOTALL)
@@ -163,17 +164,9 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
     import ray
     import ray.data
 
-    from conan.runtime import init_ray
-
     started = time.perf_counter()
-    out = Path(cfg.output_dir).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"curation: {out} is not empty; choose a new output_dir (outputs are never mixed)")
-    out.mkdir(parents=True, exist_ok=True)
+    out, langid_path = start_step(cfg.output_dir, "curation", cfg.ray_address, cfg.data_root)
     inputs = cfg.inputs or [str(sft_records_file(cfg.data_root, out / "source" / "sft.jsonl"))]
-    init_ray(cfg.ray_address)
-    langid_path = out / "langid.npz"
-    LanguageIdentifier.train(cfg.data_root).save(langid_path)
     shards = [ray.remote(DedupShard).options(num_cpus=0).remote() for _ in range(cfg.dedup_shards)]
     c, s = cfg.cleaners, cfg.scorers
     ds = read_records(inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair,
