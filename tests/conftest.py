@@ -1,14 +1,19 @@
-"""Session fixtures: one local Ray cluster, the real data root, a tokenizer trained on real text."""
+"""Session fixtures: one Ray head started by cluster/local.sh, the real data root, a tokenizer trained on real text."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["RAY_AUTH_MODE"] = "token"  # `ray start --head` turns token auth on; drivers and `ray job submit` need it
 
 
 @pytest.fixture(scope="session")
@@ -31,18 +36,40 @@ def free_port() -> int:
 
 
 METRICS_PORT = free_port()
+HEAD_DIR = tempfile.mkdtemp(prefix="conan-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session, 2 CPUs like CI, Prometheus metrics on METRICS_PORT; yields Ray's context."""
+    """One Ray head for the whole session, started and stopped by cluster/local.sh as a user would: 2 CPUs like CI,
+    Prometheus metrics on METRICS_PORT, its own ports and temp dir (other local clusters are left alone).
+    Yields the driver's Ray context; its dashboard_url is where `ray job submit` goes."""
     import ray
 
     from conan.runtime import init_ray
 
-    context = init_ray(num_cpus=2, metrics_export_port=METRICS_PORT)
-    yield context
-    ray.shutdown()
+    gcs_port = free_port()
+    env = {**os.environ, "CONAN_RAY_DIR": HEAD_DIR,
+           "CONAN_RAY_PORT": str(gcs_port), "CONAN_DASHBOARD_PORT": str(free_port()),
+           "CONAN_METRICS_PORT": str(METRICS_PORT), "CONAN_CLIENT_PORT": str(free_port()),
+           "CONAN_AGENT_PORT": str(free_port()), "CONAN_NUM_CPUS": "2", "RAY": str(Path(sys.executable).parent / "ray")}
+    local_sh = [str(REPO / "cluster" / "local.sh")]
+    up = subprocess.run([*local_sh, "up"], env=env, capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    try:
+        yield init_ray(f"127.0.0.1:{gcs_port}")
+    finally:
+        ray.shutdown()
+        subprocess.run([*local_sh, "down"], env=env, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def head_env(ray_cluster) -> dict[str, str]:
+    """The exports cluster/local.sh wrote for the session's head (RAY_ADDRESS, RAY_AUTH_MODE, CONAN_RUNTIME_ENV, …)."""
+    import shlex
+
+    lines = (Path(HEAD_DIR) / "cluster.env").read_text().splitlines()
+    return dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in lines)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,12 @@
-"""Jobs against a real Ray head: `ray job submit` (Ray 2.60's token auth) to the session cluster's dashboard."""
+"""Jobs against a real Ray head: `ray job submit` (Ray 2.60's token auth) to the session's head from cluster/local.sh,
+with the exports that script writes, exactly as the README shows."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,18 +14,50 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_mining_job_submitted_with_ray_job_submit(ray_cluster, embedding_model_dir, data_root, tmp_path):
-    """The README's command shape: --working-dir . and the job script; the job joins the cluster through RAY_ADDRESS."""
+def _submit(head_env: dict, script: str, config: str, *overrides: str) -> subprocess.Popen:
+    """Start `ray job submit --working-dir . --runtime-env-json "$CONAN_RUNTIME_ENV" -- python jobs/<script> …`."""
+    command = ["ray", "job", "submit", "--working-dir", ".", "--runtime-env-json", head_env["CONAN_RUNTIME_ENV"], "--",
+               "python", f"jobs/{script}", "--config", config,
+               *[arg for override in overrides for arg in ("--set", override)]]
+    env = {**os.environ, **head_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _succeeded(job: subprocess.Popen) -> None:
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode == 0 and "succeeded" in output, output[-3000:]
+
+
+def test_mining_job_submitted_with_ray_job_submit(head_env, embedding_model_dir, tmp_path):
+    """The mining job joins the head through RAY_ADDRESS, finds the data through the runtime env, writes its pools."""
     out = tmp_path / "mined"
-    command = ["ray", "job", "submit", "--address", f"http://{ray_cluster.dashboard_url}", "--working-dir", ".", "--",
-               # The head runs this venv's interpreter; on a cluster image plain `python` is that interpreter.
-               sys.executable, "jobs/mine_negatives.py", "--config", "jobs/configs/supervised_tiny.yaml",
-               "--set", f"model.init_from={embedding_model_dir}", "--set", f"data.root={data_root}",
-               "--set", "supervised.max_per_task=20", "--set", f"output_dir={out}", "--set", "dhnm.pool_size=10"]
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "succeeded" in result.stderr + result.stdout, result.stderr[-3000:]
+    _succeeded(_submit(head_env, "mine_negatives.py", "jobs/configs/supervised_tiny.yaml",
+                       f"model.init_from={embedding_model_dir}", "supervised.max_per_task=20", f"output_dir={out}",
+                       "dhnm.pool_size=10"))
     table = pq.read_table(out / "mined_negatives.parquet").to_pylist()
     assert len(table) == 20 + 20  # 20 English retrieval + 20 cross-lingual queries with XQuAD ids
     assert all(len(r["candidate_ids"]) <= 10 and r["candidate_scores"] == sorted(r["candidate_scores"], reverse=True)
                for r in table)
+
+
+def test_training_job_submitted_to_local_head_reports_metrics(head_env, embedding_model_dir, tokenizer_dir, tmp_path,
+                                                              scrape_metrics):
+    """A weak-stage job submitted to the head trains and exports; its gauges reach the head's Prometheus while it runs
+    (they leave with the worker that set them, so the test scrapes during the run)."""
+    out = tmp_path / "weak"
+    job = _submit(head_env, "weak.py", "jobs/configs/weak_tiny.yaml", "name=submitted", f"output_dir={out}",
+                  f"model.init_from={embedding_model_dir}", f"tokenizer.path={tokenizer_dir}", "data.max_rows=400",
+                  "train.steps=20", "train.num_workers=1", "train.micro_batch_size=8", "train.log_every=2",
+                  "train.checkpoint_every=20")
+    seen: dict[str, list[str]] = {}
+    while job.poll() is None:
+        for name in ("loss", "alpha", "tokens_per_s"):
+            seen.setdefault(name, []).extend(
+                x for x in scrape_metrics(f"ray_conan_train_{name}") if 'job="submitted"' in x)
+        time.sleep(0.5)
+    _succeeded(job)
+    assert (out / "model" / "config.json").is_file()
+    assert all(seen.values()), {k: len(v) for k, v in seen.items()}
+    assert all('stage="weak"' in x for x in seen["loss"]) and all(float(x.split()[-1]) > 0 for x in seen["loss"])
+    alphas = [float(x.split()[-1]) for x in seen["alpha"]]
+    assert all(0.0 <= a <= 1.0 for a in alphas) and len(set(alphas)) > 1  # α(t) moves along the schedule
