@@ -89,6 +89,28 @@ def cmd_clr(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """Sweep the soft-mask schedule on Ray Tune."""
+    from conan.config import SweepConfig
+    from conan.experiments.sweep_mask import run_sweep
+
+    path = run_sweep(load_config(SweepConfig, args.config, args.overrides))
+    print(path.read_text())
+    print(f"results: {path}")
+    return 0
+
+
+def cmd_ablation(args) -> int:
+    """Run the Table 4 ablation on Ray Tune."""
+    from conan.config import AblationConfig
+    from conan.experiments.ablation import run_ablation
+
+    path = run_ablation(load_config(AblationConfig, args.config, args.overrides))
+    print(path.read_text())
+    print(f"results: {path}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve an exported embedding model over OpenAI-compatible HTTP."""
     from conan.config import ServeConfig
@@ -190,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Draw a target language per query with the paper's Table 7 proportions (seeded), "
                                 "translate the query only (backend lookup | hf | vllm), clean and retry, and write "
                                 "CLR triples (query_lang, doc_lang) to <output_dir>/data, rejects and stats.json.")
+
+    _config_command(sub, "sweep", cmd_sweep, "sweep (SweepConfig)",
+                    help="sweep the soft-mask schedule, rank reduction and temperature on Ray Tune (Table 12)",
+                    description="One Tune trial per schedule × rank reduction × temperature: a short weak-stage "
+                                "TorchTrainer run (TuneReportCallback) scored by a quick dev evaluation; writes "
+                                "<output_dir>/results.md beside the paper's Table 12.")
+
+    _config_command(sub, "ablation", cmd_ablation, "ablation (AblationConfig)",
+                    help="the Table 4 ablation on Ray Tune: soft mask, CLR and DHNM toggled",
+                    description="Weak stage with and without the soft mask, then six supervised trials (SM, CLR, "
+                                "DHNM as in the paper's Table 4), each scored by a quick dev evaluation; writes "
+                                "<output_dir>/results.md with the paper's numbers beside ours.")
 
     _config_command(sub, "serve", cmd_serve, "server (ServeConfig)",
                     help="serve an embedding model: OpenAI-compatible /v1/embeddings (uvicorn or Ray Serve)",

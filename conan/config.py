@@ -206,6 +206,40 @@ class PipelineConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    """Trials on Ray Tune, each one stage run scored by a quick dev evaluation (conan/experiments/trials.py)."""
+
+    output_dir: str = "runs/tiny/experiment"
+    data_root: str = field(default_factory=default_data_root)
+    ray_address: str | None = None
+    overrides: list[str] = field(default_factory=list)  # applied to every trial's stage config (e.g. train.steps=20)
+    evaluation: str = "jobs/configs/eval_dev_tiny.yaml"  # the EvalConfig YAML scoring each trial's model
+    trial_cpus: float = 0.1  # the Tune function itself; its TorchTrainer's workers ask train.cpus_per_worker each
+    max_concurrent: int = 0  # 0 = as many trials at once as the cluster's CPUs fit
+
+
+@dataclass
+class SweepConfig(ExperimentConfig):
+    """The soft-mask sweep (jobs/sweep_mask.py): every schedule × rank-reduction × temperature on the weak stage."""
+
+    weak: str = "jobs/configs/weak_tiny.yaml"
+    schedules: list[Literal["linear", "accelerating", "decelerating"]] = field(
+        default_factory=lambda: ["linear", "accelerating", "decelerating"])
+    rank_reduction: list[bool] = field(default_factory=lambda: [True, False])
+    temperatures: list[float] = field(default_factory=lambda: [0.05])
+
+
+@dataclass
+class AblationConfig(ExperimentConfig):
+    """The ablation of Table 4 (jobs/ablation.py): the weak stage with and without the soft mask, then the supervised
+    stage from each with CLR and DHNM toggled."""
+
+    weak: str = "jobs/configs/weak_tiny.yaml"
+    supervised: str = "jobs/configs/supervised_tiny.yaml"
+    dhnm_overrides: list[str] = field(default_factory=list)  # when DHNM is on (e.g. thresholds for a small model)
+
+
+@dataclass
 class ActorPoolConfig:
     """Resources of one Ray Data actor pool: fractional CPUs on small machines (2 CPUs starve otherwise), GPUs on
     clusters."""

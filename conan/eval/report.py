@@ -28,6 +28,20 @@ def main_metric(result: dict, label: str, task: str, dim: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def language_groups(result: dict, label: str | None = None) -> dict[str, float]:
+    """The columns of the paper's Tables 4 and 12 for a model (default: the evaluated one): the mean main metric at its
+    largest dim over English subsets (Eng), Chinese subsets (Zh) and every other language or language pair (Multi)."""
+    from conan.eval.runner import MAIN_METRIC, largest_dim
+
+    label = label or result["model"]
+    groups: dict[str, list[float]] = {"Multi": [], "Eng": [], "Zh": []}
+    for task, by_subset in result["scores"][label].items():
+        for subset, by_dim in by_subset.items():
+            group = {"en": "Eng", "zh": "Zh"}.get(subset, "Multi")
+            groups[group].append(by_dim[largest_dim(by_dim)][MAIN_METRIC[result["tasks"][task]]])
+    return {group: float(np.mean(values)) if values else float("nan") for group, values in groups.items()}
+
+
 def _full(result: dict, label: str, task: str) -> str | None:
     from conan.eval.runner import largest_dim
 

@@ -98,8 +98,10 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
                    dhnm=replace(cfg.dhnm, candidates=absolute(cfg.dhnm.candidates)))
 
 
-def run_stage(cfg: JobConfig) -> StageResult:
-    """Train one stage on Ray Train with DeepSpeed workers and return the exported model's directory."""
+def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
+    """Train one stage on Ray Train with DeepSpeed workers and return the exported model's directory.
+
+    `callbacks`: Ray Train user callbacks (a Tune trial passes TuneReportCallback to stream the reports to Tune)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -123,7 +125,8 @@ def run_stage(cfg: JobConfig) -> StageResult:
                                      resources_per_worker=backend.resources_per_worker(cfg.train.cpus_per_worker)),
         run_config=RunConfig(name=f"{cfg.name}-{cfg.stage}", storage_path=str(Path(cfg.output_dir) / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             callbacks=callbacks),
         torch_config=TorchConfig(backend=backend.dist_backend),
         datasets={"train": stage_dataset(rows)},
         # Every worker sees the whole (small) table and takes rows rank::world after sorting by row_id,

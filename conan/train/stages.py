@@ -239,6 +239,9 @@ class SupervisedStage(Stage):
         for r in rows:
             by_task.setdefault(r["task"], []).append(r)
         self.tasks = sorted(t for t in by_task if sup.task_weights.get(t, 0) > 0)
+        if not self.tasks:  # e.g. `--set supervised.task_weights.clr=0` replaces the whole mapping
+            raise ValueError(f"supervised.task_weights {dict(sup.task_weights)}: none of the tasks with rows "
+                             f"{sorted(by_task)} has a positive weight")
         unknown = set(self.tasks) - set(self.PAIR_TASKS) - {"sts"}
         if unknown:
             raise ValueError(f"unknown supervised tasks {sorted(unknown)}")
