@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from conan.config import STAGES, ConfigError, PipelineConfig, load_config
 
@@ -28,8 +29,12 @@ def cmd_pipeline(args) -> int:
         from conan.pipeline import reset_from
         for path in reset_from(cfg.output_dir, args.from_step):
             print(f"[pipeline] --from {args.from_step}: removed {path}", flush=True)
+    start = time.perf_counter()
     paths = run_pipeline(cfg)
     print(json.dumps(paths, indent=2))
+    print(f"[pipeline] done in {time.perf_counter() - start:.0f}s\n  model:  {paths['model']}"
+          + (f"\n  report: {paths['report']}\n  plots:  {', '.join(paths['plots'])}" if "report" in paths else ""),
+          flush=True)
     return 0
 
 

@@ -188,6 +188,7 @@ class PipelineConfig:
 
     output_dir: str = "runs/pipeline"
     data_root: str = field(default_factory=default_data_root)
+    seed: int = 0  # of the initial model's weights (the stages have their own train.seed)
     corpus_sources: list[str] | None = None  # None = every source in conan.data.corpus
     corpus_max_per_source: int | None = None
     ray_address: str | None = None

@@ -1,6 +1,7 @@
 """The end-to-end pipeline on bundled/real data; each step is skipped when its output exists.
 
-corpus → tokenizer → model init → stages (pretrain, sft, [curate →] weak, [build CLR →] supervised) → evaluate.
+corpus → tokenizer → model init → stages (pretrain, sft, [curate →] weak, [build CLR →] [mine negatives →]
+supervised) → evaluate.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from conan.train.launcher import is_finished, run_stage
 
 # Every step in run order with the folder under output_dir that holds its output.
 PIPELINE_STEPS = {"corpus": "corpus", "tokenizer": "tokenizer", "model": "model_init", "pretrain": "pretrain",
-                  "sft": "sft", "curate": "curated", "weak": "weak", "clr": "clr", "supervised": "supervised",
-                  "evaluate": "eval"}
+                  "sft": "sft", "curate": "curated", "weak": "weak", "clr": "clr", "mine": "mined",
+                  "supervised": "supervised", "evaluate": "eval"}
 
 
 def reset_from(output_dir: str | Path, step: str) -> list[Path]:
@@ -45,8 +46,8 @@ def _step(name: str, done: bool):
 
 
 def _data_step(name: str, config_cls, yaml_path: str, out: Path, cfg: PipelineConfig, run) -> Path:
-    """Run a data step (curation or CLR) into out/<name> unless its stats.json exists; return its data folder."""
-    step_dir = out / name
+    """Run a data step (curate or clr) into its folder unless its stats.json exists; return its data folder."""
+    step_dir = out / PIPELINE_STEPS[name]
     t = _step(name, (step_dir / "stats.json").is_file())
     if not (step_dir / "stats.json").is_file():
         import shutil
@@ -66,12 +67,32 @@ def _with_data_steps(cfg: PipelineConfig, stage_cfg: JobConfig, out: Path, paths
 
     if stage_cfg.stage == "weak" and cfg.curation:
         from conan.data.weak import curate
-        paths["curated"] = str(_data_step("curated", CurationConfig, cfg.curation, out, cfg, curate))
+        paths["curated"] = str(_data_step("curate", CurationConfig, cfg.curation, out, cfg, curate))
         return replace(stage_cfg, data=replace(stage_cfg.data, paths=[paths["curated"]]))
     if stage_cfg.stage == "supervised" and cfg.clr:
         from conan.data.clr import build_clr
         paths["clr"] = str(_data_step("clr", CLRConfig, cfg.clr, out, cfg, build_clr))
-        return replace(stage_cfg, supervised=replace(stage_cfg.supervised, clr_paths=[paths["clr"]]))
+        stage_cfg = replace(stage_cfg, supervised=replace(stage_cfg.supervised, clr_paths=[paths["clr"]]))
+    if stage_cfg.stage == "supervised" and stage_cfg.dhnm.enabled and not stage_cfg.dhnm.candidates:
+        stage_cfg = _mine_step(stage_cfg, out / PIPELINE_STEPS["mine"] / "mined_negatives.parquet")
+        paths["mined"] = stage_cfg.dhnm.candidates
+    return stage_cfg
+
+
+def _mine_step(stage_cfg: JobConfig, path: Path) -> JobConfig:
+    """Mine the supervised stage's hard-negative candidates (its queries, CLR set included) with the weak model
+    into `path` unless it exists; return the stage config reading them."""
+    from dataclasses import replace
+
+    from conan.train.launcher import absolute_paths, mine_negatives, stage_rows
+    from conan.train.stages import stage_class
+
+    stage_cfg = absolute_paths(replace(stage_cfg, dhnm=replace(stage_cfg.dhnm, candidates=str(path))))
+    t = _step("mine", path.is_file())
+    if not path.is_file():
+        init_ray(stage_cfg.ray_address)
+        mine_negatives(stage_cfg, stage_rows(stage_cfg, stage_class("supervised")))
+        print(f"[pipeline] mine: {time.perf_counter() - t:.0f}s", flush=True)
     return stage_cfg
 
 
@@ -96,6 +117,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
     model_dir = out / "model_init"
     _step("model", (model_dir / "config.json").is_file())
     if not (model_dir / "config.json").is_file():
+        import torch
+
+        torch.manual_seed(cfg.seed)
         model = ConanForCausalLM(model_config_for(cfg.model, tokenizer))
         model.save_pretrained(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
@@ -130,4 +154,5 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
             evaluate(eval_cfg)
             print(f"[pipeline] evaluate: {time.perf_counter() - t:.0f}s", flush=True)
         paths["report"] = str(report)
+        paths["plots"] = [str(p) for p in sorted(report.parent.glob("*.png"))]
     return paths

@@ -197,7 +197,7 @@ def dhnm_runs(chain, tmp_path_factory):
                                   *TINY_SCALE_RULE, "train.inject_failure_at_step=13")
     runs["mined_static"] = stage_config("supervised", out / "mined_static", *base, "dhnm.enabled=true",
                                         f"dhnm.candidates={mined}", "dhnm.first_sight_min=-2", "dhnm.stale_max=-2")
-    runs["static"] = stage_config("supervised", out / "static", *base)
+    runs["static"] = stage_config("supervised", out / "static", *base, "dhnm.enabled=false")
     runs["v1"] = stage_config("supervised", out / "v1", *base, "dhnm.enabled=true", f"dhnm.candidates={mined}",
                               "dhnm.rescore_every=10")
     for name in ("faulty", "mined_static", "static", "v1"):
