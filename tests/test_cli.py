@@ -53,13 +53,13 @@ def test_pipeline_builds_tokenizer_and_model_then_skips(tmp_path, ray_cluster, c
 
 
 def test_pipeline_from_step_removes_that_step_and_later_ones(tmp_path):
-    """--from weak removes weak, clr, supervised and eval outputs and keeps the earlier steps."""
+    """--from weak removes weak, clr, mined, supervised and eval outputs and keeps the earlier steps."""
     from conan.pipeline import PIPELINE_STEPS, reset_from
 
     for folder in PIPELINE_STEPS.values():
         (tmp_path / folder).mkdir()
     removed = reset_from(tmp_path, "weak")
-    assert sorted(p.name for p in removed) == ["clr", "eval", "supervised", "weak"]
+    assert sorted(p.name for p in removed) == ["clr", "eval", "mined", "supervised", "weak"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "curated", "model_init", "pretrain", "sft",
                                                            "tokenizer"]
     with pytest.raises(ValueError, match="unknown step"):
