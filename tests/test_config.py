@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from conan.config import (CLRConfig, ConfigError, CurationConfig, EvalConfig, JobConfig, PipelineConfig, ServeConfig,
-                          load_config)
+from conan.config import (AblationConfig, CLRConfig, ConfigError, CurationConfig, EvalConfig, JobConfig, PipelineConfig,
+                          ServeConfig, SweepConfig, load_config)
 
 
 def _write(tmp_path, data):
@@ -59,8 +59,12 @@ def test_shipped_configs_load():
     for path in configs:
         kind = path.name.split("_")[0]
         cls = {"pipeline": PipelineConfig, "serve": ServeConfig, "eval": EvalConfig, "curate": CurationConfig,
-               "clr": CLRConfig}.get(kind, JobConfig)
-        load_config(cls, path)
+               "clr": CLRConfig, "sweep": SweepConfig, "ablation": AblationConfig}.get(kind, JobConfig)
+        cfg = load_config(cls, path)
+        if isinstance(cfg, (SweepConfig, AblationConfig)):  # the stage configs they name take their overrides
+            for stage_yaml in (cfg.weak, getattr(cfg, "supervised", cfg.weak)):
+                load_config(JobConfig, stage_yaml, cfg.overrides + getattr(cfg, "dhnm_overrides", []))
+            load_config(EvalConfig, cfg.evaluation)
 
 
 def test_grafana_dashboard_queries_metrics_the_code_exports():
