@@ -40,8 +40,9 @@ up() {
   if [[ -n "$(head_pids)" ]]; then echo "a head is already running under $dir (cluster/local.sh down first)" >&2; exit 1; fi
   mkdir -p "$dir"
   # A submitted job runs in an uploaded copy of the working dir: its relative config paths resolve against
-  # CONAN_BASE_DIR (this checkout), and the datasets are found through CONAN_DATA_ROOT.
-  local data_root="${CONAN_DATA_ROOT:-$(cd "$repo/.." && pwd)/shared/data}"
+  # CONAN_BASE_DIR (this checkout); it reads the datasets bundled in that copy unless CONAN_DATA_ROOT is set here.
+  local data_env=""
+  [[ -n "${CONAN_DATA_ROOT:-}" ]] && data_env=", \"CONAN_DATA_ROOT\": \"$CONAN_DATA_ROOT\""
   local cpus=()
   [[ -n "${CONAN_NUM_CPUS:-}" ]] && cpus=(--num-cpus "$CONAN_NUM_CPUS")
   # Metrics every second instead of ten; Train V2's report() blocks ~2 s at the default health-check interval.
@@ -56,7 +57,7 @@ export RAY_ADDRESS=127.0.0.1:$port
 export RAY_AUTH_MODE=token
 export CONAN_DASHBOARD_URL=http://127.0.0.1:$dashboard_port
 export CONAN_METRICS_URL=http://127.0.0.1:$metrics_port/metrics
-export CONAN_RUNTIME_ENV='{"env_vars": {"CONAN_BASE_DIR": "$repo", "CONAN_DATA_ROOT": "$data_root"}}'
+export CONAN_RUNTIME_ENV='{"env_vars": {"CONAN_BASE_DIR": "$repo"$data_env}}'
 EOF
   echo "Ray head up: GCS 127.0.0.1:$port, dashboard http://127.0.0.1:$dashboard_port," \
        "Prometheus http://127.0.0.1:$metrics_port/metrics (Ray temp dir $dir)"

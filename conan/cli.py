@@ -248,10 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="exported Conan embedding model directory")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("corpus", help="write the multilingual text corpus from ../shared/data",
+    p = sub.add_parser("corpus", help="write the multilingual text corpus from the bundled (or $CONAN_DATA_ROOT) datasets",
                        description="Extract texts (with language and source) from the real datasets into parquet.")
     p.add_argument("--out", required=True, help="output parquet file")
-    p.add_argument("--data-root", help="dataset folder (default: $CONAN_DATA_ROOT or ../shared/data)")
+    p.add_argument("--data-root", help="dataset folder (default: $CONAN_DATA_ROOT, else the copies bundled in conan/data/bundled)")
     p.add_argument("--sources", nargs="+", help="subset of sources (tatoeba xquad stsb_multi_mt csl banking77)")
     p.add_argument("--max-per-source", type=int, help="cap on texts per source")
     p.set_defaults(func=cmd_corpus)

@@ -27,9 +27,12 @@ class ConfigError(ValueError):
     """A configuration value is unknown, missing or of the wrong type."""
 
 
+BUNDLED_DATA = Path(__file__).resolve().parent / "data" / "bundled"  # the shippable sets, with licences
+
+
 def default_data_root() -> str:
-    """Where the real datasets live: $CONAN_DATA_ROOT, else ../shared/data beside the checkout."""
-    return os.environ.get("CONAN_DATA_ROOT", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    """Where the real datasets live: $CONAN_DATA_ROOT, else the copies bundled in the package."""
+    return os.environ.get("CONAN_DATA_ROOT", str(BUNDLED_DATA))
 
 
 @dataclass

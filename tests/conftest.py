@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,10 +19,8 @@ os.environ["RAY_AUTH_MODE"] = "token"  # `ray start --head` turns token auth on;
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """../shared/data; its absence is an error, not a skip: the tests run on real data."""
-    from conan.config import default_data_root
-
-    root = Path(default_data_root())
+    """$CONAN_DATA_ROOT or ../shared/data; its absence is an error, not a skip: the tests run on real data."""
+    root = Path(os.environ.get("CONAN_DATA_ROOT", REPO.parent / "shared" / "data"))
     assert (root / "tatoeba").is_dir(), f"real datasets missing at {root} (set CONAN_DATA_ROOT)"
     return root
 
@@ -61,6 +60,7 @@ def ray_cluster():
     finally:
         ray.shutdown()
         subprocess.run([*local_sh, "down"], env=env, capture_output=True, timeout=60)
+        shutil.rmtree(HEAD_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

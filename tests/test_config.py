@@ -134,3 +134,20 @@ def cpus_fit(cfg, container) -> bool:
     """A node's CPUs hold the workers its NPUs host (cpus_per_worker each)."""
     npus = container["resources"]["limits"]["huawei.com/Ascend910"]
     return cfg.train.cpus_per_worker * npus <= float(container["resources"]["limits"]["cpu"])
+
+
+def test_bundled_data_is_an_identical_copy_of_shippable_sets(data_root, monkeypatch):
+    """Only sets the data README marks shippable are bundled, each file byte-identical to the original, each set named
+    with its source and licence in ATTRIBUTION.md; without $CONAN_DATA_ROOT the bundle is the default data root."""
+    from conan.config import BUNDLED_DATA, default_data_root
+
+    files = [p for p in BUNDLED_DATA.rglob("*") if p.is_file() and p.name != "ATTRIBUTION.md"]
+    sets = {p.relative_to(BUNDLED_DATA).parts[0] for p in files}
+    assert sets == {"tatoeba", "xquad", "stsb_multi_mt", "csl_zh", "banking77", "text2vec_zh"}
+    for path in files:
+        assert path.read_bytes() == (data_root / path.relative_to(BUNDLED_DATA)).read_bytes(), path
+    assert not any("SOHU" in str(p) for p in files)  # text2vec_zh ships, its SOHU part has no licence
+    attribution = (BUNDLED_DATA / "ATTRIBUTION.md").read_text()
+    assert all(f"| `{name}/` |" in attribution for name in sets)
+    monkeypatch.delenv("CONAN_DATA_ROOT", raising=False)
+    assert default_data_root() == str(BUNDLED_DATA)

@@ -13,16 +13,18 @@ from conan.cli import main
 STEPS = ["corpus", "tokenizer", "model", "pretrain", "sft", "curate", "weak", "clr", "mine", "supervised", "evaluate"]
 
 
-def test_pipeline_end_to_end_beats_random_init_on_xquad_clr(ray_cluster, data_root, tmp_path, capsys):
+def test_pipeline_end_to_end_beats_random_init_on_xquad_clr(ray_cluster, data_root, tmp_path, capsys, monkeypatch):
+    """No data_root: like the main job, it reads the datasets bundled in the package."""
     from sentence_transformers import SentenceTransformer
 
     from conan.eval.runner import score_subset
     from conan.eval.tasks import xquad_clr
 
+    monkeypatch.delenv("CONAN_DATA_ROOT", raising=False)
     (tmp_path / "eval.yaml").write_text("tasks: [xquad-clr, xquad-retrieval]\nmax_items: 100\nbm25: false\n")
     run = tmp_path / "run"
     args = ["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", f"output_dir={run}",
-            "--set", f"data_root={data_root}", "--set", "corpus_max_per_source=3000", "--set", "tokenizer.vocab_size=2048",
+            "--set", "corpus_max_per_source=3000", "--set", "tokenizer.vocab_size=2048",
             "--set", "stage_overrides=[data.max_rows=2000, supervised.max_per_task=300]",
             "--set", f"evaluation={tmp_path / 'eval.yaml'}"]
     assert main(args) == 0

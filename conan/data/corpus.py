@@ -1,4 +1,4 @@
-"""Multilingual plain-text corpus drawn from the real datasets in ../shared/data.
+"""Multilingual plain-text corpus drawn from the real datasets (the bundled copies or $CONAN_DATA_ROOT).
 
 Used to train the tokenizer and to pretrain the tiny LLM. Each row is (text, lang, source).
 """

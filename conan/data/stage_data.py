@@ -1,4 +1,4 @@
-"""Training records for each stage, built from the real datasets in ../shared/data.
+"""Training records for each stage, built from the real datasets (the bundled copies or $CONAN_DATA_ROOT).
 
 pretrain: documents {text} · sft / weak: {instruction, input, output} · supervised: task rows
 {task, query, positive, negatives, s1, s2, score} where retrieval/clr/classification use

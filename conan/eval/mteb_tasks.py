@@ -20,7 +20,7 @@ def _metadata(name: str, kind: str, main_score: str, langs: list[str]):
     from mteb.abstasks.task_metadata import TaskMetadata
 
     return TaskMetadata(name=name, dataset={"path": f"local/{name}", "revision": "local"},
-                        description=f"Conan local task {name} (rows from ../shared/data or a user's files)",
+                        description=f"Conan local task {name} (rows from the real datasets or a user's files)",
                         reference=None, type=kind, category="t2t", modalities=["text"], eval_splits=["test"],
                         eval_langs=langs, main_score=main_score, date=None, domains=None, task_subtypes=None,
                         license=None, annotations_creators=None, dialect=None, sample_creation=None, bibtex_citation="")

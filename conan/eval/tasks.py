@@ -1,4 +1,4 @@
-"""Evaluation tasks read from local files: real datasets under ../shared/data, or a user's BEIR folders.
+"""Evaluation tasks read from local files: the real datasets (bundled or $CONAN_DATA_ROOT), or a user's BEIR folders.
 
 Each loader returns {subset: data} (subset = language or language pair), capped at `limit` items per subset.
 """
