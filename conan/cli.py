@@ -94,15 +94,20 @@ def cmd_clr(args) -> int:
     return 0
 
 
+def _experiment(config_cls, run, args) -> int:
+    """Run a Ray Tune experiment from its config and print its results table."""
+    path = run(load_config(config_cls, args.config, args.overrides))
+    print(path.read_text())
+    print(f"results: {path}")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     """Sweep the soft-mask schedule on Ray Tune."""
     from conan.config import SweepConfig
     from conan.experiments.sweep_mask import run_sweep
 
-    path = run_sweep(load_config(SweepConfig, args.config, args.overrides))
-    print(path.read_text())
-    print(f"results: {path}")
-    return 0
+    return _experiment(SweepConfig, run_sweep, args)
 
 
 def cmd_ablation(args) -> int:
@@ -110,10 +115,7 @@ def cmd_ablation(args) -> int:
     from conan.config import AblationConfig
     from conan.experiments.ablation import run_ablation
 
-    path = run_ablation(load_config(AblationConfig, args.config, args.overrides))
-    print(path.read_text())
-    print(f"results: {path}")
-    return 0
+    return _experiment(AblationConfig, run_ablation, args)
 
 
 def cmd_serve(args) -> int:

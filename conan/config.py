@@ -216,6 +216,7 @@ class ExperimentConfig:
     output_dir: str = "runs/tiny/experiment"
     data_root: str = field(default_factory=default_data_root)
     ray_address: str | None = None
+    weak: str = "jobs/configs/weak_tiny.yaml"  # the weak stage config the trials start from
     overrides: list[str] = field(default_factory=list)  # applied to every trial's stage config (e.g. train.steps=20)
     evaluation: str = "jobs/configs/eval_dev_tiny.yaml"  # the EvalConfig YAML scoring each trial's model
     trial_cpus: float = 0.1  # the Tune function itself; its TorchTrainer's workers ask train.cpus_per_worker each
@@ -226,7 +227,6 @@ class ExperimentConfig:
 class SweepConfig(ExperimentConfig):
     """The soft-mask sweep (jobs/sweep_mask.py): every schedule × rank-reduction × temperature on the weak stage."""
 
-    weak: str = "jobs/configs/weak_tiny.yaml"
     schedules: list[Literal["linear", "accelerating", "decelerating"]] = field(
         default_factory=lambda: ["linear", "accelerating", "decelerating"])
     rank_reduction: list[bool] = field(default_factory=lambda: [True, False])
@@ -238,7 +238,6 @@ class AblationConfig(ExperimentConfig):
     """The ablation of Table 4 (jobs/ablation.py): the weak stage with and without the soft mask, then the supervised
     stage from each with CLR and DHNM toggled."""
 
-    weak: str = "jobs/configs/weak_tiny.yaml"
     supervised: str = "jobs/configs/supervised_tiny.yaml"
     dhnm_overrides: list[str] = field(default_factory=list)  # when DHNM is on (e.g. thresholds for a small model)
 

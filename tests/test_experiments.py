@@ -20,9 +20,10 @@ DEV = ["max_items=30", "langs=[en, zh, de]"]
 @pytest.fixture(scope="module")
 def dev_eval_yaml(tmp_path_factory):
     """The shipped quick dev evaluation, cut to 30 items in three languages."""
+    import yaml
+
     from conan.config import EvalConfig, to_dict
 
-    import yaml
     path = tmp_path_factory.mktemp("dev") / "eval_dev.yaml"
     path.write_text(yaml.safe_dump(to_dict(load_config(EvalConfig, "jobs/configs/eval_dev_tiny.yaml", DEV))))
     return str(path)

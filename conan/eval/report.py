@@ -28,6 +28,14 @@ def main_metric(result: dict, label: str, task: str, dim: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def markdown_table(header: list[str], rows: list[list], digits: int = 2) -> str:
+    """A markdown table: floats with `digits` decimals, None as "–", anything else as text."""
+    def cell(x):
+        return "–" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]) + "\n"
+
+
 def language_groups(result: dict, label: str | None = None) -> dict[str, float]:
     """The columns of the paper's Tables 4 and 12 for a model (default: the evaluated one): the mean main metric at its
     largest dim over English subsets (Eng), Chinese subsets (Zh) and every other language or language pair (Multi)."""
@@ -58,22 +66,16 @@ def write_report(result: dict, out: Path, encoder, cfg) -> Path:
     lines = [f"# Evaluation of {main}", "", f"Model: `{cfg.model_dir}`" + (f" · baseline: `{cfg.baseline_dir}`"
                                                                           if cfg.baseline_dir else ""), "",
              "Main metric per task (mean over its languages / language pairs): retrieval nDCG@10, STS Spearman, "
-             "classification accuracy, bitext mining accuracy.", "",
-             "| task | metric | " + " | ".join(f"{main} @{d}" for d in dims) + "".join(f" | {o}" for o in others) + " |",
-             "|---|---|" + "---|" * (len(dims) + len(others))]
-    for task, kind in result["tasks"].items():
-        cells = [main_metric(result, main, task, d) for d in dims]
-        cells += [main_metric(result, o, task, _full(result, o, task) or "") for o in others]
-        lines.append(f"| {task} | {MAIN_METRIC[kind]} | " + " | ".join("–" if c is None else f"{c:.4f}" for c in cells)
-                     + " |")
+             "classification accuracy, bitext mining accuracy.", ""]
+    rows = [[task, MAIN_METRIC[kind], *(main_metric(result, main, task, d) for d in dims),
+             *(main_metric(result, o, task, _full(result, o, task) or "") for o in others)]
+            for task, kind in result["tasks"].items()]
+    lines += markdown_table(["task", "metric", *(f"{main} @{d}" for d in dims), *others], rows, 4).splitlines()
     lines += ["", f"## Per language at {dims[-1]} dims", ""]
     for task, by_subset in result["scores"][main].items():
         metric_names = list(next(iter(by_subset.values()))[dims[-1]])
-        lines += [f"### {task}", "", "| subset | " + " | ".join(metric_names) + " |",
-                  "|---|" + "---|" * len(metric_names)]
-        lines += [f"| {s} | " + " | ".join(f"{v[dims[-1]][m]:.4f}" for m in metric_names) + " |"
-                  for s, v in by_subset.items()]
-        lines.append("")
+        rows = [[s, *(v[dims[-1]][m] for m in metric_names)] for s, v in by_subset.items()]
+        lines += [f"### {task}", "", *markdown_table(["subset", *metric_names], rows, 4).splitlines(), ""]
     if encoder is not None:
         lines += ["## Plots", "", "![score by Matryoshka dimension](mrl_dims.png)", "",
                   "![model vs baselines](comparison.png)", "", "![embedding map](embedding_map.png)", ""]

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from conan.config import AblationConfig, JobConfig, load_config
-from conan.experiments.trials import GROUPS, markdown_table, run_trials, trial_stage
+from conan.eval.report import markdown_table
+from conan.experiments.trials import GROUPS, run_trials, trial_stage
 
 # Table 4 of the paper (MTEB): (SM, CLR, DHNM) → Multi, Eng, Zh.
 PAPER_TABLE_4 = {(True, False, False): (61.73, 70.41, 70.99), (False, True, False): (62.69, 70.94, 71.41),

@@ -10,7 +10,8 @@ import itertools
 from pathlib import Path
 
 from conan.config import SweepConfig
-from conan.experiments.trials import GROUPS, markdown_table, run_trials, trial_stage
+from conan.eval.report import markdown_table
+from conan.experiments.trials import GROUPS, run_trials, trial_stage
 
 # Table 12 of the paper (soft mask alone, MTEB): Multi, Eng, Zh.
 PAPER_TABLE_12 = {"linear": (61.73, 70.41, 70.99), "accelerating": (61.50, 70.51, 70.81),
@@ -26,14 +27,16 @@ def run_sweep(cfg: SweepConfig) -> Path:
     """Run every trial of the sweep on Ray Tune and write <output_dir>/results.md; returns its path."""
     out = Path(cfg.output_dir)
     grid = list(itertools.product(cfg.schedules, cfg.rank_reduction, cfg.temperatures))
-    trials = {trial_name(*point): trial_stage(
-        cfg.weak, out / trial_name(*point), cfg, f"name=sweep-{trial_name(*point)}", "soft_mask.enabled=true",
-        f"soft_mask.schedule={point[0]}", f"soft_mask.rank_reduction={str(point[1]).lower()}",
-        f"loss.temperature={point[2]}") for point in grid}
+    trials = {}
+    for schedule, rank, temperature in grid:
+        name = trial_name(schedule, rank, temperature)
+        trials[name] = trial_stage(cfg.weak, out / name, cfg, f"name=sweep-{name}", "soft_mask.enabled=true",
+                                   f"soft_mask.schedule={schedule}", f"soft_mask.rank_reduction={str(rank).lower()}",
+                                   f"loss.temperature={temperature}")
     results = run_trials("sweep_mask", trials, cfg)
     rows = [[schedule.capitalize(), "yes" if rank else "no", f"{temperature:g}",
-             *(100 * results[trial_name(schedule, rank, temperature)][g] for g in GROUPS),
-             results[trial_name(schedule, rank, temperature)]["loss"]] for schedule, rank, temperature in grid]
+             *(100 * results[name][g] for g in GROUPS), results[name]["loss"]]
+            for (schedule, rank, temperature), name in zip(grid, trials)]
     best = max(results, key=lambda name: sum(results[name][g] for g in GROUPS))
     text = (f"# Soft-mask sweep ({len(grid)} trials on Ray Tune)\n\n"
             f"Weak stage `{cfg.weak}` with overrides {cfg.overrides or 'none'}; scores ×100 from `{cfg.evaluation}` "

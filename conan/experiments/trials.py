@@ -85,10 +85,3 @@ def _history(frame) -> list[dict]:
     columns = [c for c in ("step", "loss", "alpha") if c in frame.columns]
     return frame[frame["step"].notna()][columns].to_dict("records") if "step" in frame.columns else []
 
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A markdown table; floats with two decimals (scores ×100, as the paper prints them)."""
-    def cell(x):
-        return f"{x:.2f}" if isinstance(x, float) else str(x)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]) + "\n"
