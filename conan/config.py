@@ -152,17 +152,25 @@ class ServeConfig:
 
     model_dir: str = "runs/tiny/supervised/model"
     model_name: str | None = None  # the `model` clients send and /v1/models lists; default: the directory's name
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback only unless told otherwise (0.0.0.0: every interface)
     port: int = 8080
     api_key_env: str | None = None  # name of the environment variable holding the bearer token; None = no auth
     device: str = "cpu"
-    max_batch_size: int = 64  # texts per forward pass across concurrent requests (dynamic batching)
-    max_wait_ms: float = 0.0  # extra wait for more requests to join a batch (0: take what queued during the last one)
+    # Dynamic batching: each forward pass takes the oldest waiting text and the waiting texts (of any request) nearest
+    # it in length, at most max_batch_size texts and forward_tokens padded tokens. On CPU small passes of like
+    # lengths beat large padded ones (2x measured on small-20m); on a GPU raise both (e.g. 256 and 16384).
+    max_batch_size: int = 64
+    forward_tokens: int = 256
+    max_wait_ms: float = 0.0  # when idle, wait this long for more requests before the first pass (0: none)
     max_inputs_per_request: int = 512
     max_input_tokens: int | None = None  # longer inputs are refused (400); None = the model's context
     backend: Literal["uvicorn", "ray"] = "uvicorn"
     ray_address: str | None = None
     replicas: int = 1  # Ray Serve replicas (backend: ray)
+    max_request_bytes: int = 4 * 1024 * 1024  # larger bodies are refused (413) before or while they are read
+    max_queued_texts: int = 2048  # texts submitted, not yet embedded; past it requests get 429 + Retry-After
+    drain_timeout_s: int = 30  # on SIGTERM / Ctrl-C, requests in flight get this long to finish
+    access_log: bool = False  # a log line per request costs the event loop ~0.1 ms; /metrics counts requests
     replica_cpus: float = 1.0
 
 

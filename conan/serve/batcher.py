@@ -1,87 +1,214 @@
-"""Dynamic batching: texts of concurrent requests share forward passes.
+"""Dynamic batching: the texts of concurrent requests share forward passes, behind a bounded queue.
 
-Requests enqueue their texts and await a future. One background task takes everything queued (what
-arrived while the previous batch ran), lets more join for up to `max_wait_ms` (0 = do not wait), stops at
-`max_batch_size` texts, groups them by requested Matryoshka dimension and runs the encoder in a worker
-thread, so the event loop keeps accepting requests.
+Requests submit their texts and await a future. One worker thread owns the model. It counts the tokens of the
+texts that arrived (a request with a text over the limit is refused), keeps every waiting text in a pool, and
+runs one forward pass at a time: the oldest waiting text with the waiting texts closest to it in length (same
+key, i.e. Matryoshka dimension), at most `max_pass_texts` texts and `max_pass_tokens` padded tokens. Texts of
+like length pad little, and the pool refills while a pass runs, so under load the passes come out nearly as
+tight as sorting all texts at once would make them; taking the oldest first bounds every text's wait. A request
+is answered as soon as its last text is embedded, its `finish` (writing the response) run in the worker thread,
+so the event loop only reads and checks requests. A submit that would hold more than `max_queued_texts` texts is
+refused at once with QueueFull: under overload clients are told to come back instead of waiting without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
+import time
 from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
 
 import numpy as np
 
 
-@dataclass
-class _Pending:
+class QueueFull(Exception):
+    """The batcher holds too many texts; retry after `retry_after_s` seconds."""
+
+    def __init__(self, queued: int, retry_after_s: int):
+        super().__init__(f"{queued} texts are waiting to be embedded; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class TextTooLong(Exception):
+    """Text `index` of a request has `tokens` tokens, over the limit."""
+
+    def __init__(self, index: int, tokens: int):
+        super().__init__(f"input[{index}] has {tokens} tokens")
+        self.index, self.tokens = index, tokens
+
+
+@dataclass(eq=False)
+class _Request:
     texts: list[str]
-    dim: int | None
+    key: Hashable
+    finish: Callable[[np.ndarray, list[int]], Any]
     future: asyncio.Future = field(repr=False)
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+    counts: list[int] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+    remaining: int = 0
+
+
+@dataclass(eq=False)
+class _Text:
+    request: _Request
+    index: int
+    length: int  # tokens the forward pass sees (after truncation)
+    seq: int  # arrival order
 
 
 class DynamicBatcher:
-    """Collects texts from concurrent callers into batches of at most max_batch_size texts."""
+    """Embeds the texts of concurrent submits in shared forward passes of `encode(texts, key) -> vectors`."""
 
-    def __init__(self, encode, max_batch_size: int = 64, max_wait_ms: float = 0.0):
-        self.encode, self.max_batch_size, self.max_wait = encode, max_batch_size, max_wait_ms / 1000
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self.task: asyncio.Task | None = None
-        self.batches = 0  # forward batches run (for /metrics and tests)
+    def __init__(self, count_tokens: Callable[[list[str]], list[int]],
+                 encode: Callable[[list[str], Hashable], np.ndarray], max_text_tokens: int, truncate_at: int,
+                 max_pass_texts: int = 64, max_pass_tokens: int = 256, max_wait_ms: float = 0.0,
+                 max_queued_texts: int = 2048):
+        self.count_tokens, self.encode = count_tokens, encode
+        self.max_text_tokens, self.truncate_at = max_text_tokens, truncate_at
+        self.max_pass_texts, self.max_pass_tokens = max_pass_texts, max_pass_tokens
+        self.max_wait, self.max_queued_texts = max_wait_ms / 1000, max_queued_texts
+        self.ready = threading.Condition()  # guards intake, queued_texts, closing
+        self.intake: list[_Request] = []
+        self.pool: dict[int, _Text] = {}  # by seq: insertion order is arrival order (only the worker touches it)
+        self.queued_texts = 0  # submitted and not yet embedded (what the bound applies to)
+        self.texts_per_s = 0.0  # recent throughput, for Retry-After
+        self.batches = 0  # forward passes run (for /metrics and tests)
+        self.closing = False
+        self.thread: threading.Thread | None = None
+        self._seq = 0
 
     def start(self) -> None:
-        """Start the batching task on the running loop."""
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        """Start the worker thread."""
+        self.thread = threading.Thread(target=self._work, name="conan-batcher", daemon=True)
+        self.thread.start()
 
     async def stop(self) -> None:
-        """Cancel the batching task."""
-        if self.task:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        """Embed and answer everything already submitted, then stop the worker thread."""
+        with self.ready:
+            self.closing = True
+            self.ready.notify()
+        if self.thread:
+            await asyncio.to_thread(self.thread.join)
 
-    async def embed(self, texts: list[str], dim: int | None) -> np.ndarray:
-        """Embeddings of texts (in order), computed in a shared batch."""
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(texts, dim, future))
-        return await future
+    async def submit(self, texts: list[str], key: Hashable, finish: Callable[[np.ndarray, list[int]], Any]) -> Any:
+        """finish(vectors of texts in order, their token counts), run in the worker once all are embedded.
+        Raises QueueFull at once when the batcher is full, TextTooLong for a text over max_text_tokens."""
+        loop = asyncio.get_running_loop()
+        request = _Request(texts, key, finish, loop.create_future(), loop)
+        with self.ready:
+            if self.closing or self.thread is None:
+                raise RuntimeError("the batcher is not running")
+            if self.queued_texts + len(texts) > self.max_queued_texts:
+                raise QueueFull(self.queued_texts, self.retry_after_s())
+            self.queued_texts += len(texts)
+            self.intake.append(request)
+            self.ready.notify()
+        return await request.future
 
-    async def _collect(self) -> list[_Pending]:
-        items = [await self.queue.get()]
-        size, deadline = len(items[0].texts), asyncio.get_running_loop().time() + self.max_wait
-        while size < self.max_batch_size:
-            if self.queue.empty():  # what arrived while the last batch ran is taken at once; then wait briefly
-                timeout = deadline - asyncio.get_running_loop().time()
-                if timeout <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
-            else:
-                item = self.queue.get_nowait()
-            items.append(item)
-            size += len(item.texts)
-        return items
+    def retry_after_s(self) -> int:
+        """Whole seconds the queued texts take at the recent throughput (at least 1)."""
+        return max(1, math.ceil(self.queued_texts / self.texts_per_s)) if self.texts_per_s else 1
 
-    async def _run(self) -> None:
+    def _work(self) -> None:
         while True:
-            items = await self._collect()
-            by_dim: dict[int | None, list[_Pending]] = {}
-            for item in items:
-                by_dim.setdefault(item.dim, []).append(item)
-            for dim, group in by_dim.items():
-                texts = [t for item in group for t in item.texts]
+            with self.ready:
+                while not self.intake and not self.pool:
+                    if self.closing:
+                        return
+                    self.ready.wait()
+                if not self.pool and self.max_wait and not self.closing:  # idle until now: let company arrive
+                    deadline = time.monotonic() + self.max_wait
+                    while not self.closing and (left := deadline - time.monotonic()) > 0:
+                        self.ready.wait(left)
+                arrived, self.intake = self.intake, []
+            if arrived:
+                self._admit(arrived)
+            if self.pool:
+                self._run_pass(self._next_pass())
+
+    def _admit(self, requests: list[_Request]) -> None:
+        """Count the new texts' tokens (one call for all), refuse requests with a text over the limit, pool the rest."""
+        try:
+            counts = self.count_tokens([t for r in requests for t in r.texts])
+        except Exception as err:
+            for request in requests:
+                self._answer(request, error=err)
+            return
+        start = 0
+        for request in requests:
+            request.counts, start = counts[start:start + len(request.texts)], start + len(request.texts)
+            over = next((i for i, n in enumerate(request.counts) if n > self.max_text_tokens), None)
+            if over is not None:
+                self._answer(request, error=TextTooLong(over, request.counts[over]))
+                continue
+            request.remaining = len(request.texts)
+            for i, n in enumerate(request.counts):
+                self._seq += 1
+                self.pool[self._seq] = _Text(request, i, min(n, self.truncate_at), self._seq)
+
+    def _next_pass(self) -> list[_Text]:
+        """The oldest waiting text and, one at a time, whichever neighbour in length pads the pass least."""
+        oldest = next(iter(self.pool.values()))
+        same = sorted((t for t in self.pool.values() if t.request.key == oldest.request.key),
+                      key=lambda t: (t.length, t.seq))
+        low = next(i for i, t in enumerate(same) if t is oldest)
+        high = low + 1  # the pass is same[low:high]; its padded size is its count × its last (longest) length
+        while high - low < self.max_pass_texts:
+            grow_up = high < len(same) and (high - low + 1) * same[high].length <= self.max_pass_tokens
+            grow_down = low > 0 and (high - low + 1) * same[high - 1].length <= self.max_pass_tokens
+            if grow_up and (not grow_down or same[high].length - oldest.length <= oldest.length - same[low - 1].length):
+                high += 1
+            elif grow_down:
+                low -= 1
+            else:
+                break
+        chosen = same[low:high]
+        for text in chosen:
+            del self.pool[text.seq]
+        return chosen
+
+    def _run_pass(self, texts: list[_Text]) -> None:
+        start = time.perf_counter()
+        try:
+            vectors = self.encode([t.request.texts[t.index] for t in texts], texts[0].request.key)
+        except Exception as err:  # a failed pass fails its requests, never the batcher
+            for request in {id(t.request): t.request for t in texts}.values():
+                for seq in [s for s, t in self.pool.items() if t.request is request]:
+                    del self.pool[seq]
+                self._answer(request, error=err)
+            return
+        self.batches += 1
+        rate = len(texts) / max(time.perf_counter() - start, 1e-6)
+        self.texts_per_s = rate if not self.texts_per_s else 0.8 * self.texts_per_s + 0.2 * rate
+        for text, vector in zip(texts, vectors):
+            request = text.request
+            if request.vectors is None:
+                request.vectors = np.empty((len(request.texts), len(vector)), dtype=np.float32)
+            request.vectors[text.index] = vector
+            request.remaining -= 1
+            if request.remaining == 0:
                 try:
-                    vectors = await asyncio.to_thread(self.encode, texts, dim)
-                except Exception as err:  # one bad batch fails its requests, never the batcher
-                    for item in group:
-                        if not item.future.done():
-                            item.future.set_exception(err)
-                    continue
-                self.batches += 1
-                start = 0
-                for item in group:
-                    if not item.future.done():
-                        item.future.set_result(vectors[start:start + len(item.texts)])
-                    start += len(item.texts)
+                    self._answer(request, result=request.finish(request.vectors, request.counts))
+                except Exception as err:
+                    self._answer(request, error=err)
+
+    def _answer(self, request: _Request, result: Any = None, error: BaseException | None = None) -> None:
+        """Settle the request's future on its event loop; its texts no longer count as queued."""
+        with self.ready:
+            self.queued_texts -= len(request.texts)
+        try:
+            request.loop.call_soon_threadsafe(_settle, request.future, result, error)
+        except RuntimeError:  # its loop is closed: nobody waits for the answer
+            pass
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

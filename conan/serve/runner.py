@@ -7,10 +7,11 @@ from conan.serve.app import create_app
 
 
 def run_uvicorn(cfg: ServeConfig) -> None:
-    """Serve on cfg.host:cfg.port until interrupted."""
+    """Serve on cfg.host:cfg.port until SIGTERM / Ctrl-C, then finish the requests in flight (drain_timeout_s)."""
     import uvicorn
 
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info", access_log=cfg.access_log,
+                timeout_graceful_shutdown=cfg.drain_timeout_s)
 
 
 def serve_application(cfg: ServeConfig):
@@ -20,6 +21,7 @@ def serve_application(cfg: ServeConfig):
     app = create_app(cfg)
 
     @serve.deployment(name="conan-embeddings", num_replicas=cfg.replicas,
+                      graceful_shutdown_timeout_s=cfg.drain_timeout_s,
                       ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": 1 if cfg.device == "cuda" else 0})
     @serve.ingress(app)
     class EmbeddingServer:
