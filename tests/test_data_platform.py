@@ -60,12 +60,12 @@ def test_reader_accounts_for_every_row(ray_cluster, tmp_path):
 def test_language_identifier_on_xquad(data_root):
     """Trained on Tatoeba, it names the language of XQuAD questions (other text, 12 languages) ≥ 97% of the time."""
     from conan.data.langid import LanguageIdentifier
-    from conan.data.stage_data import XQUAD_LANGS, xquad_rows
+    from conan.data.public_sets import XQUAD_LANGS, xquad_rows
 
     langid = LanguageIdentifier.train(data_root)
     texts, gold = [], []
     for lang in XQUAD_LANGS:
-        questions = [r["question"] for r in xquad_rows(data_root, lang)][:200]
+        questions = [r["question"] for r in xquad_rows(data_root, lang, "all")][:200]
         texts += questions
         gold += [lang] * len(questions)
     accuracy = np.mean([p == g for p, g in zip(langid.predict(texts), gold)])
@@ -152,8 +152,7 @@ def _curation_input(data_root: Path, path: Path) -> dict[int, str]:
         lines.append(line)
         expected[len(lines)] = reason
     sft_copy = {**english}  # an SFT record and the same pair as a weak pair are one pair
-    lines.append(json.dumps({"query": f"{sft_copy['instruction']} {sft_copy['input']}",
-                             "positive": sft_copy["output"]}).encode())
+    lines.append(json.dumps({"query": sft_copy["input"], "positive": sft_copy["output"]}).encode())
     expected[len(lines)] = "exact_duplicate"
     path.write_bytes(b"\n".join(lines) + b"\n")
     return expected
@@ -288,14 +287,14 @@ def test_clr_lookup_reproduces_xquad(ray_cluster, data_root, tmp_path):
     """The lookup backend's CLR rows carry XQuAD's human translation of each English question, the English
     paragraph and negatives unchanged; every input row is written or rejected with a reason."""
     from conan.data.clr import build_clr
-    from conan.data.stage_data import xquad_rows
+    from conan.data.public_sets import xquad_rows
 
     stats = build_clr(CLRConfig(output_dir=str(tmp_path / "clr"), max_rows=300))
     rows = pq.read_table(tmp_path / "clr" / "data").to_pylist()
     assert stats["rows_in"] == 300 == stats["rows_out"] + stats["rejected_total"] and len(rows) > 250
-    questions = {lang: {r["id"]: r["question"].strip() for r in xquad_rows(data_root, lang)}
+    questions = {lang: {r["id"]: r["question"].strip() for r in xquad_rows(data_root, lang, "train")}
                  for lang in {r["query_lang"] for r in rows}}
-    english = {r["id"]: r for r in xquad_rows(data_root, "en")}
+    english = {r["id"]: r for r in xquad_rows(data_root, "en", "train")}
     same_text = {}  # a few English questions occur twice in XQuAD, with different human translations
     for qid, r in english.items():
         same_text.setdefault(r["question"].strip(), []).append(qid)
@@ -409,7 +408,7 @@ def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
     pq.write_table(pa.Table.from_pylist([{"query": "q1", "positive": "p1", "source": "s", "lang": "en", "score": 0.5}],
                                         schema=PAIR_SCHEMA), tmp_path / "curated" / "data" / "part-1.parquet")
     assert read_rows([str(tmp_path / "curated" / "data")], WeakStage) == \
-        [{"instruction": "", "input": "q1", "output": "p1"}]
+        [{"input": "q1", "output": "p1", "lang": "en", "source": "s"}]
     paragraph = xquad_corpus(data_root)[5]
     clr = [{"query": "Wer?", "positive": paragraph, "negatives": ["n"] * 7, "query_lang": "de", "doc_lang": "en",
             "task": "clr", "query_id": "de:abc", "source_query": "Who?", "attempts": 1}]

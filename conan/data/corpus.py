@@ -1,17 +1,19 @@
 """Multilingual plain-text corpus drawn from the real datasets (the bundled copies or $CONAN_DATA_ROOT).
 
-Used to train the tokenizer and to pretrain the tiny LLM. Each row is (text, lang, source).
+Used to train the tokenizer and to pretrain the tiny LLM. Each row is (text, lang, source). Only the train split
+of each set (conan.data.stage_data: no dev XQuAD article, Tatoeba dev line or CSL dev title).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from conan.data.public_sets import XQUAD_LANGS, csl_title_pairs, tatoeba_lines, xquad_rows
 
 CORPUS_SCHEMA = pa.schema([("text", pa.string()), ("lang", pa.string()), ("source", pa.string())])
 
@@ -21,18 +23,17 @@ def _tatoeba(root: Path) -> Iterator[tuple[str, str, str]]:
         lang = path.suffix.lstrip(".")
         if lang == "eng" and not path.name.startswith("tatoeba.deu-eng"):
             continue  # the English side repeats across pairs; keep one copy
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in tatoeba_lines(path, "train"):
             yield line.strip(), lang, "tatoeba"
 
 
 def _xquad(root: Path) -> Iterator[tuple[str, str, str]]:
-    for path in sorted((root / "xquad").glob("xquad.*.json")):
-        lang = path.name.split(".")[1]
-        for article in json.loads(path.read_text(encoding="utf-8"))["data"]:
-            for paragraph in article["paragraphs"]:
-                yield paragraph["context"], lang, "xquad"
-                for qa in paragraph["qas"]:
-                    yield qa["question"], lang, "xquad"
+    for lang in XQUAD_LANGS:
+        rows = xquad_rows(root, lang, "train")
+        for paragraph in dict.fromkeys(r["context"] for r in rows):
+            yield paragraph, lang, "xquad"
+        for r in rows:
+            yield r["question"], lang, "xquad"
 
 
 def _stsb(root: Path) -> Iterator[tuple[str, str, str]]:
@@ -46,12 +47,9 @@ def _stsb(root: Path) -> Iterator[tuple[str, str, str]]:
 
 
 def _csl(root: Path) -> Iterator[tuple[str, str, str]]:
-    for path in sorted((root / "csl_zh" / "benchmark" / "ts").glob("*.tsv")):
-        with path.open(encoding="utf-8", newline="") as f:
-            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-                if len(row) == 3:
-                    yield row[1], "zh", "csl"
-                    yield row[2], "zh", "csl"
+    for abstract, title in csl_title_pairs(root, ("dev", "test")):
+        yield abstract, "zh", "csl"
+        yield title, "zh", "csl"
 
 
 def _banking77(root: Path) -> Iterator[tuple[str, str, str]]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conan.data.public_sets import Split, tatoeba_lines
+
 # ISO 639-1 → Tatoeba file code.
 TATOEBA_CODES = {
     "ar": "ara", "bn": "ben", "da": "dan", "de": "deu", "el": "ell", "es": "spa", "fi": "fin", "fr": "fra",
@@ -52,16 +54,17 @@ def char_ngram_counts(texts: list[str]):
                       shape=(len(texts), N_FEATURES))
 
 
-def tatoeba_pairs(root: str | Path, lang: str) -> list[tuple[str, str]]:
+def tatoeba_pairs(root: str | Path, lang: str, split: Split = "all") -> list[tuple[str, str]]:
     """Aligned (sentence in lang, English sentence) pairs of Tatoeba; lines empty on either side are skipped."""
     code = TATOEBA_CODES[lang]
     base = Path(root) / "tatoeba" / f"tatoeba.{code}-eng"
-    foreign, english = (Path(f"{base}.{side}").read_text(encoding="utf-8").splitlines() for side in (code, "eng"))
+    foreign, english = (tatoeba_lines(Path(f"{base}.{side}"), split) for side in (code, "eng"))
     return [(f.strip(), e.strip()) for f, e in zip(foreign, english) if f.strip() and e.strip()]
 
 
 def tatoeba_sentences(root: str | Path, lang: str) -> list[str]:
-    """Tatoeba sentences of one language (English from the eng side of the German file)."""
+    """Tatoeba sentences of one language (English from the eng side of the German file); the identifier learns
+    from every line (it is a data filter, not the model under evaluation)."""
     return [e for _, e in tatoeba_pairs(root, "de")] if lang == "en" else [f for f, _ in tatoeba_pairs(root, lang)]
 
 

@@ -1,8 +1,10 @@
 """Training records for each stage, built from the real datasets (the bundled copies or $CONAN_DATA_ROOT).
 
-pretrain: documents {text} · sft / weak: {instruction, input, output} · supervised: task rows
+pretrain: documents {text} · sft / weak: {instruction, input, output, lang, source} · supervised: task rows
 {task, query, positive, negatives, s1, s2, score} where retrieval/clr/classification use
 (query, positive, negatives) and sts uses (s1, s2, score).
+
+Every reader takes the train split of conan.data.public_sets.
 """
 
 from __future__ import annotations
@@ -14,25 +16,12 @@ from pathlib import Path
 from typing import Iterator
 
 from conan.data.corpus import iter_corpus
-
-XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
-
-
-def xquad_rows(root: Path, lang: str) -> list[dict]:
-    """XQuAD questions with their paragraph and article index; ids are shared across languages."""
-    rows = []
-    data = json.loads((root / "xquad" / f"xquad.{lang}.json").read_text(encoding="utf-8"))["data"]
-    for a, article in enumerate(data):
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                rows.append({"id": qa["id"], "question": qa["question"], "context": paragraph["context"],
-                             "article": a})
-    return rows
+from conan.data.public_sets import XQUAD_LANGS, csl_keyword_pairs, csl_title_pairs, xquad_rows
 
 
 def xquad_corpus(root: str | Path) -> list[str]:
-    """The 240 English XQuAD paragraphs; a paragraph's passage id is its index here."""
-    return sorted({r["context"] for r in xquad_rows(Path(root), "en")})
+    """The English XQuAD paragraphs of the train split; a paragraph's passage id is its index here."""
+    return sorted({r["context"] for r in xquad_rows(Path(root), "en", "train")})
 
 
 def pretrain_records(root: str | Path, max_rows: int | None = None) -> list[dict]:
@@ -41,73 +30,104 @@ def pretrain_records(root: str | Path, max_rows: int | None = None) -> list[dict
 
 
 def pair_records(root: str | Path, max_rows: int | None = None, seed: int = 0) -> list[dict]:
-    """(instruction, input, output) pairs: XQuAD question→paragraph, CSL abstract→title, zh query→positive."""
+    """(instruction, input, output, lang, source) pairs of the train split: XQuAD question→paragraph (12 languages),
+    CSL abstract→title and abstract→keywords, zh query→positive (bge). `lang` is the output's language (the
+    candidates a query is told apart from). (Tatoeba translation pairs were tried as a fourth source: at the tiny
+    preset they cost more monolingual retrieval than they gave bitext mining; see README.)"""
     root = Path(root)
     rows = []
     for lang in XQUAD_LANGS:
         rows += [{"instruction": "Given a question, retrieve the passage that answers it.",
-                  "input": r["question"], "output": r["context"]} for r in xquad_rows(root, lang)]
-    with (root / "csl_zh" / "benchmark" / "ts" / "dev.tsv").open(encoding="utf-8", newline="") as f:
-        rows += [{"instruction": "Write the title of this scientific abstract.", "input": r[1], "output": r[2]}
-                 for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if len(r) == 3]
+                  "input": r["question"], "output": r["context"], "lang": lang, "source": "xquad"}
+                 for r in xquad_rows(root, lang, "train")]
+    rows += [{"instruction": "Write the title of this scientific abstract.", "input": abstract, "output": title,
+              "lang": "zh", "source": "csl"} for abstract, title in csl_title_pairs(root, ("dev", "test"))]
+    rows += [{"instruction": "Write the keywords of this scientific abstract.", "input": abstract, "output": keywords,
+              "lang": "zh", "source": "csl"} for abstract, keywords in csl_keyword_pairs(root)]
     for line in (root / "text2vec_zh" / "examples" / "data" / "bge_finetune_data.jsonl").open(encoding="utf-8"):
         r = json.loads(line)
-        rows.append({"instruction": "Find a sentence with the same meaning.", "input": r["query"], "output": r["pos"][0]})
+        rows.append({"instruction": "Find a sentence with the same meaning.", "input": r["query"], "output": r["pos"][0],
+                     "lang": "zh", "source": "bge"})
     random.Random(seed).shuffle(rows)
     return list(_take(iter(rows), max_rows))
 
 
 def supervised_records(root: str | Path, num_negatives: int = 7, max_per_task: int | None = None,
-                       seed: int = 0) -> list[dict]:
-    """Task rows for the supervised stage: retrieval, clr, classification and sts."""
+                       seed: int = 0, retrieval_langs: list[str] | None = None) -> list[dict]:
+    """Task rows for the supervised stage (train split): retrieval (in `retrieval_langs`, default all), clr,
+    classification and sts.
+
+    A row may name what its positive and negatives *are* (`positive_key`, `negative_keys`: a class label); the
+    stage then masks in-batch copies of the positive by that key instead of by text."""
     root, rng = Path(root), random.Random(seed)
     rows: list[dict] = []
 
-    def add(task, query="", positive="", negatives=(), s1="", s2="", score=0.0, query_id="", positive_id=-1):
+    def add(task, query="", positive="", negatives=(), s1="", s2="", score=0.0, query_id="", positive_id=-1,
+            positive_key="", negative_keys=(), lang=""):
         rows.append({"task": task, "query": query, "positive": positive, "negatives": list(negatives),
-                     "s1": s1, "s2": s2, "score": float(score), "query_id": query_id, "positive_id": positive_id})
+                     "s1": s1, "s2": s2, "score": float(score), "query_id": query_id, "positive_id": positive_id,
+                     "positive_key": positive_key, "negative_keys": list(negative_keys), "lang": lang})
 
-    # Retrieval: English XQuAD question → paragraph, negatives = other paragraphs (same article first).
-    # These rows carry query and passage ids into xquad_corpus, so DHNM can manage their negatives.
-    english = xquad_rows(root, "en")
+    # Retrieval: XQuAD question → its paragraph in each of the 12 languages, negatives = other paragraphs of that
+    # language (same article first). English rows carry query and passage ids into xquad_corpus, so DHNM can manage
+    # their negatives.
     corpus = xquad_corpus(root)
     passage_id = {text: i for i, text in enumerate(corpus)}
-    article_of = {r["context"]: r["article"] for r in english}
-    by_id = {r["id"]: r for r in english}
+    by_lang = {lang: xquad_rows(root, lang, "train") for lang in XQUAD_LANGS}
+    english = {r["id"]: r for r in by_lang["en"]}
 
-    def negatives_for(row):
-        same = [c for c in corpus if article_of[c] == row["article"] and c != row["context"]]
-        other = [c for c in corpus if article_of[c] != row["article"]]
+    def negatives_for(row, paragraphs):
+        same = [c for c, a in paragraphs.items() if a == row["article"] and c != row["context"]]
+        other = [c for c, a in paragraphs.items() if a != row["article"]]
         rng.shuffle(same)
         return (same + rng.sample(other, num_negatives))[:num_negatives]
 
-    for r in _take(iter(english), max_per_task):
-        add("retrieval", r["question"], r["context"], negatives_for(r), query_id=f"en:{r['id']}",
-            positive_id=passage_id[r["context"]])
+    questions = []
+    for lang, lang_rows in by_lang.items():
+        if retrieval_langs and lang not in retrieval_langs:
+            continue
+        paragraphs = {r["context"]: r["article"] for r in lang_rows}
+        questions += [(lang, r, paragraphs) for r in lang_rows]
+    rng.shuffle(questions)
+    for lang, r, paragraphs in _take(iter(questions), max_per_task):
+        ids = {"query_id": f"en:{r['id']}", "positive_id": passage_id[r["context"]]} if lang == "en" else {}
+        add("retrieval", r["question"], r["context"], negatives_for(r, paragraphs), lang=lang, **ids)
     # zh retrieval with the dataset's own hard negatives.
-    for line in _take((root / "text2vec_zh" / "examples" / "data" / "bge_finetune_data.jsonl").open(encoding="utf-8"),
-                      max_per_task):
+    zh_pairs = (root / "text2vec_zh" / "examples" / "data" / "bge_finetune_data.jsonl").open(encoding="utf-8")
+    for line in _take(zh_pairs if not retrieval_langs or "zh" in retrieval_langs else iter(()), max_per_task):
         r = json.loads(line)
         if len(r["neg"]) >= num_negatives:
-            add("retrieval", r["query"], r["pos"][0], r["neg"][:num_negatives])
+            add("retrieval", r["query"], r["pos"][0], r["neg"][:num_negatives], lang="zh")
     # Cross-lingual retrieval from human translations: question in language X → English paragraph.
-    clr = [(lang, q) for lang in XQUAD_LANGS if lang != "en" for q in xquad_rows(root, lang)]
+    english_paragraphs = {r["context"]: r["article"] for r in english.values()}
+    clr = [(lang, q) for lang in XQUAD_LANGS if lang != "en" for q in by_lang[lang]]
     rng.shuffle(clr)
     for lang, q in _take(iter(clr), max_per_task):
-        english_row = by_id[q["id"]]
-        add("clr", q["question"], english_row["context"], negatives_for(english_row), query_id=f"{lang}:{q['id']}",
-            positive_id=passage_id[english_row["context"]])
-    # Classification: utterance → its intent's name, other intents as negatives.
+        english_row = english[q["id"]]
+        add("clr", q["question"], english_row["context"], negatives_for(english_row, english_paragraphs),
+            query_id=f"{lang}:{q['id']}", positive_id=passage_id[english_row["context"]], lang="en")
+    # Classification: utterance → another utterance of its intent, negatives = utterances of other intents; copies
+    # are the intent (App. A scores label names instead: at small scale same-class texts form the clusters a
+    # classifier reads better, see README).
     with (root / "banking77" / "banking_data" / "train.csv").open(encoding="utf-8", newline="") as f:
-        labelled = [(r["text"], r["category"].replace("_", " ")) for r in csv.DictReader(f)]
-    labels = sorted({label for _, label in labelled})
+        labelled = [(r["text"], r["category"]) for r in csv.DictReader(f)]
+    by_label: dict[str, list[str]] = {}
+    for text, label in labelled:
+        by_label.setdefault(label, []).append(text)
     rng.shuffle(labelled)
     for text, label in _take(iter(labelled), max_per_task):
-        add("classification", text, label, rng.sample([x for x in labels if x != label], num_negatives))
-    # STS: English STS-B train pairs with 0-5 scores.
-    with (root / "stsb_multi_mt" / "data" / "stsb-en-train.csv").open(encoding="utf-8", newline="") as f:
-        for r in _take((r for r in csv.reader(f) if len(r) == 3), max_per_task):
-            add("sts", s1=r[0], s2=r[1], score=float(r[2]))
+        others = rng.sample([x for x in sorted(by_label) if x != label], num_negatives)
+        add("classification", text, rng.choice([t for t in by_label[label] if t != text]),
+            [rng.choice(by_label[o]) for o in others], positive_key=label, negative_keys=others, lang="en")
+    # STS: the STS-B multi-MT train pairs with 0-5 scores in each of its languages (monolingual pairs: cross-lingual
+    # ones cost monolingual STS at small scale, see README).
+    pairs = []
+    for path in sorted((root / "stsb_multi_mt" / "data").glob("stsb-*-train.csv")):
+        with path.open(encoding="utf-8", newline="") as f:
+            pairs += [(r[0], r[1], r[2], path.name.split("-")[1]) for r in csv.reader(f) if len(r) == 3]
+    rng.shuffle(pairs)
+    for s1, s2, score, lang in _take(iter(pairs), max_per_task):
+        add("sts", s1=s1, s2=s2, score=float(score), lang=lang)
     return rows
 
 

@@ -7,12 +7,12 @@ import random
 import re
 from pathlib import Path
 
-from conan.data.stage_data import xquad_rows
+from conan.data.public_sets import xquad_rows
 
 
 def vocabulary(data_root: str | Path) -> list[str]:
     """The words of the English XQuAD paragraphs (letters only, lower-cased, distinct, sorted)."""
-    words = {w.lower() for r in xquad_rows(Path(data_root), "en") for w in re.findall(r"[A-Za-z]+", r["context"])}
+    words = {w.lower() for r in xquad_rows(Path(data_root), "en", "all") for w in re.findall(r"[A-Za-z]+", r["context"])}
     return sorted(words)
 
 

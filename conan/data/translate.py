@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from conan.data.langid import TATOEBA_CODES, LanguageIdentifier, tatoeba_pairs
 from conan.data.schemas import with_columns
-from conan.data.stage_data import XQUAD_LANGS, xquad_rows
+from conan.data.public_sets import XQUAD_LANGS, xquad_rows
 from conan.metrics import translation_failures_counter
 
 LANGUAGE_NAMES = {
@@ -69,14 +69,14 @@ class LookupBackend:
     def __init__(self, data_root: str | Path):
         self.table: dict[tuple[str, str], str] = {}
         root = Path(data_root)
-        by_lang = {lang: xquad_rows(root, lang) for lang in XQUAD_LANGS}
+        by_lang = {lang: xquad_rows(root, lang, "train") for lang in XQUAD_LANGS}
         for lang, rows in by_lang.items():
             for other, other_rows in by_lang.items():
                 if other != lang:
                     self.table.update({(a["question"].strip(), other): b["question"].strip()
                                        for a, b in zip(rows, other_rows)})
         for lang in TATOEBA_CODES:
-            for f, e in tatoeba_pairs(root, lang):
+            for f, e in tatoeba_pairs(root, lang, "train"):
                 self.table.setdefault((e, lang), f)
                 self.table.setdefault((f, "en"), e)
         self.languages = sorted({lang for _, lang in self.table})

@@ -1,6 +1,6 @@
 """Weak-pair curation on Ray Data (paper §3.1.2 and Table 10): a streaming pipeline with bounded memory.
 
-    read (JSONL lines / parquet rows; SFT records become pairs: instruction + input → query, output → positive)
+    read (JSONL lines / parquet rows; SFT records become pairs: input → query, output → positive)
     → PairCleaner actors: normalise (NFKC, whitespace), length bounds, repeated characters, blocklist, language id,
       exact key and MinHash band keys
     → dedup tasks: exact then near duplicates against the sharded DedupShard actors
@@ -35,13 +35,13 @@ WHITESPACE = re.compile(r"\s+")
 
 
 def sft_to_weak_pair(row: dict) -> dict:
-    """An SFT record (instruction, input, output) as a weak pair; other rows pass through unchanged."""
+    """An SFT record (instruction, input, output) as a weak pair (input → output); other rows pass through unchanged.
+    The instruction is the generative task's prompt: embedding queries carry none, as the evaluation, the server and
+    sentence-transformers encode bare text."""
     if "positive" in row or "output" not in row:
         return row
-    instruction, text = row.get("instruction") or "", row.get("input") or ""
-    query = f"{instruction.strip()} {text.strip()}".strip() if isinstance(instruction, str) and isinstance(text, str) \
-        else None  # validation then rejects the row as wrong_type:query
-    return {"query": query, "positive": row["output"], "source": row.get("source") or "sft", "lang": row.get("lang")}
+    return {"query": row.get("input"), "positive": row["output"], "source": row.get("source") or "sft",
+            "lang": row.get("lang")}
 
 
 def normalise(text: str) -> str:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from conan.data.public_sets import tatoeba_lines
+from conan.eval.tasks import DATA_SOURCES
+
 MAP_LANGS = ("deu", "fra", "spa", "rus", "cmn", "ara", "jpn", "hin")
 MAP_SENTENCES = 150
 
@@ -63,14 +66,18 @@ def write_report(result: dict, out: Path, encoder, cfg) -> Path:
 
     main, dims = result["model"], [str(d) for d in result["dims"]]
     others = [label for label in result["scores"] if label != main]
-    lines = [f"# Evaluation of {main}", "", f"Model: `{cfg.model_dir}`" + (f" · baseline: `{cfg.baseline_dir}`"
-                                                                          if cfg.baseline_dir else ""), "",
+    lines = [f"# Evaluation of {main}", "", f"Model: `{cfg.model_dir}`" + "".join(f" · baseline: `{b}`"
+                                                                                  for b in cfg.baselines), "",
              "Main metric per task (mean over its languages / language pairs): retrieval nDCG@10, STS Spearman, "
-             "classification accuracy, bitext mining accuracy.", ""]
+             "classification accuracy, bitext mining accuracy. Every model reads at most "
+             f"{result.get('max_length')} tokens of a text (the evaluated model's training length).", ""]
     rows = [[task, MAIN_METRIC[kind], *(main_metric(result, main, task, d) for d in dims),
              *(main_metric(result, o, task, _full(result, o, task) or "") for o in others)]
             for task, kind in result["tasks"].items()]
     lines += markdown_table(["task", "metric", *(f"{main} @{d}" for d in dims), *others], rows, 4).splitlines()
+    lines += ["", "## Data", "", *markdown_table(["task", "items scored"], [
+        [task, DATA_SOURCES.get(task, f"BEIR folder {task.removeprefix('beir:')}")] for task in result["tasks"]],
+    ).splitlines()]
     lines += ["", f"## Per language at {dims[-1]} dims", ""]
     for task, by_subset in result["scores"][main].items():
         metric_names = list(next(iter(by_subset.values()))[dims[-1]])
@@ -127,17 +134,17 @@ def plot_comparison(result: dict, path: Path) -> None:
 
 
 def plot_embedding_map(encoder, root: Path, path: Path) -> None:
-    """PCA of English Tatoeba sentences and their translations, coloured by language (paper Figure 3)."""
+    """PCA of English Tatoeba dev sentences and their translations, coloured by language (paper Figure 3)."""
     plt = _pyplot()
     texts, langs = [], []
     for lang in MAP_LANGS:
         src = root / "tatoeba" / f"tatoeba.{lang}-eng.{lang}"
         if src.is_file():
-            lines = src.read_text(encoding="utf-8").splitlines()[:MAP_SENTENCES]
+            lines = tatoeba_lines(src, "dev")[:MAP_SENTENCES]
             texts += lines
             langs += [lang] * len(lines)
             if "eng" not in langs:
-                eng = src.with_suffix(".eng").read_text(encoding="utf-8").splitlines()[:MAP_SENTENCES]
+                eng = tatoeba_lines(src.with_suffix(".eng"), "dev")[:MAP_SENTENCES]
                 texts += eng
                 langs += ["eng"] * len(eng)
     emb = encoder.encode(texts)

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from conan.data.stage_data import XQUAD_LANGS, xquad_rows
+from conan.data.public_sets import TATOEBA_DEV_LINES, XQUAD_LANGS, tatoeba_lines, xquad_rows
 
 
 @dataclass
@@ -54,8 +54,9 @@ def _keep(lang: str, langs: list[str] | None) -> bool:
 
 
 def _xquad_retrieval(root: Path, query_lang: str, doc_lang: str, limit: int | None) -> Retrieval:
-    """Questions in query_lang → the paragraphs in doc_lang (XQuAD ids and paragraph order match across languages)."""
-    queries, docs = xquad_rows(root, query_lang), xquad_rows(root, doc_lang)
+    """Dev-split questions in query_lang → the dev paragraphs in doc_lang (XQuAD ids and paragraph order match
+    across languages)."""
+    queries, docs = xquad_rows(root, query_lang, "dev"), xquad_rows(root, doc_lang, "dev")
     paragraphs = list(dict.fromkeys(r["context"] for r in docs))  # first-seen order = paragraph order
     doc_of = {r["id"]: f"p{paragraphs.index(r['context'])}" for r in docs}
     chosen = queries[:limit]
@@ -131,14 +132,13 @@ def csl_categories(root: Path, limit: int | None, langs: list[str] | None) -> di
 
 
 def tatoeba(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, Bitext]:
-    """Tatoeba bitext mining xx → English for every language pair in the folder."""
+    """Tatoeba bitext mining xx → English on the dev lines of every language pair in the folder."""
     out = {}
     for src in sorted((root / "tatoeba").glob("tatoeba.*-eng.*")):
         lang = src.name.split(".")[-1]
         if lang == "eng" or not _keep(lang, langs):
             continue
-        source = src.read_text(encoding="utf-8").splitlines()
-        target = src.with_suffix(".eng").read_text(encoding="utf-8").splitlines()
+        source, target = tatoeba_lines(src, "dev"), tatoeba_lines(src.with_suffix(".eng"), "dev")
         pairs = [(s, t) for s, t in zip(source, target) if s.strip() and t.strip()][:limit]
         if pairs:
             out[f"{lang}-eng"] = Bitext([s for s, _ in pairs], [t for _, t in pairs])
@@ -160,6 +160,18 @@ def beir(folder: Path, limit: int | None) -> dict[str, Retrieval]:
     kept = list(qrels)[:limit]
     return {"default": Retrieval({q: queries[q] for q in kept}, corpus, {q: qrels[q] for q in kept})}
 
+
+# Where each task's items come from; none of them is in any training input (conan.data.public_sets).
+DATA_SOURCES = {
+    "xquad-retrieval": "XQuAD dev split: the 12 held-out articles (60 paragraphs, questions in 12 languages)",
+    "xquad-clr": "XQuAD dev split: held-out questions in 11 languages → the 60 held-out English paragraphs",
+    "stsb": "STS-B multi-MT test files (training reads the train files)",
+    "stsb-cross": "STS-B multi-MT test files: English first sentence × translated second sentence",
+    "banking77": "Banking77: the probe fits on train.csv, scores test.csv (the supervised stage trains on train.csv)",
+    "csl-categories": "CSL cls_ctg: probe on train.tsv, scored on test.tsv (its titles are removed from every "
+                      "training input)",
+    "tatoeba": f"Tatoeba dev lines (the first {TATOEBA_DEV_LINES} of each pair; pretraining reads the rest)",
+}
 
 LOADERS = {"xquad-retrieval": xquad_retrieval, "xquad-clr": xquad_clr, "stsb": stsb, "stsb-cross": stsb_cross,
            "banking77": banking77, "csl-categories": csl_categories, "tatoeba": tatoeba}

@@ -1,0 +1,73 @@
+"""Readers of the public datasets Conan trains and evaluates on, each with its train / dev split.
+
+The dev split (what the dev evaluation scores) never enters a training input: XQuAD's articles with index % 4 == 3
+(12 of 48, 60 paragraphs, each question in 12 languages), the first TATOEBA_DEV_LINES lines of every Tatoeba pair,
+and the CSL titles of cls_ctg's test split (every one of them is also a title in CSL's abstract → title task).
+STS-B and Banking77 are split by their files (train for training, test for evaluation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Literal
+
+XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
+Split = Literal["train", "dev", "all"]
+XQUAD_DEV_EVERY = 4  # article a is dev when a % 4 == 3
+TATOEBA_DEV_LINES = 300
+
+
+def is_dev_article(article: int) -> bool:
+    """Whether an XQuAD article (its index in the file) belongs to the held-out dev split."""
+    return article % XQUAD_DEV_EVERY == XQUAD_DEV_EVERY - 1
+
+
+def in_split(dev: bool, split: Split) -> bool:
+    """Whether an item that is (or is not) dev belongs to `split`."""
+    return split == "all" or dev == (split == "dev")
+
+
+def xquad_rows(root: Path, lang: str, split: Split) -> list[dict]:
+    """XQuAD questions of a split with their paragraph and article index; ids are shared across languages."""
+    rows = []
+    data = json.loads((root / "xquad" / f"xquad.{lang}.json").read_text(encoding="utf-8"))["data"]
+    for a, article in enumerate(data):
+        if not in_split(is_dev_article(a), split):
+            continue
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                rows.append({"id": qa["id"], "question": qa["question"], "context": paragraph["context"],
+                             "article": a})
+    return rows
+
+
+def tatoeba_lines(path: Path, split: Split) -> list[str]:
+    """Lines of one side of a Tatoeba pair in a split (line numbers align the two sides)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line for i, line in enumerate(lines) if in_split(i < TATOEBA_DEV_LINES, split)]
+
+
+def csl_rows(root: Path, task: str, split: str) -> list[tuple[str, str]]:
+    """(input, target) rows of a CSL benchmark task file (ts, cls_ctg, …; split = its file: train, dev, test)."""
+    with (root / "csl_zh" / "benchmark" / task / f"{split}.tsv").open(encoding="utf-8", newline="") as f:
+        return [(r[1], r[2]) for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if len(r) == 3]
+
+
+def csl_dev_titles(root: Path) -> set[str]:
+    """The titles the dev evaluation classifies (cls_ctg test): training inputs drop every text equal to one."""
+    return {title for title, _ in csl_rows(root, "cls_ctg", "test")}
+
+
+def csl_title_pairs(root: Path, splits: tuple[str, ...] = ("dev",)) -> list[tuple[str, str]]:
+    """CSL (abstract, title) pairs of the given files whose title is not a dev title."""
+    dev = csl_dev_titles(root)
+    return [(a, t) for split in splits for a, t in csl_rows(root, "ts", split) if t not in dev]
+
+
+def csl_keyword_pairs(root: Path) -> list[tuple[str, str]]:
+    """CSL (abstract, keywords) pairs of the kg dev file, without the papers whose title is a dev title."""
+    dev = csl_dev_titles(root)
+    dev_abstracts = {a for split in ("dev", "test") for a, t in csl_rows(root, "ts", split) if t in dev}
+    return [(a, k) for a, k in csl_rows(root, "kg", "dev") if a not in dev_abstracts]
