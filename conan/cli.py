@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(sub, "curate", cmd_curate, "curation (CurationConfig)",
                     help="curate weak pairs on Ray Data: normalise, rule filters, language id, exact + MinHash "
                          "dedup, quality score >= min_score",
-                    description="Stream JSONL / parquet pairs or SFT records (instruction + input → query, output → "
+                    description="Stream JSONL / parquet pairs or SFT records (input → query, output → "
                                 "positive) through Ray Data; write parquet pairs to <output_dir>/data, every "
                                 "rejected row with its reason to <output_dir>/rejects, counts to stats.json.")
 

@@ -60,8 +60,11 @@ class DataConfig:
 
     root: str = field(default_factory=default_data_root)
     paths: list[str] = field(default_factory=list)  # stage inputs: parquet / jsonl / text files or dirs
-    max_rows: int | None = None
+    max_rows: int | None = None  # a seeded random sample of this many rows (None = all)
     seq_len: int = 128
+    # Columns every global micro-batch shares (the weak stage: [source, lang], so in-batch negatives are not told
+    # apart by their language alone); [] = mixed batches; None = the stage's default.
+    batch_by: list[str] | None = None
 
 
 @dataclass
@@ -105,6 +108,7 @@ class SupervisedConfig:
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "retrieval": 1.0, "clr": 1.0, "classification": 1.0, "sts": 1.0})
     max_per_task: int | None = None
+    retrieval_langs: list[str] | None = None  # XQuAD / zh languages of the built-in retrieval rows (None = all)
     clr_paths: list[str] = field(default_factory=list)  # CLR parquet (conan clr) replacing the built-in CLR rows
 
 
@@ -164,13 +168,13 @@ class ServeConfig:
     max_wait_ms: float = 0.0  # when idle, wait this long for more requests before the first pass (0: none)
     max_inputs_per_request: int = 512
     max_input_tokens: int | None = None  # longer inputs are refused (400); None = the model's context
-    backend: Literal["uvicorn", "ray"] = "uvicorn"
-    ray_address: str | None = None
-    replicas: int = 1  # Ray Serve replicas (backend: ray)
     max_request_bytes: int = 4 * 1024 * 1024  # larger bodies are refused (413) before or while they are read
     max_queued_texts: int = 2048  # texts submitted, not yet embedded; past it requests get 429 + Retry-After
     drain_timeout_s: int = 30  # on SIGTERM / Ctrl-C, requests in flight get this long to finish
     access_log: bool = False  # a log line per request costs the event loop ~0.1 ms; /metrics counts requests
+    backend: Literal["uvicorn", "ray"] = "uvicorn"
+    ray_address: str | None = None
+    replicas: int = 1  # Ray Serve replicas (backend: ray)
     replica_cpus: float = 1.0
 
 
@@ -243,10 +247,14 @@ class SweepConfig(ExperimentConfig):
 
 @dataclass
 class AblationConfig(ExperimentConfig):
-    """The ablation of Table 4 (jobs/ablation.py): the weak stage with and without the soft mask, then the supervised
-    stage from each with CLR and DHNM toggled."""
+    """The ablation of Tables 4 and 12 (jobs/ablation.py): the weak stage with each soft-mask schedule and without
+    the soft mask, then the supervised stage from each with CLR and DHNM toggled, every row once per seed."""
 
     supervised: str = "jobs/configs/supervised_tiny.yaml"
+    seeds: int = 3  # runs per row (train.seed 0 … seeds-1): the table shows mean ± std
+    schedules: list[Literal["linear", "accelerating", "decelerating"]] = field(
+        default_factory=lambda: ["linear", "accelerating", "decelerating"])  # Table 12's rows
+    clr_weight: float = 1.0  # the CLR task's weight in the rows with CLR on
     dhnm_overrides: list[str] = field(default_factory=list)  # when DHNM is on (e.g. thresholds for a small model)
 
 
@@ -321,7 +329,9 @@ class EvalConfig:
 
     model_dir: str = "runs/tiny/supervised/model"
     model_name: str | None = None  # label in the report (default: the directory's name)
-    baseline_dir: str | None = None  # another exported model scored side by side (e.g. the untrained init)
+    # Other exported models scored side by side at full size, in report order (e.g. the untrained init, then the
+    # weak-stage model); the first is the reference a trained model must beat.
+    baselines: list[str] = field(default_factory=list)
     output_dir: str = "runs/tiny/eval"
     data_root: str = field(default_factory=default_data_root)
     tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
@@ -333,6 +343,7 @@ class EvalConfig:
     mteb: bool = False  # also score the STS / classification / bitext subsets through mteb's evaluators
     plots: bool = True
     batch_size: int = 64
+    max_length: int | None = None  # tokens per text; None = the length the model was trained at (its export says)
 
 
 def _type_name(tp) -> str:

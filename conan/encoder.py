@@ -32,7 +32,8 @@ class Encoder:
         # tokens on its event loop while a worker thread encodes, so counting has its own instance.
         self.counting_tokenizer = load_tokenizer(model_dir)
         self.device, self.batch_size = device, batch_size
-        self.max_length = max_length or self.model.config.max_position_embeddings
+        config = self.model.config
+        self.max_length = max_length or config.max_seq_length or config.max_position_embeddings
         self.dims = list(self.model.config.matryoshka_dims or []) or [self.model.config.hidden_size]
 
     @property

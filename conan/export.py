@@ -25,7 +25,7 @@ def add_sentence_transformers_files(model_dir: str | Path) -> Path:
 
     model_dir = Path(model_dir)
     config = ConanConfig.from_pretrained(str(model_dir))
-    encoder = Transformer(str(model_dir), max_seq_length=config.max_position_embeddings)
+    encoder = Transformer(str(model_dir), max_seq_length=config.max_seq_length or config.max_position_embeddings)
     model = SentenceTransformer(modules=[encoder, Pooling(config.hidden_size, ST_POOLING[config.pooling]), Normalize()],
                                 device="cpu", similarity_fn_name="cosine")
     with tempfile.TemporaryDirectory() as tmp:

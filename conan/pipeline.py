@@ -6,6 +6,7 @@ supervised) → evaluate.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -133,6 +134,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         stage_cfg = load_config(JobConfig, stage_yaml, [
             *cfg.stage_overrides, f"model.init_from={previous}", f"tokenizer.path={tok_dir}",
             f"data.root={cfg.data_root}", f"ray_address={cfg.ray_address or 'null'}"])
+        if stage_cfg.stage == "pretrain" and not stage_cfg.data.paths:  # what the tokenizer learned from
+            stage_cfg.data.paths = [str(corpus)]
         stage_cfg = _with_data_steps(cfg, stage_cfg, out, paths)
         stage_cfg.output_dir = str(out / stage_cfg.stage)
         t = _step(stage_cfg.stage, is_finished(stage_cfg))
@@ -146,7 +149,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
     if cfg.evaluation:
         from conan.eval.runner import evaluate
 
-        eval_cfg = load_config(EvalConfig, cfg.evaluation, [f"model_dir={previous}", f"baseline_dir={model_dir}",
+        # Baselines: the untrained init (the reference), then the weak-stage model when there is one.
+        baselines = [str(model_dir), *([paths["weak"]] if "weak" in paths and paths["weak"] != str(previous) else [])]
+        eval_cfg = load_config(EvalConfig, cfg.evaluation, [f"model_dir={previous}", f"baselines={json.dumps(baselines)}",
                                                             f"output_dir={out / 'eval'}", f"data_root={cfg.data_root}"])
         report = Path(eval_cfg.output_dir) / "report.md"
         t = _step("evaluate", report.is_file())

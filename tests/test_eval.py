@@ -56,7 +56,7 @@ def evaluated(tmp_path_factory, embedding_model_dir, data_root):
     from conan.eval.runner import evaluate
 
     out = tmp_path_factory.mktemp("eval")
-    cfg = EvalConfig(model_dir=str(embedding_model_dir), baseline_dir=str(embedding_model_dir), model_name="tiny",
+    cfg = EvalConfig(model_dir=str(embedding_model_dir), baselines=[str(embedding_model_dir)], model_name="tiny",
                      output_dir=str(out), data_root=str(data_root), max_items=40, langs=["en", "de", "zh", "cmn"])
     return cfg, evaluate(cfg)
 

@@ -82,20 +82,35 @@ def build_index(embeddings: np.ndarray, cfg: MiningConfig):
 
 def mine_candidates(query_emb: np.ndarray, corpus_emb: np.ndarray, corpus_ids: list[int],
                     positives: list[set[int]], cfg: MiningConfig) -> list[tuple[list[int], list[float]]]:
-    """Ranked (candidate ids, scores) per query, positives removed and the false-negative guard applied."""
+    """Ranked (candidate ids, scores) per query, positives removed and the false-negative guard applied.
+
+    The guard drops the best-scoring passages, so a search top_k deep leaves most queries short: queries left with
+    fewer than top_k candidates are searched again 4× deeper, down to the whole corpus, so every query whose corpus
+    holds top_k passages under the guard gets top_k."""
     index = build_index(corpus_emb, cfg)
-    scores, rows = index.search(query_emb, min(cfg.top_k + max(map(len, positives), default=0), len(corpus_ids)))
+    n = len(corpus_ids)
     id_of = np.asarray(corpus_ids)
     row_of = {cid: r for r, cid in enumerate(corpus_ids)}
-    out = []
-    for q, (s_row, r_row) in enumerate(zip(scores, rows)):
-        pos = positives[q]
+    limits = []
+    for q, pos in enumerate(positives):
         pos_score = max((float(query_emb[q] @ corpus_emb[row_of[p]]) for p in pos if p in row_of), default=None)
         # ratio × positive score, written so it stays below the positive when that score is negative.
-        limit = None if pos_score is None else pos_score - (1 - cfg.false_negative_ratio) * abs(pos_score)
-        kept = [(int(id_of[r]), float(s)) for s, r in zip(s_row, r_row)
-                if r >= 0 and int(id_of[r]) not in pos and (limit is None or s <= limit)][:cfg.top_k]
-        out.append(([c for c, _ in kept], [s for _, s in kept]))
+        limits.append(np.inf if pos_score is None else pos_score - (1 - cfg.false_negative_ratio) * abs(pos_score))
+    out: list[tuple[list[int], list[float]]] = [([], [])] * len(positives)
+    pending = np.arange(len(positives))
+    depth = min(n, cfg.top_k + max(map(len, positives), default=0))
+    while len(pending):
+        scores, rows = index.search(query_emb[pending], depth)
+        short = []
+        for q, s_row, r_row in zip(pending, scores, rows):
+            kept = [(int(id_of[r]), float(s)) for s, r in zip(s_row, r_row)
+                    if r >= 0 and int(id_of[r]) not in positives[q] and s <= limits[q]][:cfg.top_k]
+            out[q] = ([c for c, _ in kept], [s for _, s in kept])
+            if len(kept) < cfg.top_k:
+                short.append(q)
+        if depth == n:
+            break
+        pending, depth = np.asarray(short, dtype=np.int64), min(n, depth * 4)
     return out
 
 

@@ -88,9 +88,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     from conan.eval.report import write_report
 
     loaded = load_tasks(cfg)
-    models = {model_name(cfg.model_dir, cfg.model_name): Encoder(cfg.model_dir, batch_size=cfg.batch_size)}
-    if cfg.baseline_dir:
-        models[model_name(cfg.baseline_dir)] = Encoder(cfg.baseline_dir, batch_size=cfg.batch_size)
+    evaluated = Encoder(cfg.model_dir, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    models = {model_name(cfg.model_dir, cfg.model_name): evaluated}
+    # Like for like: every baseline reads the same (truncated) texts as the evaluated model.
+    for baseline in cfg.baselines:
+        models[model_name(baseline)] = Encoder(baseline, max_length=evaluated.max_length, batch_size=cfg.batch_size)
     main = next(iter(models))
     dims = cfg.dims or models[main].dims
     scores: dict = {}
@@ -120,7 +122,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": main, "dims": dims, "tasks": {t: kind_of(next(iter(s.values()))) for t, s in loaded.items()},
-              "scores": scores}
+              "max_length": evaluated.max_length, "scores": scores}
     (out / "scores.json").write_text(json.dumps(result, indent=1))
     write_report(result, out, models[main] if cfg.plots else None, cfg)
     return result

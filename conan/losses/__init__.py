@@ -2,7 +2,7 @@
 
 from conan.losses.cosent import cosent_loss
 from conan.losses.gather import gather_with_grad
-from conan.losses.infonce import infonce_loss
+from conan.losses.infonce import infonce_loss, positive_copies_mask
 from conan.losses.matryoshka import matryoshka_loss
 
-__all__ = ["cosent_loss", "gather_with_grad", "infonce_loss", "matryoshka_loss"]
+__all__ = ["cosent_loss", "gather_with_grad", "infonce_loss", "matryoshka_loss", "positive_copies_mask"]

@@ -33,7 +33,7 @@ class ConanConfig(PretrainedConfig):
                  rope_theta: float = 10_000.0, rms_norm_eps: float = 1e-6,
                  initializer_range: float = 0.02, attention_backend: str = "sdpa",
                  pooling: str = "mean", matryoshka_dims: list[int] | None = None,
-                 attention_mode: str = "causal",
+                 attention_mode: str = "causal", max_seq_length: int | None = None,
                  pad_token_id: int = 0, bos_token_id: int = 1, eos_token_id: int = 2,
                  tie_word_embeddings: bool = True, **kwargs):
         if hidden_size % num_attention_heads:
@@ -62,6 +62,9 @@ class ConanConfig(PretrainedConfig):
         # The mask ConanModel uses when a caller (e.g. AutoModel in sentence-transformers) names none;
         # embedding exports set it to bidirectional.
         self.attention_mode = attention_mode
+        # Tokens per text the embedding stages trained at: encoders truncate there unless told otherwise (longer
+        # texts than the model ever saw make worse embeddings, not better ones). None = max_position_embeddings.
+        self.max_seq_length = max_seq_length
         self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims else [hidden_size]
         bad = [d for d in self.matryoshka_dims if not 0 < d <= hidden_size]
         if bad:

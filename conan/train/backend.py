@@ -6,6 +6,7 @@ NPU, so the worker places the model itself) · cpu → gloo, fp32 (faster than b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +67,31 @@ def worker_device(backend: Backend) -> torch.device:
     return torch.device("cpu")
 
 
-def deepspeed_config(cfg: JobConfig, backend: Backend, world_size: int) -> dict:
-    """DeepSpeed ZeRO config: AdamW (torch implementation, nothing compiled), clipping, warmup + cosine decay."""
+def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """lr ÷ peak lr at optimizer step `step` (0-based): linear warmup over `warmup` steps, the first already at
+    1/warmup (DeepSpeed's WarmupCosineLR runs its first two steps at lr 0), then cosine decay to min_ratio at the
+    last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup + 1) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(cfg: JobConfig):
+    """A callable DeepSpeed calls with its optimizer: LambdaLR over lr_multiplier, stepped once per optimizer step
+    (and saved in DeepSpeed's checkpoints)."""
     total = max(cfg.train.steps, 1)
+    warmup = max(1, int(cfg.optim.warmup_ratio * total))
+
+    def build(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, total, warmup, cfg.optim.min_lr_ratio))
+    return build
+
+
+def deepspeed_config(cfg: JobConfig, backend: Backend, world_size: int) -> dict:
+    """DeepSpeed ZeRO config: AdamW (torch implementation, nothing compiled), clipping; the schedule is
+    lr_scheduler's."""
     return {
         "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -81,9 +104,6 @@ def deepspeed_config(cfg: JobConfig, backend: Backend, world_size: int) -> dict:
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": total, "warmup_num_steps": max(1, int(cfg.optim.warmup_ratio * total)),
-            "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.optim.min_lr_ratio, "warmup_type": "linear"}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
@@ -66,10 +67,12 @@ def read_rows(paths: list[str], stage: type[Stage], key: str = "data.paths") -> 
 
 
 def stage_rows(cfg: JobConfig, stage: type[Stage]) -> list[dict]:
-    """The stage's rows: the user's files, else the real datasets."""
+    """The stage's rows: the user's files, else the real datasets; data.max_rows keeps a seeded random sample (in
+    input order: a file's head would be one source or language only)."""
     rows = read_rows(cfg.data.paths, stage) if cfg.data.paths else stage.records(cfg)
-    if cfg.data.max_rows is not None:
-        rows = rows[:cfg.data.max_rows]
+    if cfg.data.max_rows is not None and cfg.data.max_rows < len(rows):
+        keep = np.random.default_rng([cfg.train.seed, 11]).choice(len(rows), cfg.data.max_rows, replace=False)
+        rows = [rows[i] for i in sorted(keep)]
     if not rows:
         raise ConfigError(f"stage {cfg.stage}: no training rows")
     return rows
@@ -153,6 +156,7 @@ def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Pat
         return path
     if not cfg.model.init_from:
         raise ConfigError("model.init_from: mining needs a trained embedding model")
+    rows = [r for r in rows if cfg.supervised.task_weights.get(r["task"], 0) > 0]  # what the stage will train on
     n = mine_supervised_candidates(cfg.model.init_from, rows, stage_data.xquad_corpus(cfg.data.root), path,
                                    MiningConfig(top_k=cfg.dhnm.pool_size,
                                                 false_negative_ratio=cfg.dhnm.false_negative_ratio,

@@ -24,7 +24,8 @@ from conan.config import JobConfig, from_dict
 from conan.metrics import TrainMetrics
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
-from conan.train.backend import Backend, deepspeed_config, worker_device
+from conan.train.backend import Backend, deepspeed_config, lr_scheduler, worker_device
+from conan.train.diagnostics import chance_warning
 from conan.train.stages import Stage, export_path, stage_class, to_device
 
 CHECKPOINT_TAG = "state"
@@ -91,7 +92,7 @@ def train_worker(loop_config: dict) -> None:
     import deepspeed
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, backend, world), dist_init_required=False)
+        config=deepspeed_config(cfg, backend, world), lr_scheduler=lr_scheduler(cfg), dist_init_required=False)
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -135,6 +136,7 @@ def train_worker(loop_config: dict) -> None:
             out.mkdir(parents=True, exist_ok=True)
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            print(progress_line(cfg, metrics), flush=True)
         if is_checkpoint:
             with tempfile.TemporaryDirectory() as directory:
                 save_checkpoint(engine, stage, done, rank, directory)
@@ -149,6 +151,21 @@ def train_worker(loop_config: dict) -> None:
         if final_state:
             torch.save(final_state, out / "stage_state.pt")
         export_model(engine.module, tokenizer, cfg)
+
+
+def progress_line(cfg: JobConfig, m: dict) -> str:
+    """One log line per report: step, loss beside what tells whether it learns (the corpus's unigram entropy for a
+    causal LM; log N and the cosines for a contrastive stage), lr and throughput; a warning when a contrastive loss is
+    still near chance after a fifth of the steps."""
+    parts = [f"[{cfg.stage}] step {m['step']}/{cfg.train.steps} loss {m['loss']:.3f}"]
+    if "unigram_entropy" in m:
+        parts.append(f"(unigram entropy {m['unigram_entropy']:.3f})")
+    for prefix in sorted({k[:-len("positive_cos")] for k in m if k.endswith("positive_cos")}):
+        parts.append(f"{prefix}cos pos/neg/random {m[prefix + 'positive_cos']:.2f}/{m[prefix + 'negative_cos']:.2f}/"
+                     f"{m[prefix + 'random_pair_cos']:.2f} logN {m[prefix + 'log_candidates']:.2f}")
+    parts.append(f"lr {m['lr']:.2e} {m['samples_per_s']:.0f} samples/s")
+    warning = chance_warning(cfg.stage, m["step"], cfg.train.steps, m.get("chance_ratio", 0.0))
+    return " ".join(parts) + (f"\n{warning}" if warning else "")
 
 
 def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int, world: int) -> None:
@@ -169,6 +186,7 @@ def export_model(model, tokenizer, cfg: JobConfig) -> Path:
     embedding = cfg.stage in ("weak", "supervised")
     if embedding:
         model.config.attention_mode = "bidirectional"  # what AutoModel users (sentence-transformers) get
+        model.config.max_seq_length = cfg.data.seq_len  # what encoders truncate at
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
     if embedding:

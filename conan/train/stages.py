@@ -12,7 +12,7 @@ data an uninterrupted one would.
 
 from __future__ import annotations
 
-import functools
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +21,13 @@ import torch.distributed as dist
 
 from conan.config import JobConfig
 from conan.data import stage_data
-from conan.losses import cosent_loss, gather_with_grad, infonce_loss, matryoshka_loss
+from conan.data.dedup import exact_keys
+from conan.losses import cosent_loss, gather_with_grad, infonce_loss, matryoshka_loss, positive_copies_mask
 from conan.model import ConanForCausalLM, ConanForEmbedding
 from conan.model.soft_mask import soft_mask_alpha
 from conan.tokenizer import INPUT, INSTRUCTION, OUTPUT
-
-
-class EpochSampler:
-    """Index batches over a shard: a fresh seeded permutation every epoch, no state to save."""
-
-    def __init__(self, size: int, seed: int):
-        if size == 0:
-            raise ValueError("a worker's data shard is empty; use fewer workers or more data")
-        self.size, self.seed = size, seed
-
-    @functools.lru_cache(maxsize=4)
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
-
-    def batch(self, index: int, batch_size: int) -> list[int]:
-        """Row indices of the index-th batch of batch_size rows (epochs wrap)."""
-        start = index * batch_size
-        return [int(self._permutation(g // self.size)[g % self.size]) for g in range(start, start + batch_size)]
+from conan.train.diagnostics import contrastive_stats, unigram_entropy
+from conan.train.sampling import EpochSampler, GroupedSampler, merge_small_groups
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, label_sequences: list[list[int]] | None = None) -> dict:
@@ -75,6 +60,7 @@ class Stage:
     def __init__(self, cfg: JobConfig, tokenizer, rank: int = 0, world_size: int = 1):
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
         self.seq_len = cfg.data.seq_len
+        self.window: dict[str, list[float]] = defaultdict(list)  # figures since the last report
 
     @staticmethod
     def records(cfg: JobConfig) -> list[dict]:
@@ -93,9 +79,21 @@ class Stage:
         """Loss of one micro-batch and its counters (samples, tokens, …)."""
         raise NotImplementedError
 
+    def note(self, figures: dict[str, float], prefix: str = "") -> None:
+        """Keep figures of one micro-batch for the next report (averaged there)."""
+        for key, value in figures.items():
+            self.window[prefix + key].append(value)
+
     def metrics(self) -> dict:
-        """Stage-specific figures for the step report (e.g. DHNM counters)."""
-        return {}
+        """Stage-specific figures since the last report: the means of what `note` kept, plus `chance_ratio`, the worst
+        contrastive loss of the window as a fraction of its log N (the loop warns when it stays near 1)."""
+        out = {key: float(np.mean(values)) for key, values in self.window.items() if values}
+        self.window.clear()
+        ratios = [value / out[log_n] for key, value in out.items() if "infonce_loss" in key
+                  and out.get(log_n := key.split("infonce_loss")[0] + "log_candidates")]
+        if ratios:
+            out["chance_ratio"] = max(ratios)
+        return out
 
     def state_dict(self) -> dict:
         """Extra state saved with every checkpoint (batches themselves need none: they derive from the step)."""
@@ -121,9 +119,16 @@ class PretrainStage(Stage):
         return stage_data.pretrain_records(cfg.data.root, cfg.data.max_rows)
 
     def prepare(self, rows):
-        stream = [t for ids in self.tokenizer([r["text"] for r in rows])["input_ids"] for t in ids]
+        # Documents in a seeded random order, so every block mixes what the corpus holds wherever a file sorted it.
+        order = np.random.default_rng([self.cfg.train.seed, 3]).permutation(len(rows))
+        ids = self.tokenizer([rows[i]["text"] for i in order])["input_ids"]
+        stream = np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
+        counts = torch.from_numpy(np.bincount(stream, minlength=len(self.tokenizer)))
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        self.unigram_entropy = unigram_entropy(counts.numpy())
         n = len(stream) // self.seq_len
-        self.blocks = torch.tensor(stream[:n * self.seq_len], dtype=torch.long).view(n, self.seq_len)
+        self.blocks = torch.from_numpy(stream[:n * self.seq_len]).view(n, self.seq_len)
         self.sampler = EpochSampler(n, self.cfg.train.seed + self.rank)
 
     def batch(self, index):
@@ -133,6 +138,18 @@ class PretrainStage(Stage):
     def loss(self, engine, batch, step):
         out = engine(input_ids=batch["input_ids"], labels=batch["labels"])
         return out.loss, {"samples": len(batch["input_ids"]), "tokens": batch["input_ids"].numel()}
+
+    def metrics(self):
+        """The corpus's unigram entropy: a loss above it predicts token frequencies, not text."""
+        return {**super().metrics(), "unigram_entropy": self.unigram_entropy}
+
+
+def prompt_ids(instruction: list[int], text: list[int], budget: int, markers: tuple[int, int, int]) -> list[int]:
+    """<|instruction|> instruction <|input|> text <|output|> in at most `budget` tokens: the instruction keeps at most
+    half the room, the text is cut to the rest, and the three markers always stay."""
+    room = budget - len(markers)
+    instruction = instruction[:room // 2]
+    return [markers[0], *instruction, markers[1], *text[:room - len(instruction)], markers[2]]
 
 
 class SFTStage(Stage):
@@ -146,12 +163,13 @@ class SFTStage(Stage):
 
     def prepare(self, rows):
         tok = self.tokenizer
-        prompts = tok([f"{INSTRUCTION}{r['instruction']}{INPUT}{r['input']}{OUTPUT}" for r in rows],
-                      add_special_tokens=False)["input_ids"]
+        markers = tuple(tok.convert_tokens_to_ids([INSTRUCTION, INPUT, OUTPUT]))
+        instructions = tok([r["instruction"] for r in rows], add_special_tokens=False)["input_ids"]
+        inputs = tok([r["input"] for r in rows], add_special_tokens=False)["input_ids"]
         outputs = tok([r["output"] for r in rows])["input_ids"]  # ends with <|eos|>
         self.examples = []
-        for p, o in zip(prompts, outputs):
-            p = p[:self.seq_len // 2]  # keep room for the answer
+        for instruction, text, o in zip(instructions, inputs, outputs):
+            p = prompt_ids(instruction, text, self.seq_len // 2, markers)  # keep room for the answer
             o = o[:self.seq_len - len(p)]
             self.examples.append((p + o, [-100] * len(p) + o))
         self.sampler = EpochSampler(len(self.examples), self.cfg.train.seed + self.rank)
@@ -165,25 +183,69 @@ class SFTStage(Stage):
         return out.loss, {"samples": len(batch["input_ids"]), "tokens": int(batch["attention_mask"].sum())}
 
 
-class WeakStage(Stage):
-    """InfoNCE on (instruction + input, output) pairs with in-batch negatives and the soft mask."""
+def text_keys(texts: list[str]) -> torch.Tensor:
+    """int64 content keys of passages (equal text, equal key) for the positive-copies mask."""
+    return torch.from_numpy(exact_keys(texts).view(np.int64))
 
-    name, model_class, columns = "weak", ConanForEmbedding, ("instruction", "input", "output")
-    # Curated weak pairs (conan curate): the query already holds instruction + input.
-    aliases, defaults = {"input": "query", "output": "positive"}, {"instruction": ""}
+
+def batch_groups(rows: list[dict], columns: list[str], batch_size: int) -> tuple[dict, dict]:
+    """This rank's row indices per group (the values of `columns` joined by "/", e.g. source/lang) and every group's
+    rows over all ranks (so every rank derives the same schedule)."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        members["/".join(str(r[c]) for c in columns if r.get(c)) or "all"].append(i)
+    counts = [{g: len(m) for g, m in members.items()}]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        counts = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, {g: len(m) for g, m in members.items()})
+    return pool_small_groups(members, counts, batch_size)
+
+
+def pool_small_groups(members: dict[str, list[int]], counts: list[dict[str, int]], batch_size: int
+                      ) -> tuple[dict, dict]:
+    """Pool the groups some rank holds fewer than batch_size rows of into "<first value>/mixed" (a batch keeps its
+    first column, e.g. its task); return this rank's members and the pooled groups' rows over all ranks. counts:
+    every rank's rows per group, in rank order."""
+    groups = sorted({g for c in counts for g in c})
+    merged = merge_small_groups({g: [c.get(g, 0) for c in counts] for g in groups}, batch_size,
+                                lambda g: f"{g.split('/')[0]}/mixed" if "/" in g else "mixed")
+    pooled: dict[str, list[int]] = defaultdict(list)
+    for g, m in members.items():
+        pooled[merged[g]] += m
+    weights: dict[str, float] = defaultdict(float)
+    for g in groups:
+        weights[merged[g]] += sum(c.get(g, 0) for c in counts)
+    return dict(pooled), dict(weights)
+
+
+class WeakStage(Stage):
+    """InfoNCE on (input, output) pairs with in-batch negatives and the soft mask; by default every global batch shares
+    one language and source (data.batch_by), so negatives are not told apart by language alone. Queries are bare text
+    (no SFT instruction), as the evaluation, the server and sentence-transformers encode them."""
+
+    name, model_class = "weak", ConanForEmbedding
+    columns = ("input", "output", "lang", "source")
+    # Curated weak pairs (conan curate) name them query / positive.
+    aliases, defaults = {"input": "query", "output": "positive"}, {"lang": "", "source": ""}
+    batch_by = ["source", "lang"]
 
     records = SFTStage.records
 
     def prepare(self, rows):
-        self.queries = self.encode([f"{INSTRUCTION}{r['instruction']}{INPUT}{r['input']}" for r in rows])
+        self.queries = self.encode([r["input"] for r in rows])
         self.passages = self.encode([r["output"] for r in rows])
-        self.sampler = EpochSampler(len(rows), self.cfg.train.seed + self.rank)
+        self.passage_keys = text_keys([r["output"] for r in rows])
+        columns = self.batch_by if self.cfg.data.batch_by is None else self.cfg.data.batch_by
+        members, weights = batch_groups(rows, columns, self.cfg.train.micro_batch_size)
+        self.sampler = GroupedSampler(members, weights, self.cfg.train.steps * self.cfg.train.grad_accum,
+                                      self.cfg.train.seed, self.rank)
 
     def batch(self, index):
-        chosen = self.sampler.batch(index, self.cfg.train.micro_batch_size)
+        _, chosen = self.sampler.batch(index, self.cfg.train.micro_batch_size)
         pad = self.tokenizer.pad_token_id
         return {"query": pad_batch([self.queries[i] for i in chosen], pad),
-                "passage": pad_batch([self.passages[i] for i in chosen], pad)}
+                "passage": pad_batch([self.passages[i] for i in chosen], pad),
+                "passage_keys": self.passage_keys[chosen]}
 
     def alpha(self, step: int) -> float:
         """Soft-mask alpha(t) at this step (1.0 = bidirectional when the soft mask is off)."""
@@ -198,7 +260,9 @@ class WeakStage(Stage):
                              for side in ("query", "passage"))
         b = len(queries)
         target = torch.arange(b, device=queries.device) + self.rank * b
-        loss, _ = infonce_loss(queries, gather_with_grad(passages), target, self.cfg.loss.temperature)
+        allowed = positive_copies_mask(_gather(batch["passage_keys"]), target)
+        loss, scores = infonce_loss(queries, gather_with_grad(passages), target, self.cfg.loss.temperature, allowed)
+        self.note({"infonce_loss": float(loss.detach()), **contrastive_stats(scores, target, allowed, passages)})
         return loss, {"samples": b, "tokens": _tokens(batch), "alpha": alpha}
 
 
@@ -206,9 +270,14 @@ class SupervisedStage(Stage):
     """Multi-task contrastive training: one task per step (the same on every worker), MRL over dims."""
 
     name, model_class = "supervised", ConanForEmbedding
-    columns = ("task", "query", "positive", "negatives", "s1", "s2", "score", "query_id", "positive_id")
-    # Retrieval / CLR triples (conan clr) lack the STS columns and passage ids.
-    defaults = {"s1": "", "s2": "", "score": 0.0, "query_id": "", "positive_id": -1}
+    columns = ("task", "query", "positive", "negatives", "s1", "s2", "score", "query_id", "positive_id",
+               "positive_key", "negative_keys", "lang")
+    # Retrieval / CLR triples (conan clr) lack the STS columns, passage ids and keys (a passage is then its text);
+    # their passages' language is doc_lang.
+    aliases = {"lang": "doc_lang"}
+    defaults = {"s1": "", "s2": "", "score": 0.0, "query_id": "", "positive_id": -1, "positive_key": "",
+                "negative_keys": [], "lang": ""}
+    batch_by = ["lang"]  # within a task: candidates of one language, as in the weak stage
     PAIR_TASKS = ("retrieval", "clr", "classification")
     RESCORE_CHUNK = 16  # queries per extra forward pass of the v1 re-scoring baseline
 
@@ -218,14 +287,13 @@ class SupervisedStage(Stage):
         if pool_names:
             from conan.dhnm import NegativePoolClient
             self.pool = NegativePoolClient.connect(pool_names)
-        self.negative_scores: list[float] = []  # mean own-negative cosine per step, all pair rows
-        self.mined_query_scores: list[float] = []  # the same over rows that have a query_id
         self.rescored_step = -1
 
     @staticmethod
     def records(cfg):
         rows = stage_data.supervised_records(cfg.data.root, cfg.supervised.num_negatives,
-                                             cfg.supervised.max_per_task, cfg.train.seed)
+                                             cfg.supervised.max_per_task, cfg.train.seed,
+                                             cfg.supervised.retrieval_langs)
         if cfg.supervised.clr_paths:  # a built CLR set replaces the built-in human-translation CLR rows
             from conan.train.launcher import read_rows
             clr = read_rows(cfg.supervised.clr_paths, SupervisedStage, "supervised.clr_paths")
@@ -235,36 +303,37 @@ class SupervisedStage(Stage):
 
     def prepare(self, rows):
         sup = self.cfg.supervised
-        by_task: dict[str, list[dict]] = {}
-        for r in rows:
-            by_task.setdefault(r["task"], []).append(r)
-        self.tasks = sorted(t for t in by_task if sup.task_weights.get(t, 0) > 0)
-        if not self.tasks:  # e.g. `--set supervised.task_weights.clr=0` replaces the whole mapping
+        tasks = {r["task"] for r in rows}
+        task_weights = {t: sup.task_weights.get(t, 0.0) for t in tasks}
+        if not any(w > 0 for w in task_weights.values()):  # e.g. `--set supervised.task_weights.clr=0` replaces the map
             raise ValueError(f"supervised.task_weights {dict(sup.task_weights)}: none of the tasks with rows "
-                             f"{sorted(by_task)} has a positive weight")
-        unknown = set(self.tasks) - set(self.PAIR_TASKS) - {"sts"}
+                             f"{sorted(tasks)} has a positive weight")
+        unknown = {t for t, w in task_weights.items() if w > 0} - set(self.PAIR_TASKS) - {"sts"}
         if unknown:
             raise ValueError(f"unknown supervised tasks {sorted(unknown)}")
-        self.rows = {t: by_task[t] for t in self.tasks}
-        self.samplers = {t: EpochSampler(len(self.rows[t]), self.cfg.train.seed + self.rank) for t in self.tasks}
-        # The task of every micro-batch, from the seed alone, so all workers agree.
-        weights = np.array([sup.task_weights[t] for t in self.tasks], dtype=float)
-        total = self.cfg.train.steps * self.cfg.train.grad_accum
-        picks = np.random.default_rng([self.cfg.train.seed, 7]).choice(len(self.tasks), total, p=weights / weights.sum())
-        self.schedule = [self.tasks[i] for i in picks]
-        seen: dict[str, int] = {}
-        self.occurrence = []  # how many earlier micro-batches had the same task
-        for task in self.schedule:
-            self.occurrence.append(seen.get(task, 0))
-            seen[task] = seen.get(task, 0) + 1
+        self.rows = [r for r in rows if task_weights[r["task"]] > 0]
+        columns = ["task", *(self.batch_by if self.cfg.data.batch_by is None else self.cfg.data.batch_by)]
+        smallest = min(sup.batch_sizes[t] for t in tasks if task_weights[t] > 0)
+        members, counts = batch_groups(self.rows, columns, smallest)
+        # A task's weight is shared by its groups in proportion to their rows.
+        per_task = defaultdict(float)
+        for group, n in counts.items():
+            per_task[task_of(group)] += n
+        weights = {g: task_weights[task_of(g)] * n / per_task[task_of(g)] for g, n in counts.items()}
+        self.sampler = GroupedSampler(members, weights, self.cfg.train.steps * self.cfg.train.grad_accum,
+                                      self.cfg.train.seed, self.rank)
         self.dims = self.cfg.loss.matryoshka_dims
         if self.pool is not None:  # passages the pool's candidate ids point at
             self.corpus = stage_data.xquad_corpus(self.cfg.data.root)
 
+    def rows_of(self, tasks: tuple[str, ...]) -> list[dict]:
+        """This worker's rows of the given tasks."""
+        return [r for r in self.rows if r["task"] in tasks]
+
     def batch(self, index):
-        task, occurrence = self.schedule[index], self.occurrence[index]
+        task = task_of(self.sampler.group(index))
         size = self.cfg.supervised.batch_sizes[task]
-        chosen = [self.rows[task][i] for i in self.samplers[task].batch(occurrence, size)]
+        chosen = [self.rows[i] for i in self.sampler.batch(index, size)[1]]
         pad = self.tokenizer.pad_token_id
         if task == "sts":
             return {"task": task, "size": size,
@@ -272,15 +341,18 @@ class SupervisedStage(Stage):
                     "score": torch.tensor([r["score"] for r in chosen], dtype=torch.float32)}
         k = self.cfg.supervised.num_negatives
         negatives = [r["negatives"][:k] for r in chosen]
+        keys = [[r["positive_key"] or r["positive"]] for r in chosen] + [
+            [key or text for key, text in zip(r["negative_keys"] or [""] * k, negs)] for r, negs in zip(chosen, negatives)]
         candidates = [i for i, r in enumerate(chosen) if self.pool is not None and r.get("query_id")]
         assigned = self.pool.assign([chosen[i]["query_id"] for i in candidates]) if candidates else []
         managed = [i for i, ids in zip(candidates, assigned) if ids is not None]
         negative_ids = [ids for ids in assigned if ids is not None]
         for i, ids in zip(managed, negative_ids):
-            negatives[i] = [self.corpus[j] for j in ids]
+            negatives[i] = keys[size + i] = [self.corpus[j] for j in ids]
         passages = [r["positive"] for r in chosen] + [n for negs in negatives for n in negs]
         return {"task": task, "size": size, "query": pad_batch(self.encode([r["query"] for r in chosen]), pad),
                 "passage": pad_batch(self.encode(passages), pad),
+                "passage_keys": text_keys([key for row_keys in keys for key in row_keys]),
                 "query_ids": [r.get("query_id") or "" for r in chosen],
                 "dhnm": {"rows": managed, "negative_ids": negative_ids}}
 
@@ -292,24 +364,23 @@ class SupervisedStage(Stage):
             raw = engine(**batch["pair"], raw=True)
             left, right = gather_with_grad(raw[:b]), gather_with_grad(raw[b:])
             gold = _gather(batch["score"])
-            loss, _ = matryoshka_loss(cosent_loss, (left, right), dims, gold, self.cfg.loss.cosent_scale)
+            loss, per_dim = matryoshka_loss(cosent_loss, (left, right), dims, gold, self.cfg.loss.cosent_scale)
+            self.note({f"cosent_loss_d{d}": float(v.detach()) for d, v in per_dim.items()}, "sts_")
             return loss, counters
         queries = engine(**batch["query"], raw=True)
         local_passages = engine(**batch["passage"], raw=True)
         passages = gather_with_grad(local_passages)
         per_rank = len(local_passages)  # b positives then b*k negatives on every rank
         target = torch.arange(b, device=queries.device) + self.rank * per_rank
-        mask = None
-        if task == "classification":  # other rows' labels may be this row's label: own candidates only
-            k = self.cfg.supervised.num_negatives
-            mask = torch.zeros(b, passages.shape[0], dtype=torch.bool, device=queries.device)
-            base = self.rank * per_rank
-            for i in range(b):
-                mask[i, base + i] = True
-                mask[i, base + b + i * k: base + b + (i + 1) * k] = True
+        # Another copy of a row's positive (the paragraph of another question, the same question in another
+        # language, a repeated label) is no negative of that row.
+        allowed = positive_copies_mask(_gather(batch["passage_keys"]), target)
         loss, per_dim = matryoshka_loss(infonce_loss, (queries, passages), dims, target,
-                                        self.cfg.loss.temperature, mask)
-        self._track_negatives(per_dim[max(per_dim)][1], batch, self.rank * per_rank)
+                                        self.cfg.loss.temperature, allowed)
+        scores = per_dim[max(per_dim)][1]
+        own = self._track_negatives(scores, batch, self.rank * per_rank)
+        self.note({**{f"infonce_loss_d{d}": float(v[0].detach()) for d, v in per_dim.items()},
+                   **contrastive_stats(scores, target, allowed, local_passages[:b], own)}, f"{task}_")
         every = self.cfg.dhnm.rescore_every
         if self.pool is not None and every and step % every == 0 and step != self.rescored_step:
             self.rescored_step = step
@@ -319,7 +390,7 @@ class SupervisedStage(Stage):
     def _rescore(self, model) -> None:
         """The v1 baseline (dhnm.rescore_every = K): every K steps an extra no-grad forward pass over every managed
         query of this worker and its active negatives; those scores go to the pool instead of the loss's."""
-        rows = [r for t in ("retrieval", "clr") for r in self.rows.get(t, ()) if r.get("query_id")]
+        rows = [r for r in self.rows_of(("retrieval", "clr")) if r.get("query_id")]
         device, pad = next(model.parameters()).device, self.tokenizer.pad_token_id
         for start in range(0, len(rows), self.RESCORE_CHUNK):
             part = rows[start:start + self.RESCORE_CHUNK]
@@ -334,28 +405,24 @@ class SupervisedStage(Stage):
             scores = torch.einsum("qd,qkd->qk", q, n.view(len(kept), -1, n.shape[-1]))
             self.pool.report([qid for qid, *_ in kept], [ids for *_, ids in kept], scores.tolist())
 
-    def _track_negatives(self, scores: torch.Tensor, batch: dict, base: int) -> None:
-        """Read each query's own-negative cosines off the loss's similarity matrix (no extra forward pass);
+    def _track_negatives(self, scores: torch.Tensor, batch: dict, base: int) -> torch.Tensor:
+        """Read each query's own-negative cosines (b, k) off the loss's similarity matrix (no extra forward pass);
         report them to the DHNM pool for the rows it manages."""
         b, k = batch["size"], self.cfg.supervised.num_negatives
         own = torch.stack([scores[i, base + b + i * k: base + b + (i + 1) * k] for i in range(b)])
-        self.negative_scores.append(float(own.mean()))
+        self.note({"negative_score": float(own.mean())})
         mined_rows = [i for i in range(b) if batch["query_ids"][i]]  # rows DHNM may manage, DHNM on or off
         if mined_rows:
-            self.mined_query_scores.append(float(own[mined_rows].mean()))
+            self.note({"negative_score_mined_queries": float(own[mined_rows].mean())})
         dhnm = batch["dhnm"]
         if dhnm["rows"] and not self.cfg.dhnm.rescore_every:
             self.pool.report([batch["query_ids"][i] for i in dhnm["rows"]], dhnm["negative_ids"],
                              [own[i].tolist() for i in dhnm["rows"]])
+        return own
 
     def metrics(self) -> dict:
-        """Mean own-negative cosine since the last report, and the pool's counters."""
-        out = {}
-        for key, values in (("negative_score", self.negative_scores),
-                            ("negative_score_mined_queries", self.mined_query_scores)):
-            if values:
-                out[key] = sum(values) / len(values)
-                values.clear()
+        """Per-task figures since the last report (loss per Matryoshka dim, cosines, log N) and the pool's counters."""
+        out = super().metrics()
         if self.pool is not None:
             out.update({f"dhnm_{k}": v for k, v in self.pool.stats().items()})
         return out
@@ -375,6 +442,11 @@ class SupervisedStage(Stage):
             self.pool.load_state_dict(state["dhnm"])
         if self.pool is not None and dist.is_initialized():
             dist.barrier()
+
+
+def task_of(group: str) -> str:
+    """The supervised task of a batch group ("retrieval/de" → "retrieval")."""
+    return group.split("/")[0]
 
 
 def to_device(batch, device: torch.device):
