@@ -23,7 +23,7 @@ from conan.data.stage_data import pair_records
 from conan.losses import infonce_loss
 from conan.model import ConanForEmbedding
 from conan.runtime import init_ray
-from conan.tokenizer import INPUT, INSTRUCTION, load_tokenizer
+from conan.tokenizer import load_tokenizer
 from conan.train.launcher import run_stage
 
 from _tiny import tiny_embedding_model
@@ -32,7 +32,7 @@ WARMUP = 5
 
 
 def bare_loop(model_dir: Path, tokenizer, pairs: list[dict], batch: int, steps: int, seq_len: int) -> float:
-    """samples/s of a plain PyTorch loop: tokenize, one forward for queries and one for positives, InfoNCE, AdamW."""
+    """samples/s of a plain PyTorch loop: tokenize, one forward for the bare queries (the stage's own query form) and one for positives, InfoNCE, AdamW."""
     model = ConanForEmbedding.from_pretrained(str(model_dir)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
@@ -40,7 +40,7 @@ def bare_loop(model_dir: Path, tokenizer, pairs: list[dict], batch: int, steps: 
         chunk = [pairs[(step * batch + i) % len(pairs)] for i in range(batch)]
         start = time.perf_counter()
         q, p = (tokenizer(texts, padding=True, truncation=True, max_length=seq_len, return_tensors="pt") for texts in (
-            [f"{INSTRUCTION}{p['instruction']}{INPUT}{p['input']}" for p in chunk], [p["output"] for p in chunk]))
+            [p["input"] for p in chunk], [p["output"] for p in chunk]))
         loss, _ = infonce_loss(model(q["input_ids"], q["attention_mask"]), model(p["input_ids"], p["attention_mask"]),
                                torch.arange(batch), 0.05)
         opt.zero_grad()
@@ -62,8 +62,7 @@ def sentence_transformers_trainer(model_dir: Path, pairs: list[dict], batch: int
     model = SentenceTransformer(modules=[encoder, Pooling(encoder.get_word_embedding_dimension(), "mean")], device="cpu")
     n = batch * (steps + WARMUP)
     data = Dataset.from_dict({
-        "anchor": [f"{INSTRUCTION}{pairs[i % len(pairs)]['instruction']}{INPUT}{pairs[i % len(pairs)]['input']}"
-                   for i in range(n)],
+        "anchor": [pairs[i % len(pairs)]["input"] for i in range(n)],
         "positive": [pairs[i % len(pairs)]["output"] for i in range(n)]})
 
     ends: list[float] = []

@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 from conan.config import AblationConfig, SweepConfig, load_config
@@ -13,7 +14,7 @@ from conan.experiments.trials import GROUPS
 
 # Short runs from the session's random tiny embedding model: the point is the machinery, not the scores.
 SHORT = ["train.num_workers=1", "train.steps=8", "train.log_every=2", "train.checkpoint_every=8",
-         "data.max_rows=400", "supervised.max_per_task=40", "dhnm.pool_size=20"]
+         "data.max_rows=400", "supervised.max_per_task=40", "supervised.retrieval_langs=[en]", "dhnm.pool_size=20"]
 DEV = ["max_items=30", "langs=[en, zh, de]"]
 
 
@@ -63,29 +64,39 @@ def test_mask_sweep_runs_three_trials_on_two_cpus(ray_cluster, embedding_model_d
                for g, s in zip(GROUPS, _scores(row)))
 
 
-def test_ablation_writes_the_six_rows_of_table_4(ray_cluster, embedding_model_dir, tokenizer_dir, tmp_path,
-                                                 dev_eval_yaml):
-    """Two weak runs (soft mask on / off) then six supervised trials; each row's switches reach the stage (CLR weight,
-    DHNM pool) and the table holds our scores beside the paper's."""
-    from conan.experiments.ablation import PAPER_TABLE_4, row_name, run_ablation
+def test_ablation_runs_every_row_with_seeds_and_reports_mean_and_std(ray_cluster, embedding_model_dir, tokenizer_dir,
+                                                                    tmp_path, dev_eval_yaml):
+    """Weak runs per schedule (and without the soft mask) per seed, then Table 4's six rows and Table 12's extra
+    schedule per seed; each row's switches reach the stage (schedule, CLR weight, DHNM pool), and the tables hold
+    mean ± std over the seeds beside the paper's numbers."""
+    from conan.experiments.ablation import PAPER_TABLE_4, row_name, run_ablation, supervised_rows
 
     cfg = load_config(AblationConfig, "jobs/configs/ablation_tiny.yaml", [
-        f"output_dir={tmp_path}", f"overrides={[f'model.init_from={embedding_model_dir}', f'tokenizer.path={tokenizer_dir}', *SHORT]}",
-        f"evaluation={dev_eval_yaml}"])
+        f"output_dir={tmp_path}", f"overrides={[f'model.init_from={embedding_model_dir}', f'tokenizer.path={tokenizer_dir}', 'supervised.clr_paths=[]', *SHORT]}",
+        f"evaluation={dev_eval_yaml}", "seeds=2", "schedules=[linear, accelerating]"])
     path = run_ablation(cfg)
     results = json.loads((tmp_path / "ablation.json").read_text())
-    assert sorted(results) == sorted(row_name(*row) for row in PAPER_TABLE_4)
-    for (sm, clr, dhnm) in PAPER_TABLE_4:
-        out = tmp_path / row_name(sm, clr, dhnm)
-        assert (out / "model" / "config.json").is_file()
-        assert (out / "mined_negatives.parquet").is_file() == dhnm  # DHNM rows mine their candidate pools
-        reports = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert (max(r.get("dhnm_queries", 0) for r in reports) > 0) == dhnm  # and their pools manage queries
-        assert results[row_name(sm, clr, dhnm)]["model"] == str(out / "model")
+    rows = supervised_rows(["linear", "accelerating"])
+    assert sorted(results) == sorted(f"{name}-s{seed}" for name in rows for seed in (0, 1))
+    assert len(rows) == 7 and "sm-accelerating-noclr-nodhnm" in rows
+    for name, (schedule, clr, dhnm) in rows.items():
+        for seed in (0, 1):
+            out = tmp_path / f"{name}-s{seed}"
+            assert (out / "model" / "config.json").is_file()
+            assert (out / "mined_negatives.parquet").is_file() == dhnm  # DHNM rows mine their candidate pools
+            reports = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            assert (max(r.get("dhnm_queries", 0) for r in reports) > 0) == dhnm  # and their pools manage queries
+            assert any("clr_infonce_loss_d128" in r for r in reports) == clr  # CLR off = the task never drawn
+            assert results[f"{name}-s{seed}"]["model"] == str(out / "model")
     weak = json.loads((tmp_path / "ablation_weak.json").read_text())
-    assert {h["alpha"] for h in weak["weak-sm"]["history"]} != {1.0}  # soft mask on: α(t) ramps
-    assert all("alpha" not in h or h["alpha"] == 1.0 for h in weak["weak-nosm"]["history"])
+    assert sorted(weak) == sorted(f"weak-{s}-s{seed}" for s in ("linear", "accelerating", "nosm") for seed in (0, 1))
+    mid = {name: {h["step"]: h["alpha"] for h in r["history"]}[4] for name, r in weak.items()}
+    assert mid["weak-accelerating-s0"] < mid["weak-linear-s0"] < mid["weak-nosm-s0"] == 1.0  # each schedule's α(t)
     text = path.read_text()
     table = [line for line in text.splitlines() if line.startswith(("| ✓", "| ✗"))]
-    assert len(table) == 6
+    assert len(table) == 6 and all(line.count("±") == 3 for line in table)
     assert "| ✓ | ✓ | ✓ |" in table[-1] and table[-1].rstrip().endswith("| 65.17 | 73.52 | 74.24 |")
+    cell = table[0].split("|")[4].strip()  # SM only, Multi: the mean and std of its two seeds
+    values = [100 * results[f"{row_name(True, False, False)}-s{s}"]["Multi"] for s in (0, 1)]
+    assert cell == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+    assert "| Accelerating |" in text and "| 61.50 | 70.51 | 70.81 |" in text  # Table 12 beside the paper's

@@ -11,12 +11,8 @@ from pathlib import Path
 
 from conan.config import SweepConfig
 from conan.eval.report import markdown_table
+from conan.experiments.paper_tables import PAPER_TABLE_12
 from conan.experiments.trials import GROUPS, run_trials, trial_stage
-
-# Table 12 of the paper (soft mask alone, MTEB): Multi, Eng, Zh.
-PAPER_TABLE_12 = {"linear": (61.73, 70.41, 70.99), "accelerating": (61.50, 70.51, 70.81),
-                  "decelerating": (61.43, 70.01, 70.37)}
-
 
 def trial_name(schedule: str, rank_reduction: bool, temperature: float) -> str:
     """e.g. linear+rank-t0.05."""

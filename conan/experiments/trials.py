@@ -62,7 +62,7 @@ def run_trials(name: str, trials: dict[str, dict], exp: ExperimentConfig) -> dic
 
     init_ray(exp.ray_address)
     evaluation = to_dict(load_config(EvalConfig, exp.evaluation, [
-        "baseline_dir=null", "bm25=false", "plots=false", f"data_root={Path(exp.data_root).resolve()}"]))
+        "baselines=[]", "bm25=false", "plots=false", f"data_root={Path(exp.data_root).resolve()}"]))
     storage = Path(exp.output_dir).resolve() / "tune"
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"cpu": exp.trial_cpus}),
