@@ -9,6 +9,7 @@ module files: Transformer (the Conan decoder) → Pooling (the model's pooling) 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,4 +37,9 @@ def add_sentence_transformers_files(model_dir: str | Path) -> Path:
             if target.exists():
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
+    if config.max_seq_length:  # sentence-transformers takes its max_seq_length from the tokenizer's model_max_length
+        path = model_dir / "tokenizer_config.json"
+        tokenizer_config = json.loads(path.read_text())
+        tokenizer_config["model_max_length"] = config.max_seq_length
+        path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
     return model_dir
