@@ -84,6 +84,10 @@ class Stage:
         for key, value in figures.items():
             self.window[prefix + key].append(value)
 
+    def batch_columns(self) -> list[str]:
+        """The columns every global batch shares: data.batch_by when set, else the stage's default (batch_by)."""
+        return self.batch_by if self.cfg.data.batch_by is None else self.cfg.data.batch_by
+
     def metrics(self) -> dict:
         """Stage-specific figures since the last report: the means of what `note` kept, plus `chance_ratio`, the worst
         contrastive loss of the window as a fraction of its log N (the loop warns when it stays near 1)."""
@@ -235,7 +239,7 @@ class WeakStage(Stage):
         self.queries = self.encode([r["input"] for r in rows])
         self.passages = self.encode([r["output"] for r in rows])
         self.passage_keys = text_keys([r["output"] for r in rows])
-        columns = self.batch_by if self.cfg.data.batch_by is None else self.cfg.data.batch_by
+        columns = self.batch_columns()
         members, weights = batch_groups(rows, columns, self.cfg.train.micro_batch_size)
         self.sampler = GroupedSampler(members, weights, self.cfg.train.steps * self.cfg.train.grad_accum,
                                       self.cfg.train.seed, self.rank)
@@ -312,7 +316,7 @@ class SupervisedStage(Stage):
         if unknown:
             raise ValueError(f"unknown supervised tasks {sorted(unknown)}")
         self.rows = [r for r in rows if task_weights[r["task"]] > 0]
-        columns = ["task", *(self.batch_by if self.cfg.data.batch_by is None else self.cfg.data.batch_by)]
+        columns = ["task", *self.batch_columns()]
         smallest = min(sup.batch_sizes[t] for t in tasks if task_weights[t] > 0)
         members, counts = batch_groups(self.rows, columns, smallest)
         # A task's weight is shared by its groups in proportion to their rows.
