@@ -115,9 +115,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="stage config override")
     args = parser.parse_args()
 
-    base = load_config(JobConfig, args.config, [f"model.init_from={args.init}", f"tokenizer.path={args.tokenizer}",
-                                                *([f"supervised.clr_paths=[{args.clr}]"] if args.clr else []),
-                                                *args.overrides])
+    shared = [f"model.init_from={args.init}", f"tokenizer.path={args.tokenizer}",
+              *([f"supervised.clr_paths=[{args.clr}]"] if args.clr else []), *args.overrides]
+    base = load_config(JobConfig, args.config, shared)
     rows = stage_rows(absolute_paths(base), SupervisedStage)
     counts = {t: float(sum(r["task"] == t for r in rows)) for t in sorted({r["task"] for r in rows})}
     weights = {t: counts[t] if base.supervised.task_weights.get(t, 0) > 0 else 0.0 for t in counts}
@@ -125,9 +125,7 @@ def main() -> None:
     per_worker = base.supervised.batch_sizes["retrieval"]
     batch = per_worker * base.train.num_workers
     cfg = load_config(JobConfig, args.config, [
-        f"model.init_from={args.init}", f"tokenizer.path={args.tokenizer}",
-        *([f"supervised.clr_paths=[{args.clr}]"] if args.clr else []), *args.overrides,
-        f"supervised.task_weights={json.dumps(weights)}",
+        *shared, f"supervised.task_weights={json.dumps(weights)}",
         f"supervised.batch_sizes={json.dumps({t: per_worker for t in counts})}"])
     print(f"[peer] rows per task {dict((t, int(c)) for t, c in counts.items() if weights[t])}, global batch {batch}, "
           f"{cfg.train.steps} steps, {args.seeds} seeds", flush=True)
