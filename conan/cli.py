@@ -53,6 +53,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_shard(args) -> int:
+    """Write a stage's input as shards (what `conan train` would do first), without training."""
+    from conan.config import JobConfig
+    from conan.runtime import init_ray
+    from conan.train.launcher import absolute_paths, check_inputs, stage_shards
+    from conan.train.stages import stage_class
+
+    cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"]))
+    tokenizer_dir = check_inputs(cfg) if args.stage == "pretrain" else None
+    init_ray(cfg.ray_address)
+    print(json.dumps({"shards": stage_shards(cfg, stage_class(args.stage), tokenizer_dir)}))
+    return 0
+
+
 def cmd_mine(args) -> int:
     """Mine hard-negative candidates for the supervised stage's queries."""
     from conan.config import JobConfig
@@ -197,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train one stage (pretrain, sft, weak, supervised) on Ray Train + DeepSpeed",
                         description="Run a stage on Ray Train workers with DeepSpeed ZeRO; resumes from its latest "
                                     "checkpoint and exports a Hugging Face model to <output_dir>/model.")
+    p.add_argument("stage", choices=list(STAGES), help="which stage")
+
+    p = _config_command(sub, "shard", cmd_shard, "stage (JobConfig)",
+                        help="write a stage's input (data.paths) as parquet shards with a manifest, without training",
+                        description="Stream data.paths (parquet / JSONL files or directories) into shards grouped by "
+                                    "the stage's batch columns, one Ray task per input file, under "
+                                    "<output_dir>/shards (pretraining: then tokenize and pack token blocks on a Ray "
+                                    "Data actor pool). `conan train` does the same first and reuses them.")
     p.add_argument("stage", choices=list(STAGES), help="which stage")
 
     _config_command(sub, "mine", cmd_mine,

@@ -148,6 +148,7 @@ class TrainConfig:
     max_failures: int = 1
     seed: int = 0
     inject_failure_at_step: int | None = None  # chaos test: raise once at this step, to exercise resume
+    log_row_ids: bool = False  # append (step, rank, row ids) of every micro-batch to <output_dir>/row_ids/rank<r>.jsonl
 
 
 @dataclass

@@ -401,14 +401,18 @@ def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
     from conan.data.clr import CLR_SCHEMA
     from conan.data.stage_data import xquad_corpus
     from conan.data.weak import PAIR_SCHEMA
-    from conan.train.launcher import read_rows
+    from conan.data.shards import load_manifest
+    from conan.train.launcher import stage_rows, stage_shards
     from conan.train.stages import SupervisedStage, WeakStage
 
     (tmp_path / "curated" / "data").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([{"query": "q1", "positive": "p1", "source": "s", "lang": "en", "score": 0.5}],
                                         schema=PAIR_SCHEMA), tmp_path / "curated" / "data" / "part-1.parquet")
-    assert read_rows([str(tmp_path / "curated" / "data")], WeakStage) == \
-        [{"input": "q1", "output": "p1", "lang": "en", "source": "s"}]
+    weak = from_dict(JobConfig, {"stage": "weak", "output_dir": str(tmp_path / "weak"),
+                                 "data": {"paths": [str(tmp_path / "curated" / "data")]}})
+    assert stage_rows(weak, WeakStage) == [{"input": "q1", "output": "p1", "lang": "en", "source": "s"}]
+    shards = load_manifest(stage_shards(weak, WeakStage)[0])  # re-sharded by the stage's batch columns
+    assert shards.kind == "pairs" and shards.group_rows() == {"s/en": 1}
     paragraph = xquad_corpus(data_root)[5]
     clr = [{"query": "Wer?", "positive": paragraph, "negatives": ["n"] * 7, "query_lang": "de", "doc_lang": "en",
             "task": "clr", "query_id": "de:abc", "source_query": "Who?", "attempts": 1}]
@@ -419,3 +423,25 @@ def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
     clr_rows = [r for r in rows if r["task"] == "clr"]
     assert len(clr_rows) == 1 and clr_rows[0]["positive_id"] == 5 and clr_rows[0]["query_id"] == "de:abc"
     assert clr_rows[0]["s1"] == "" and {r["task"] for r in rows} == {"retrieval", "clr", "classification", "sts"}
+
+
+def test_pretraining_blocks_rejoin_into_the_tokenized_documents(ray_cluster, corpus, tokenizer_dir, tokenizer, tmp_path):
+    """Documents sharded (3 shards), tokenized and packed by the Ray Data actor-pool job: the blocks, joined in
+    manifest order, are the tokenized documents joined (each ends with <|eos|>); ids are uint16 for a 4k vocabulary."""
+    from conan.data.shards import RowSpec, convert, load_manifest
+    from conan.data.tokenize import pack_documents
+
+    texts = pq.read_table(corpus, columns=["text"])["text"].to_pylist()[:3000]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet")
+    docs = convert([str(tmp_path / "docs.parquet")], tmp_path / "docs", "documents", RowSpec(("text",)),
+                   rows_per_shard=1000)
+    blocks = pack_documents([str(docs.directory)], tmp_path / "blocks", str(tokenizer_dir), seq_len=64)
+    assert load_manifest(tmp_path / "blocks").kind == "lm_blocks" and len(blocks.groups["all"]) == 3
+    tables = [pq.read_table(tmp_path / "blocks" / f.path) for f in blocks.groups["all"]]
+    assert all(str(t.schema.field("ids").type) == "list<element: uint16>" for t in tables)
+    lengths = [len(ids) for t in tables for ids in t["ids"].to_pylist()]
+    assert max(lengths) == 64 and sum(length < 64 for length in lengths) <= 3  # one short block per shard at most
+    stream = [i for t in tables for ids in t["ids"].to_pylist() for i in ids]
+    expected = [i for ids in tokenizer(texts)["input_ids"] for i in ids]
+    assert stream == expected and expected.count(tokenizer.eos_token_id) == len(texts)
+    assert blocks.stats["tokens"] == len(expected) and 0 < blocks.stats["unigram_entropy"] < 8.4

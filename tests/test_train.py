@@ -128,7 +128,7 @@ def test_missing_previous_stage_fails_before_any_worker_starts(tmp_path, ray_clu
 def test_killed_worker_resumes_and_matches_an_uninterrupted_run(chain, tmp_path):
     """Worker 1 raises at step 13 the first time; Ray Train restarts the group from the step-10 checkpoint."""
     base = [f"model.init_from={Path(chain['sft'].output_dir) / 'model'}", "data.max_rows=2000",
-            "train.steps=20", f"data.root={chain['sft'].data.root}"]
+            "train.steps=20", f"data.root={chain['sft'].data.root}", "train.log_row_ids=true"]
     clean = stage_config("weak", tmp_path / "clean", *base)
     faulty = stage_config("weak", tmp_path / "faulty", *base, "train.inject_failure_at_step=13")
     run_stage(clean)
@@ -136,9 +136,24 @@ def test_killed_worker_resumes_and_matches_an_uninterrupted_run(chain, tmp_path)
     assert (Path(faulty.output_dir) / ".injected_failure").exists()  # the failure did happen
     assert result.metrics["step"] == 20
     assert losses(faulty) == pytest.approx(losses(clean), rel=1e-4)
+    assert_same_rows_trained(clean, faulty)
     a = ConanForEmbedding.from_pretrained(Path(clean.output_dir) / "model").state_dict()
     b = ConanForEmbedding.from_pretrained(Path(faulty.output_dir) / "model").state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def assert_same_rows_trained(clean: JobConfig, faulty: JobConfig) -> None:
+    """Every rank trained each micro-batch on the same row ids in both runs (after a resume the replayed steps are
+    logged again: the last record of a step is the one the model kept)."""
+    def trained(cfg):
+        records = [json.loads(line) for path in sorted((Path(cfg.output_dir) / "row_ids").glob("rank*.jsonl"))
+                   for line in path.read_text().splitlines()]
+        return records, {(r["step"], r["micro"], r["rank"]): r["row_ids"] for r in records}
+    clean_records, clean_rows = trained(clean)
+    faulty_records, faulty_rows = trained(faulty)
+    assert len(clean_records) == len(clean_rows) == clean.train.steps * clean.train.num_workers
+    assert len(faulty_records) > len(faulty_rows)  # steps after the checkpoint ran twice
+    assert faulty_rows == clean_rows
 
 
 def _gathered_infonce_worker(config):
@@ -212,7 +227,7 @@ def dhnm_runs(chain, tmp_path_factory):
     base = [f"model.init_from={Path(chain['weak'].output_dir) / 'model'}", f"data.root={chain['weak'].data.root}",
             # 40 English queries (20 per worker, 8 per step): each comes back ~8 times, so DHNM has time to act.
             "supervised.max_per_task=40", "supervised.retrieval_langs=[en]", "supervised.task_weights={retrieval: 1.0}",
-            "train.steps=20",
+            "train.steps=20", "train.log_row_ids=true",
             "supervised.batch_sizes={retrieval: 8}", "dhnm.pool_size=179"]  # whole corpus: nearly every query managed
     runs = {"dhnm": stage_config("supervised", out / "dhnm", *base, "dhnm.enabled=true", *TINY_SCALE_RULE)}
     run_stage(runs["dhnm"])
@@ -263,6 +278,7 @@ def test_pool_state_survives_a_killed_worker_exactly(dhnm_runs):
     clean = torch.load(Path(dhnm_runs["dhnm"].output_dir) / "stage_state.pt", weights_only=False)["dhnm"]
     resumed = torch.load(Path(dhnm_runs["faulty"].output_dir) / "stage_state.pt", weights_only=False)["dhnm"]
     assert clean == resumed
+    assert_same_rows_trained(dhnm_runs["dhnm"], dhnm_runs["faulty"])
     # Reports of steps 10-12 reached the pool before the crash and were replayed after it: without the
     # restore they would count twice.
     assert sum(s["counters"]["reports"] for s in clean) > 0

@@ -7,6 +7,7 @@ of each set (conan.data.stage_data: no dev XQuAD article, Tatoeba dev line or CS
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 from typing import Iterator
 
@@ -80,9 +81,11 @@ def iter_corpus(root: str | Path, sources: list[str] | None = None,
 
 
 def write_corpus(root: str | Path, out_path: str | Path, sources: list[str] | None = None,
-                 max_per_source: int | None = None) -> int:
-    """Write the corpus to one parquet file and return its row count."""
+                 max_per_source: int | None = None, seed: int = 0) -> int:
+    """Write the corpus to one parquet file in a seeded random order and return its row count (a reader streams a
+    shard at a time, so every shard must mix the sources)."""
     rows = list(iter_corpus(root, sources, max_per_source))
+    random.Random(seed).shuffle(rows)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     texts, langs, srcs = zip(*rows) if rows else ((), (), ())

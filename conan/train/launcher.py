@@ -7,15 +7,18 @@ stage whose export already exists is not launched at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import pyarrow.json as pajson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conan.config import ConfigError, JobConfig, to_dict
+from conan.data.shards import ShardError, convert, is_shard_dir, load_manifest, merge_manifests
+from conan.data.tokenize import pack_documents
 from conan.runtime import init_ray
 from conan.train.backend import resolve_backend
 from conan.train.loop import STAGE_MARKER, train_worker
@@ -47,41 +50,50 @@ def check_inputs(cfg: JobConfig) -> Path:
     return tokenizer_dir
 
 
-def read_rows(paths: list[str], stage: type[Stage], key: str = "data.paths") -> list[dict]:
-    """Rows of parquet files / directories (e.g. a curation or CLR output) or JSONL files, as the stage's columns:
-    a missing column is taken from its alias (weak pairs' query/positive for input/output) or its default."""
-    rows: list[dict] = []
-    for p in paths:
-        table = pq.read_table(p) if Path(p).is_dir() or p.endswith(".parquet") else pajson.read_json(p)
-        names = set(table.column_names)
-        missing = [c for c in stage.columns if c not in names and stage.aliases.get(c) not in names
-                   and c not in stage.defaults]
-        if missing:
-            raise ConfigError(f"{key}: {p} lacks columns {missing} (has {table.column_names})")
-        columns = {c: table[c] if c in names else table[stage.aliases[c]] if stage.aliases.get(c) in names
-                   else None for c in stage.columns}
-        n = table.num_rows
-        values = {c: col.to_pylist() if col is not None else [stage.defaults[c]] * n for c, col in columns.items()}
-        rows += [dict(zip(values, row)) for row in zip(*values.values())]
-    return rows
+def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path | None = None) -> list[str]:
+    """The stage's input as shard directories: data.paths used as they are when they are shards of the stage's kind
+    and grouping, else re-sharded (streamed, one Ray task per input file) under <output_dir>/shards; the built-in
+    datasets when data.paths is empty. Pretraining's documents are then tokenized and packed into token blocks."""
+    spec = stage.row_spec(cfg)
+    out = Path(cfg.output_dir) / "shards"
+    inputs = list(cfg.data.paths)
+    if not inputs:  # the bundled demo datasets: small, written once by the driver
+        records = out / "records.parquet"
+        if not records.is_file():
+            rows = stage.records(cfg)
+            if not rows:
+                raise ConfigError(f"stage {cfg.stage}: no training rows")
+            random.Random(cfg.train.seed).shuffle(rows)  # a reader streams a shard at a time: shards must be mixed
+            out.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(rows), records)
+        inputs = [str(records)]
+    ready = [load_manifest(p) for p in inputs if is_shard_dir(p)]
+    if cfg.data.max_rows is None and len(ready) == len(inputs) and all(
+            m.kind == stage.input_kind and m.stats.get("group_by") == list(spec.group_by) for m in ready):
+        dirs = inputs
+    else:
+        key = hashlib.sha256(json.dumps([inputs, asdict(spec), cfg.data.max_rows, cfg.train.seed],
+                                        default=str).encode()).hexdigest()[:12]
+        try:
+            dirs = [str(convert(inputs, out / f"input-{key}", stage.input_kind, spec, cfg.data.max_rows,
+                                cfg.train.seed).directory)]
+        except ShardError as e:
+            raise ConfigError(f"data.paths: {e}") from e
+    if stage.name == "pretrain":
+        blocks = pack_documents(dirs, out / f"blocks-{_fingerprint(dirs)}-{cfg.data.seq_len}", str(tokenizer_dir),
+                                cfg.data.seq_len, concurrency=max(1, cfg.train.num_workers))
+        dirs = [str(blocks.directory)]
+    return dirs
+
+
+def _fingerprint(dirs: list[str]) -> str:
+    return hashlib.sha256(json.dumps([load_manifest(d).fingerprint() for d in dirs]).encode()).hexdigest()[:12]
 
 
 def stage_rows(cfg: JobConfig, stage: type[Stage]) -> list[dict]:
-    """The stage's rows: the user's files, else the real datasets; data.max_rows keeps a seeded random sample (in
-    input order: a file's head would be one source or language only)."""
-    rows = read_rows(cfg.data.paths, stage) if cfg.data.paths else stage.records(cfg)
-    if cfg.data.max_rows is not None and cfg.data.max_rows < len(rows):
-        keep = np.random.default_rng([cfg.train.seed, 11]).choice(len(rows), cfg.data.max_rows, replace=False)
-        rows = [rows[i] for i in sorted(keep)]
-    if not rows:
-        raise ConfigError(f"stage {cfg.stage}: no training rows")
-    return rows
-
-
-def stage_dataset(rows: list[dict]):
-    """Rows as a Ray dataset with a stable row_id."""
-    import ray.data
-    return ray.data.from_items([{**r, "row_id": i} for i, r in enumerate(rows)])
+    """Every row of the stage's shards in one list (mining reads the whole query set)."""
+    files = merge_manifests([load_manifest(d) for d in stage_shards(cfg, stage)])
+    return [row for parts in files.values() for path, _ in parts for row in pq.read_table(path).to_pylist()]
 
 
 def is_finished(cfg: JobConfig) -> bool:
@@ -106,7 +118,7 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
 
     `callbacks`: Ray Train user callbacks (a Tune trial passes TuneReportCallback to stream the reports to Tune)."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = absolute_paths(cfg)
@@ -117,12 +129,12 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
     init_ray(cfg.ray_address)
     backend = resolve_backend(cfg.train.device, cfg.train.precision, ray.cluster_resources())
     stage = stage_class(cfg.stage)
-    rows = stage_rows(cfg, stage)
-    pools = start_negative_pools(cfg, rows) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
+    shards = stage_shards(cfg, stage, tokenizer_dir)
+    pools = start_negative_pools(cfg, stage) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": to_dict(cfg), "backend": asdict(backend),
-                           "tokenizer_dir": str(tokenizer_dir),
+                           "tokenizer_dir": str(tokenizer_dir), "shards": shards,
                            "stage_kwargs": {"pool_names": pools.names} if pools else {}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=backend.use_gpu,
                                      resources_per_worker=backend.resources_per_worker(cfg.train.cpus_per_worker)),
@@ -131,10 +143,8 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              callbacks=callbacks),
         torch_config=TorchConfig(backend=backend.dist_backend),
-        datasets={"train": stage_dataset(rows)},
-        # Every worker sees the whole (small) table and takes rows rank::world after sorting by row_id,
-        # so shards are identical across restarts and resumes replay exactly.
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # No Ray dataset: every worker streams its own slice of the shard files (conan.data.stream), a pure function
+        # of (seed, step, world size) that a resume continues exactly (Ray 2.60 keeps no ingest position).
     )
     result = trainer.fit()  # `pools` stays referenced until here: the actors live as long as the run
     return StageResult(export_path(cfg), dict(result.metrics or {}))
@@ -165,14 +175,16 @@ def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Pat
     return path
 
 
-def start_negative_pools(cfg: JobConfig, rows: list[dict]):
+def start_negative_pools(cfg: JobConfig, stage: type[Stage]):
     """Create the pool actors from the mined candidates (mining first when none are given)."""
     from conan.data.mining import read_mined
     from conan.dhnm import ReplacementRule, create_negative_pools
 
     if cfg.dhnm.candidates and not Path(cfg.dhnm.candidates).is_file():
         raise ConfigError(f"dhnm.candidates: {cfg.dhnm.candidates} does not exist")
-    path = mine_negatives(cfg, rows)
+    path = mined_negatives_path(cfg)
+    if not path.is_file():
+        path = mine_negatives(cfg, stage_rows(cfg, stage))
     rule = ReplacementRule(cfg.dhnm.first_sight_min, cfg.dhnm.decay_factor, cfg.dhnm.stale_max)
     return create_negative_pools(read_mined(path), f"{cfg.name}-dhnm", cfg.dhnm.num_shards, rule,
                                  cfg.supervised.num_negatives)

@@ -13,6 +13,7 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from conan.config import JobConfig, from_dict
+from conan.data.shards import load_manifest, merge_manifests
+from conan.data.stream import DataPosition
 from conan.metrics import TrainMetrics
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
@@ -30,15 +33,6 @@ from conan.train.stages import Stage, export_path, stage_class, to_device
 
 CHECKPOINT_TAG = "state"
 STAGE_MARKER = "conan_stage.json"
-
-
-def _shard_rows(rank: int, world: int) -> list[dict]:
-    """This worker's rows: every row of the dataset in row_id order, then rank::world (deterministic)."""
-    import ray.data
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    rows = list(ray.train.get_dataset_shard("train").iter_rows())
-    rows.sort(key=lambda r: r["row_id"])
-    return rows[rank::world]
 
 
 def _rng_state() -> dict:
@@ -51,19 +45,27 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(engine, stage: Stage, step: int, rank: int, directory: str) -> None:
-    """Engine state (+ ZeRO optimizer shard of this rank), step, RNG and the stage's extra state."""
+def save_checkpoint(engine, stage: Stage, step: int, rank: int, directory: str, position: DataPosition) -> None:
+    """Engine state (+ ZeRO optimizer shard of this rank), step, RNG, the data position and the stage's extra state."""
     engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"step": step})
-    torch.save({"rng": _rng_state(), "stage": stage.state_dict()}, Path(directory) / f"worker_rank{rank}.pt")
+    torch.save({"rng": _rng_state(), "stage": stage.state_dict(), "data": asdict(position)},
+               Path(directory) / f"worker_rank{rank}.pt")
 
 
-def load_checkpoint(engine, stage: Stage, rank: int, directory: str) -> int:
-    """Restore what save_checkpoint wrote; returns the step to continue from."""
+def load_checkpoint(engine, stage: Stage, rank: int, directory: str, position: DataPosition) -> int:
+    """Restore what save_checkpoint wrote (after checking this run reads the same rows); returns the step to
+    continue from."""
+    extra = torch.load(Path(directory) / f"worker_rank{min(rank, _ranks_saved(directory) - 1)}.pt",
+                       weights_only=False)
+    position.check_resume(extra["data"])
     _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-    extra = torch.load(Path(directory) / f"worker_rank{rank}.pt", weights_only=False)
     _set_rng_state(extra["rng"])
     stage.load_state_dict(extra["stage"])
     return int(client_state["step"])
+
+
+def _ranks_saved(directory: str) -> int:
+    return len(list(Path(directory).glob("worker_rank*.pt")))
 
 
 def _mean_over_ranks(values: list[float]) -> float:
@@ -84,7 +86,10 @@ def train_worker(loop_config: dict) -> None:
     tokenizer = load_tokenizer(loop_config["tokenizer_dir"])
 
     stage = stage_class(cfg.stage)(cfg, tokenizer, rank, world, **loop_config.get("stage_kwargs", {}))
-    stage.prepare(_shard_rows(rank, world))
+    manifests = [load_manifest(d) for d in loop_config["shards"]]
+    stage.prepare(merge_manifests(manifests), manifests[0].stats)
+    position = DataPosition(cfg.train.seed, world, tuple(m.fingerprint() for m in manifests))
+    row_log = RowIdLog(Path(cfg.output_dir), rank) if cfg.train.log_row_ids else None
     model = load_or_init(stage.model_class, cfg.model, tokenizer)
     forward_calls = [0]  # model forward passes, reported per step (DHNM must add none)
     model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
@@ -98,7 +103,7 @@ def train_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            start = load_checkpoint(engine, stage, rank, directory)
+            start = load_checkpoint(engine, stage, rank, directory, position)
         print(f"[{cfg.stage}] rank {rank} resumed at step {start}", flush=True)
 
     out = Path(cfg.output_dir)
@@ -113,6 +118,8 @@ def train_worker(loop_config: dict) -> None:
         step_metrics: dict = {}
         for micro in range(accum):
             batch = stage.batch(step * accum + micro)
+            if row_log:
+                row_log.write(step, micro, batch["row_ids"])
             batch = to_device(batch, device)
             loss, counters = stage.loss(engine, batch, step)
             engine.backward(loss)
@@ -139,7 +146,7 @@ def train_worker(loop_config: dict) -> None:
             print(progress_line(cfg, metrics), flush=True)
         if is_checkpoint:
             with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(engine, stage, done, rank, directory)
+                save_checkpoint(engine, stage, done, rank, directory, position)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -166,6 +173,21 @@ def progress_line(cfg: JobConfig, m: dict) -> str:
     parts.append(f"lr {m['lr']:.2e} {m['samples_per_s']:.0f} samples/s")
     warning = chance_warning(cfg.stage, m["step"], cfg.train.steps, m.get("chance_ratio", 0.0))
     return " ".join(parts) + (f"\n{warning}" if warning else "")
+
+
+class RowIdLog:
+    """Appends (step, micro-batch, rank, row ids) of every micro-batch to <output_dir>/row_ids/rank<r>.jsonl (after a
+    resume a replayed step appears again; its last record is what the model trained on)."""
+
+    def __init__(self, output_dir: Path, rank: int):
+        self.path = output_dir / "row_ids" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+
+    def write(self, step: int, micro: int, row_ids: list[int]) -> None:
+        """One line per micro-batch."""
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "micro": micro, "rank": self.rank, "row_ids": row_ids}) + "\n")
 
 
 def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int, world: int) -> None:

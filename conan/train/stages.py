@@ -6,8 +6,10 @@ weak      InfoNCE with in-batch negatives over the global batch, soft mask sched
 supervised task-homogeneous batches: retrieval / clr / classification (InfoNCE with hard negatives),
           sts (CoSENT), every loss wrapped in Matryoshka over the configured dims
 
-Batches are a pure function of (seed, micro-batch index, rank), so a resumed run sees exactly the
-data an uninterrupted one would.
+A stage reads its rows from shard files (conan.data.shards) through a GroupedStream: batches are a pure function
+of (seed, micro-batch index, rank, world size), so a resumed run sees exactly the data an uninterrupted one would.
+Pretraining reads token blocks packed upstream (conan.data.tokenize); pair stages tokenize a micro-batch's rows as
+they read them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
@@ -26,8 +29,9 @@ from conan.losses import cosent_loss, gather_with_grad, infonce_loss, matryoshka
 from conan.model import ConanForCausalLM, ConanForEmbedding
 from conan.model.soft_mask import soft_mask_alpha
 from conan.tokenizer import INPUT, INSTRUCTION, OUTPUT
-from conan.train.diagnostics import contrastive_stats, unigram_entropy
-from conan.train.sampling import EpochSampler, GroupedSampler, merge_small_groups
+from conan.data.shards import RowSpec, input_files
+from conan.data.stream import GroupedStream
+from conan.train.diagnostics import contrastive_stats
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, label_sequences: list[list[int]] | None = None) -> dict:
@@ -54,8 +58,11 @@ class Stage:
     model_class: type
     # Columns of the stage's input rows (a user's parquet/JSONL must have them, or an alias, or a default).
     columns: tuple[str, ...]
+    input_kind: str  # the manifest kind of the stage's shards
     aliases: dict[str, str] = {}  # column → another record kind's column that stands in for it
     defaults: dict[str, object] = {}  # columns a file may lack
+
+    batch_by: list[str] = []  # the columns every global batch shares unless data.batch_by says otherwise
 
     def __init__(self, cfg: JobConfig, tokenizer, rank: int = 0, world_size: int = 1):
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
@@ -67,12 +74,35 @@ class Stage:
         """The stage's rows from the real datasets under cfg.data.root."""
         raise NotImplementedError
 
-    def prepare(self, rows: list[dict]) -> None:
-        """Tokenize this worker's shard once."""
-        raise NotImplementedError
+    @classmethod
+    def row_spec(cls, cfg: JobConfig) -> RowSpec:
+        """The columns the stage reads and what its shards are grouped by."""
+        columns = cls.batch_by if cfg.data.batch_by is None else cfg.data.batch_by
+        return RowSpec(cls.columns, cls.aliases, cls.defaults, tuple(cls.group_prefix + list(columns)))
+
+    group_prefix: list[str] = []  # columns a shard group always starts with (the supervised task)
+
+    def prepare(self, files: dict, stats: dict) -> None:
+        """Open this worker's stream over the shards' groups (files: group → [(path, rows)]; stats: the manifest's)."""
+        self.stream = GroupedStream(files, self.group_weights({g: sum(n for _, n in fs) for g, fs in files.items()}),
+                                    self.cfg.train.steps * self.cfg.train.grad_accum, self.cfg.train.seed, self.rank,
+                                    self.world_size, self.smallest_batch(), pool=lambda g: f"{g.split('/')[0]}/mixed"
+                                    if "/" in g else "mixed")
+
+    def group_weights(self, rows: dict[str, int]) -> dict[str, float]:
+        """Each group's share of the micro-batches: its rows."""
+        return {g: float(n) for g, n in rows.items()}
+
+    def smallest_batch(self) -> int:
+        """The smallest micro-batch any group is read in (smaller groups are pooled)."""
+        return self.cfg.train.micro_batch_size
+
+    def rows(self, index: int, batch_size: int | None = None) -> tuple[str, list[dict]]:
+        """(group, rows) of the index-th micro-batch of this worker."""
+        return self.stream.batch(index, batch_size or self.cfg.train.micro_batch_size)
 
     def batch(self, index: int) -> dict:
-        """The index-th micro-batch of this worker."""
+        """The index-th micro-batch of this worker (its rows' ids under "row_ids")."""
         raise NotImplementedError
 
     def loss(self, engine, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
@@ -83,10 +113,6 @@ class Stage:
         """Keep figures of one micro-batch for the next report (averaged there)."""
         for key, value in figures.items():
             self.window[prefix + key].append(value)
-
-    def batch_columns(self) -> list[str]:
-        """The columns every global batch shares: data.batch_by when set, else the stage's default (batch_by)."""
-        return self.batch_by if self.cfg.data.batch_by is None else self.cfg.data.batch_by
 
     def metrics(self) -> dict:
         """Stage-specific figures since the last report: the means of what `note` kept, plus `chance_ratio`, the worst
@@ -114,34 +140,26 @@ class Stage:
 
 
 class PretrainStage(Stage):
-    """Causal LM on packed token streams."""
+    """Causal LM on token blocks packed upstream (documents joined by <|eos|>; a shard's last block may be shorter)."""
 
-    name, model_class, columns = "pretrain", ConanForCausalLM, ("text",)
+    name, model_class, columns, input_kind = "pretrain", ConanForCausalLM, ("text",), "documents"
 
     @staticmethod
     def records(cfg):
         return stage_data.pretrain_records(cfg.data.root, cfg.data.max_rows)
 
-    def prepare(self, rows):
-        # Documents in a seeded random order, so every block mixes what the corpus holds wherever a file sorted it.
-        order = np.random.default_rng([self.cfg.train.seed, 3]).permutation(len(rows))
-        ids = self.tokenizer([rows[i]["text"] for i in order])["input_ids"]
-        stream = np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
-        counts = torch.from_numpy(np.bincount(stream, minlength=len(self.tokenizer)))
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        self.unigram_entropy = unigram_entropy(counts.numpy())
-        n = len(stream) // self.seq_len
-        self.blocks = torch.from_numpy(stream[:n * self.seq_len]).view(n, self.seq_len)
-        self.sampler = EpochSampler(n, self.cfg.train.seed + self.rank)
+    def prepare(self, files, stats):
+        super().prepare(files, stats)
+        self.unigram_entropy = stats["unigram_entropy"]
 
     def batch(self, index):
-        ids = self.blocks[self.sampler.batch(index, self.cfg.train.micro_batch_size)]
-        return {"input_ids": ids, "labels": ids}
+        _, rows = self.rows(index)
+        ids = [r["ids"] for r in rows]
+        return {**pad_batch(ids, self.tokenizer.pad_token_id, ids), "row_ids": [r["row_id"] for r in rows]}
 
     def loss(self, engine, batch, step):
-        out = engine(input_ids=batch["input_ids"], labels=batch["labels"])
-        return out.loss, {"samples": len(batch["input_ids"]), "tokens": batch["input_ids"].numel()}
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, {"samples": len(batch["input_ids"]), "tokens": int(batch["attention_mask"].sum())}
 
     def metrics(self):
         """The corpus's unigram entropy: a loss above it predicts token frequencies, not text."""
@@ -160,27 +178,26 @@ class SFTStage(Stage):
     """Causal LM on instruction / input / output, loss on the output tokens only."""
 
     name, model_class, columns = "sft", ConanForCausalLM, ("instruction", "input", "output")
+    input_kind = "instructions"
 
     @staticmethod
     def records(cfg):
         return stage_data.pair_records(cfg.data.root, cfg.data.max_rows, cfg.train.seed)
 
-    def prepare(self, rows):
+    def batch(self, index):
+        _, rows = self.rows(index)
         tok = self.tokenizer
         markers = tuple(tok.convert_tokens_to_ids([INSTRUCTION, INPUT, OUTPUT]))
         instructions = tok([r["instruction"] for r in rows], add_special_tokens=False)["input_ids"]
         inputs = tok([r["input"] for r in rows], add_special_tokens=False)["input_ids"]
         outputs = tok([r["output"] for r in rows])["input_ids"]  # ends with <|eos|>
-        self.examples = []
+        examples = []
         for instruction, text, o in zip(instructions, inputs, outputs):
             p = prompt_ids(instruction, text, self.seq_len // 2, markers)  # keep room for the answer
             o = o[:self.seq_len - len(p)]
-            self.examples.append((p + o, [-100] * len(p) + o))
-        self.sampler = EpochSampler(len(self.examples), self.cfg.train.seed + self.rank)
-
-    def batch(self, index):
-        chosen = [self.examples[i] for i in self.sampler.batch(index, self.cfg.train.micro_batch_size)]
-        return pad_batch([c[0] for c in chosen], self.tokenizer.pad_token_id, [c[1] for c in chosen])
+            examples.append((p + o, [-100] * len(p) + o))
+        return {**pad_batch([e[0] for e in examples], tok.pad_token_id, [e[1] for e in examples]),
+                "row_ids": [r["row_id"] for r in rows]}
 
     def loss(self, engine, batch, step):
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -192,42 +209,12 @@ def text_keys(texts: list[str]) -> torch.Tensor:
     return torch.from_numpy(exact_keys(texts).view(np.int64))
 
 
-def batch_groups(rows: list[dict], columns: list[str], batch_size: int) -> tuple[dict, dict]:
-    """This rank's row indices per group (the values of `columns` joined by "/", e.g. source/lang) and every group's
-    rows over all ranks (so every rank derives the same schedule)."""
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        members["/".join(str(r[c]) for c in columns if r.get(c)) or "all"].append(i)
-    counts = [{g: len(m) for g, m in members.items()}]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        counts = [None] * dist.get_world_size()
-        dist.all_gather_object(counts, {g: len(m) for g, m in members.items()})
-    return pool_small_groups(members, counts, batch_size)
-
-
-def pool_small_groups(members: dict[str, list[int]], counts: list[dict[str, int]], batch_size: int
-                      ) -> tuple[dict, dict]:
-    """Pool the groups some rank holds fewer than batch_size rows of into "<first value>/mixed" (a batch keeps its
-    first column, e.g. its task); return this rank's members and the pooled groups' rows over all ranks. counts:
-    every rank's rows per group, in rank order."""
-    groups = sorted({g for c in counts for g in c})
-    merged = merge_small_groups({g: [c.get(g, 0) for c in counts] for g in groups}, batch_size,
-                                lambda g: f"{g.split('/')[0]}/mixed" if "/" in g else "mixed")
-    pooled: dict[str, list[int]] = defaultdict(list)
-    for g, m in members.items():
-        pooled[merged[g]] += m
-    weights: dict[str, float] = defaultdict(float)
-    for g in groups:
-        weights[merged[g]] += sum(c.get(g, 0) for c in counts)
-    return dict(pooled), dict(weights)
-
-
 class WeakStage(Stage):
     """InfoNCE on (input, output) pairs with in-batch negatives and the soft mask; by default every global batch shares
     one language and source (data.batch_by), so negatives are not told apart by language alone. Queries are bare text
     (no SFT instruction), as the evaluation, the server and sentence-transformers encode them."""
 
-    name, model_class = "weak", ConanForEmbedding
+    name, model_class, input_kind = "weak", ConanForEmbedding, "pairs"
     columns = ("input", "output", "lang", "source")
     # Curated weak pairs (conan curate) name them query / positive.
     aliases, defaults = {"input": "query", "output": "positive"}, {"lang": "", "source": ""}
@@ -235,21 +222,12 @@ class WeakStage(Stage):
 
     records = SFTStage.records
 
-    def prepare(self, rows):
-        self.queries = self.encode([r["input"] for r in rows])
-        self.passages = self.encode([r["output"] for r in rows])
-        self.passage_keys = text_keys([r["output"] for r in rows])
-        columns = self.batch_columns()
-        members, weights = batch_groups(rows, columns, self.cfg.train.micro_batch_size)
-        self.sampler = GroupedSampler(members, weights, self.cfg.train.steps * self.cfg.train.grad_accum,
-                                      self.cfg.train.seed, self.rank)
-
     def batch(self, index):
-        _, chosen = self.sampler.batch(index, self.cfg.train.micro_batch_size)
+        _, rows = self.rows(index)
         pad = self.tokenizer.pad_token_id
-        return {"query": pad_batch([self.queries[i] for i in chosen], pad),
-                "passage": pad_batch([self.passages[i] for i in chosen], pad),
-                "passage_keys": self.passage_keys[chosen]}
+        return {"query": pad_batch(self.encode([r["input"] for r in rows]), pad),
+                "passage": pad_batch(self.encode([r["output"] for r in rows]), pad),
+                "passage_keys": text_keys([r["output"] for r in rows]), "row_ids": [r["row_id"] for r in rows]}
 
     def alpha(self, step: int) -> float:
         """Soft-mask alpha(t) at this step (1.0 = bidirectional when the soft mask is off)."""
@@ -273,7 +251,7 @@ class WeakStage(Stage):
 class SupervisedStage(Stage):
     """Multi-task contrastive training: one task per step (the same on every worker), MRL over dims."""
 
-    name, model_class = "supervised", ConanForEmbedding
+    name, model_class, input_kind = "supervised", ConanForEmbedding, "tasks"
     columns = ("task", "query", "positive", "negatives", "s1", "s2", "score", "query_id", "positive_id",
                "positive_key", "negative_keys", "lang")
     # Retrieval / CLR triples (conan clr) lack the STS columns, passage ids and keys (a passage is then its text);
@@ -299,15 +277,19 @@ class SupervisedStage(Stage):
                                              cfg.supervised.max_per_task, cfg.train.seed,
                                              cfg.supervised.retrieval_langs)
         if cfg.supervised.clr_paths:  # a built CLR set replaces the built-in human-translation CLR rows
-            from conan.train.launcher import read_rows
-            clr = read_rows(cfg.supervised.clr_paths, SupervisedStage, "supervised.clr_paths")
+            spec = SupervisedStage.row_spec(cfg)
+            clr = [r for f in input_files(cfg.supervised.clr_paths)
+                   for r in spec.select(pq.read_table(f), "supervised.clr_paths").to_pylist()]
             rows = [r for r in rows if r["task"] != "clr"] + stage_data.with_passage_ids(
                 clr[:cfg.supervised.max_per_task], cfg.data.root)
         return rows
 
-    def prepare(self, rows):
+    group_prefix = ["task"]
+
+    def group_weights(self, rows):
+        """A task's weight (supervised.task_weights), shared by its groups in proportion to their rows."""
         sup = self.cfg.supervised
-        tasks = {r["task"] for r in rows}
+        tasks = {task_of(g) for g in rows}
         task_weights = {t: sup.task_weights.get(t, 0.0) for t in tasks}
         if not any(w > 0 for w in task_weights.values()):  # e.g. `--set supervised.task_weights.clr=0` replaces the map
             raise ValueError(f"supervised.task_weights {dict(sup.task_weights)}: none of the tasks with rows "
@@ -315,32 +297,30 @@ class SupervisedStage(Stage):
         unknown = {t for t, w in task_weights.items() if w > 0} - set(self.PAIR_TASKS) - {"sts"}
         if unknown:
             raise ValueError(f"unknown supervised tasks {sorted(unknown)}")
-        self.rows = [r for r in rows if task_weights[r["task"]] > 0]
-        columns = ["task", *self.batch_columns()]
-        smallest = min(sup.batch_sizes[t] for t in tasks if task_weights[t] > 0)
-        members, counts = batch_groups(self.rows, columns, smallest)
-        # A task's weight is shared by its groups in proportion to their rows.
-        per_task = defaultdict(float)
-        for group, n in counts.items():
-            per_task[task_of(group)] += n
-        weights = {g: task_weights[task_of(g)] * n / per_task[task_of(g)] for g, n in counts.items()}
-        self.sampler = GroupedSampler(members, weights, self.cfg.train.steps * self.cfg.train.grad_accum,
-                                      self.cfg.train.seed, self.rank)
+        per_task: dict[str, int] = defaultdict(int)
+        for g, n in rows.items():
+            per_task[task_of(g)] += n
+        return {g: task_weights[task_of(g)] * n / per_task[task_of(g)] for g, n in rows.items()}
+
+    def smallest_batch(self):
+        """Groups are pooled by the smallest task batch (supervised.batch_sizes)."""
+        weights = self.cfg.supervised.task_weights
+        return min(n for t, n in self.cfg.supervised.batch_sizes.items() if weights.get(t, 0) > 0)
+
+    def prepare(self, files, stats):
+        super().prepare(files, stats)
         self.dims = self.cfg.loss.matryoshka_dims
         if self.pool is not None:  # passages the pool's candidate ids point at
             self.corpus = stage_data.xquad_corpus(self.cfg.data.root)
 
-    def rows_of(self, tasks: tuple[str, ...]) -> list[dict]:
-        """This worker's rows of the given tasks."""
-        return [r for r in self.rows if r["task"] in tasks]
-
     def batch(self, index):
-        task = task_of(self.sampler.group(index))
+        task = task_of(self.stream.group(index))
         size = self.cfg.supervised.batch_sizes[task]
-        chosen = [self.rows[i] for i in self.sampler.batch(index, size)[1]]
+        _, chosen = self.rows(index, size)
         pad = self.tokenizer.pad_token_id
+        row_ids = [r["row_id"] for r in chosen]
         if task == "sts":
-            return {"task": task, "size": size,
+            return {"task": task, "size": size, "row_ids": row_ids,
                     "pair": pad_batch(self.encode([r["s1"] for r in chosen] + [r["s2"] for r in chosen]), pad),
                     "score": torch.tensor([r["score"] for r in chosen], dtype=torch.float32)}
         k = self.cfg.supervised.num_negatives
@@ -354,7 +334,8 @@ class SupervisedStage(Stage):
         for i, ids in zip(managed, negative_ids):
             negatives[i] = keys[size + i] = [self.corpus[j] for j in ids]
         passages = [r["positive"] for r in chosen] + [n for negs in negatives for n in negs]
-        return {"task": task, "size": size, "query": pad_batch(self.encode([r["query"] for r in chosen]), pad),
+        return {"task": task, "size": size, "row_ids": row_ids,
+                "query": pad_batch(self.encode([r["query"] for r in chosen]), pad),
                 "passage": pad_batch(self.encode(passages), pad),
                 "passage_keys": text_keys([key for row_keys in keys for key in row_keys]),
                 "query_ids": [r.get("query_id") or "" for r in chosen],
@@ -394,7 +375,8 @@ class SupervisedStage(Stage):
     def _rescore(self, model) -> None:
         """The v1 baseline (dhnm.rescore_every = K): every K steps an extra no-grad forward pass over every managed
         query of this worker and its active negatives; those scores go to the pool instead of the loss's."""
-        rows = [r for r in self.rows_of(("retrieval", "clr")) if r.get("query_id")]
+        rows = [r for g, stream in self.stream.streams.items() if task_of(g) in ("retrieval", "clr")
+                for r in stream.epoch_rows(0) if r.get("query_id")]
         device, pad = next(model.parameters()).device, self.tokenizer.pad_token_id
         for start in range(0, len(rows), self.RESCORE_CHUNK):
             part = rows[start:start + self.RESCORE_CHUNK]

@@ -1,0 +1,279 @@
+"""The layout every stage reads: a directory of parquet shards with a manifest.
+
+    <dir>/manifest.json   {"format": "conan-shards/1", "kind": ..., "schema": {column: arrow type},
+                           "groups": {group: [{"path", "rows", "sha256"}, ...]}, "rows": N, "stats": {...}}
+    <dir>/<part files>.parquet
+
+A group is what a global batch shares (a weak pair's source/lang, a supervised row's task/lang); every file holds rows
+of one group, so a worker streams a group without scanning the others. Row ids are positions in manifest order (group
+by group, file by file), so they are stable for as long as the manifest is.
+
+Writers: `shard_file` turns one input file into group-partitioned shards (streamed by record batch), `convert` runs it
+over many files as a Ray Data job and writes the manifest; the demo-data builder, curation, CLR and the pretraining
+packer (conan.data.tokenize) all end in this layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+FORMAT = "conan-shards/1"
+ROWS_PER_SHARD = 50_000  # a worker holds at most a few shards of each group it reads: memory is this, not data size
+
+
+class ShardError(ValueError):
+    """A shard directory, its manifest or an input file is unusable."""
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One parquet file of a group: its path relative to the manifest, row count and content hash."""
+
+    path: str
+    rows: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """What a shard directory holds."""
+
+    directory: Path
+    kind: str
+    schema: dict[str, str]
+    groups: dict[str, list[ShardFile]]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        """Rows over every group."""
+        return sum(f.rows for files in self.groups.values() for f in files)
+
+    def group_rows(self) -> dict[str, int]:
+        """Rows per group."""
+        return {g: sum(f.rows for f in files) for g, files in self.groups.items()}
+
+    def fingerprint(self) -> str:
+        """A hash of the files in order: equal fingerprints, equal rows and row ids."""
+        return hashlib.sha256(json.dumps({g: [f.sha256 for f in files] for g, files in sorted(self.groups.items())}
+                                         ).encode()).hexdigest()[:16]
+
+    def save(self) -> Path:
+        """Write manifest.json (last, so a directory with a manifest is complete)."""
+        body = {"format": FORMAT, "kind": self.kind, "schema": self.schema, "rows": self.rows, "stats": self.stats,
+                "groups": {g: [asdict(f) for f in files] for g, files in sorted(self.groups.items())}}
+        path = self.directory / MANIFEST
+        path.write_text(json.dumps(body, indent=1))
+        return path
+
+
+def is_shard_dir(path: str | Path) -> bool:
+    """True when `path` is a directory with a manifest."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Read and check a shard directory's manifest."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{directory}: no {MANIFEST} (not a shard directory; `conan shard <stage>` writes one)")
+    body = json.loads(path.read_text())
+    if body.get("format") != FORMAT:
+        raise ShardError(f"{path}: format {body.get('format')!r}, expected {FORMAT!r}")
+    groups = {g: [ShardFile(**f) for f in files] for g, files in body["groups"].items()}
+    return Manifest(directory, body["kind"], body["schema"], groups, body.get("stats", {}))
+
+
+def merge_manifests(manifests: list[Manifest]) -> dict[str, list[tuple[Path, int]]]:
+    """Every group's files (absolute path, rows) over several shard directories, in the given order."""
+    files: dict[str, list[tuple[Path, int]]] = {}
+    for m in manifests:
+        for g, parts in m.groups.items():
+            files.setdefault(g, []).extend((m.directory / f.path, f.rows) for f in parts)
+    return files
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def group_keys(table: pa.Table, columns: list[str]) -> pa.Array:
+    """Each row's group: the non-empty values of `columns` joined by "/", "all" when there are none."""
+    if not columns:
+        return pa.array(["all"] * table.num_rows, pa.string())
+    parts = [pc.if_else(pc.equal(pc.cast(table[c], pa.string()), ""), None, pc.cast(table[c], pa.string()))
+             for c in columns]
+    joined = pc.binary_join_element_wise(*parts, "/", null_handling="skip")
+    return pc.if_else(pc.equal(joined, ""), "all", joined)
+
+
+def _input_batches(path: Path, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of a parquet file or JSON-lines file, streamed."""
+    if path.suffix == ".parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+    elif path.suffix in (".jsonl", ".json"):
+        import pyarrow.json as pajson
+        yield from pajson.open_json(path)
+    else:
+        raise ShardError(f"{path}: expected .parquet or .jsonl")
+
+
+def input_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The parquet / JSON-lines files under the given files and directories, sorted within a directory."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix in (".parquet", ".jsonl", ".json") and f.is_file())
+            if not found:
+                raise ShardError(f"{p}: no .parquet or .jsonl files")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ShardError(f"{p} does not exist")
+    return out
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """The columns a stage reads: a file must have each, or its alias, or it takes the default."""
+
+    columns: tuple[str, ...]
+    aliases: dict[str, str] = field(default_factory=dict)
+    defaults: dict[str, object] = field(default_factory=dict)
+    group_by: tuple[str, ...] = ()
+
+    def select(self, table: pa.Table, source: str) -> pa.Table:
+        """The table with exactly `columns`, aliases renamed and defaults filled in."""
+        names = set(table.column_names)
+        missing = [c for c in self.columns if c not in names and self.aliases.get(c) not in names
+                   and c not in self.defaults]
+        if missing:
+            raise ShardError(f"{source} lacks columns {missing} (has {table.column_names})")
+        out = {}
+        for c in self.columns:
+            if c in names:
+                out[c] = table[c]
+            elif self.aliases.get(c) in names:
+                out[c] = table[self.aliases[c]]
+            else:
+                out[c] = pa.array([self.defaults[c]] * table.num_rows)
+        return pa.table(out)
+
+
+def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.ndarray | None = None,
+               rows_per_shard: int = ROWS_PER_SHARD) -> dict[str, list[ShardFile]]:
+    """Stream one input file into group-partitioned parquet shards `<prefix>-g<group#>-<n>.parquet` under out_dir;
+    `keep`: sorted row indices of the file to keep (None = all). Returns the files written per group."""
+    buffers: dict[str, list[pa.Table]] = {}
+    written: dict[str, list[ShardFile]] = {}
+    names: dict[str, int] = {}
+
+    def flush(group: str, final: bool) -> None:
+        table = pa.concat_tables(buffers.pop(group, []))
+        while table.num_rows >= rows_per_shard or (final and table.num_rows):
+            part, table = table.slice(0, rows_per_shard), table.slice(rows_per_shard)
+            n = len(written.setdefault(group, []))
+            path = out_dir / f"{prefix}-g{names.setdefault(group, len(names)):04d}-{n:05d}.parquet"
+            pq.write_table(part, path)
+            written[group].append(ShardFile(path.name, part.num_rows, file_sha256(path)))
+        if table.num_rows:
+            buffers[group] = [table]
+
+    offset = 0
+    for batch in _input_batches(src, rows_per_shard):
+        table = pa.Table.from_batches([batch])
+        if keep is not None:
+            local = keep[(keep >= offset) & (keep < offset + table.num_rows)] - offset
+            offset += table.num_rows
+            table = table.take(pa.array(local, pa.int64()))
+        table = spec.select(table, str(src))
+        keys = group_keys(table, list(spec.group_by))
+        for group in pc.unique(keys).to_pylist():
+            buffers.setdefault(group, []).append(table.filter(pc.equal(keys, group)))
+            if sum(t.num_rows for t in buffers[group]) >= rows_per_shard:
+                flush(group, final=False)
+    for group in list(buffers):
+        flush(group, final=True)
+    return written
+
+
+def convert(paths: list[str], out_dir: str | Path, kind: str, spec: RowSpec, max_rows: int | None = None,
+            seed: int = 0, rows_per_shard: int = ROWS_PER_SHARD) -> Manifest:
+    """Input files (parquet / JSON lines, files or directories) → a shard directory, one Ray Data task per input
+    file (the driver sees row counts only). max_rows keeps a seeded random sample of that many rows."""
+    out_dir = Path(out_dir)
+    if is_shard_dir(out_dir):
+        return load_manifest(out_dir)
+    files = input_files(paths)
+    keep = _sample(files, max_rows, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [{"index": i, "src": str(f), "keep": keep.get(i)} for i, f in enumerate(files)]
+
+    def run(job: dict) -> dict[str, list[ShardFile]]:
+        keep_rows = None if job["keep"] is None else np.asarray(job["keep"], dtype=np.int64)
+        return shard_file(Path(job["src"]), out_dir, f"f{job['index']:05d}", spec, keep_rows, rows_per_shard)
+
+    groups: dict[str, list[ShardFile]] = {}
+    for written in map_jobs(run, jobs):
+        for g, parts in written.items():
+            groups.setdefault(g, []).extend(parts)
+    groups = {g: sorted(parts, key=lambda f: f.path) for g, parts in groups.items()}
+    if not groups:
+        raise ShardError(f"{paths}: no rows")
+    schema = {c: str(t) for c, t in zip(*_first_schema(out_dir, groups))}
+    manifest = Manifest(out_dir, kind, schema, groups, {"inputs": [str(f) for f in files],
+                                                           "group_by": list(spec.group_by)})
+    manifest.save()
+    return manifest
+
+
+def _first_schema(out_dir: Path, groups: dict[str, list[ShardFile]]) -> tuple[list[str], list]:
+    schema = pq.read_schema(out_dir / next(iter(groups.values()))[0].path)
+    return schema.names, schema.types
+
+
+def _sample(files: list[Path], max_rows: int | None, seed: int) -> dict[int, list[int]]:
+    """Per input file, the row indices of a seeded random sample of max_rows rows over all files ({} = keep all)."""
+    if max_rows is None:
+        return {}
+    counts = [_count_rows(f) for f in files]
+    total = sum(counts)
+    if max_rows >= total:
+        return {}
+    chosen = np.sort(np.random.default_rng([seed, 11]).choice(total, max_rows, replace=False))
+    starts = np.cumsum([0, *counts])
+    return {i: (chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]).tolist()
+            for i in range(len(files))}
+
+
+def _count_rows(path: Path) -> int:
+    """Rows of a parquet file (from its footer) or a JSON-lines file (streamed)."""
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    return sum(b.num_rows for b in _input_batches(path, ROWS_PER_SHARD))
+
+
+def map_jobs(fn, jobs: list[dict], num_cpus: float = 1) -> list:
+    """fn over jobs as Ray tasks on the cluster (in-process when Ray is not running); results in job order."""
+    import ray
+    if not ray.is_initialized() or len(jobs) <= 1:
+        return [fn(job) for job in jobs]
+    remote = ray.remote(num_cpus=num_cpus)(fn)
+    return ray.get([remote.remote(job) for job in jobs])

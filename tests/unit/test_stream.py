@@ -1,0 +1,104 @@
+"""Shard layout and the streaming reader: what each rank reads is a pure function of (seed, index, world size)."""
+
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conan.data.shards import RowSpec, ShardError, convert, load_manifest, merge_manifests
+from conan.data.stream import DataPosition, DataPositionError, GroupedStream, ShardStream, merge_small_groups
+from conan.data.tokenize import pack_stream
+
+SPEC = RowSpec(("input", "output", "lang", "source"), {"input": "query"}, {"source": "web"}, ("source", "lang"))
+
+
+@pytest.fixture
+def shards(tmp_path: Path):
+    """1,006 pairs in two input files (one with `query` for `input`, no `source`), sharded by source/lang."""
+    langs = ["en"] * 500 + ["de"] * 300 + ["zh"] * 200 + ["th"] * 6
+    rows = [{"query": f"q{i}", "output": f"p{i}", "lang": lang} for i, lang in enumerate(langs)]
+    pq.write_table(pa.Table.from_pylist(rows[::2]), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[1::2]), tmp_path / "b.parquet")
+    return convert([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], tmp_path / "shards", "pairs", SPEC,
+                   rows_per_shard=64)
+
+
+def streams(manifest, world: int, batch: int = 8, seed: int = 3, total: int = 300) -> list[GroupedStream]:
+    files = merge_manifests([manifest])
+    weights = {g: float(n) for g, n in manifest.group_rows().items()}
+    return [GroupedStream(files, weights, total, seed, rank, world, batch, pool=lambda g: "web/mixed")
+            for rank in range(world)]
+
+
+def test_manifest_records_groups_rows_and_hashes(shards):
+    m = load_manifest(shards.directory)
+    assert m.kind == "pairs" and m.stats["group_by"] == ["source", "lang"]
+    assert m.group_rows() == {"web/en": 500, "web/de": 300, "web/zh": 200, "web/th": 6}
+    assert all(f.rows <= 64 and len(f.sha256) == 64 for files in m.groups.values() for f in files)
+    assert m.fingerprint() == shards.fingerprint()
+
+
+def test_every_micro_batch_shares_its_group_and_ranks_agree(shards):
+    ranks = streams(shards, world=2)
+    assert ranks[0].groups == ["web/de", "web/en", "web/mixed", "web/zh"]  # 3 Thai rows a rank: pooled
+    for index in range(300):
+        groups = {s.group(index) for s in ranks}
+        assert len(groups) == 1
+        group = groups.pop()
+        for s in ranks:
+            _, rows = s.batch(index, 8)
+            if group != "web/mixed":  # (the pool of 3 Thai rows a rank is smaller than a batch: it wraps)
+                assert len({r["row_id"] for r in rows}) == 8  # no row twice in a batch
+                assert {f"{r['source']}/{r['lang']}" for r in rows} == {group}
+    drawn = Counter(ranks[0].group(i) for i in range(300))
+    assert drawn["web/en"] > drawn["web/zh"]
+
+
+def test_batches_are_a_pure_function_of_seed_and_index(shards):
+    a, b = streams(shards, world=2)[1], streams(shards, world=2)[1]
+    forward = [a.batch(i, 8) for i in range(60)]
+    assert forward == [b.batch(59 - j, 8) for j in range(60)][::-1]
+    assert forward != [streams(shards, world=2, seed=4)[1].batch(i, 8) for i in range(60)]
+
+
+def test_an_epoch_covers_every_row_once_but_the_remainder(shards):
+    files = merge_manifests([shards])["web/en"]  # 500 rows in 8 files
+    for world in (1, 2, 3):
+        ranks = [ShardStream(files, [5], rank, world) for rank in range(world)]
+        ids = [i for s in ranks for i in s.row_ids(s.positions(0, s.per_rank))]
+        assert len(ids) == len(set(ids)) == 500 - 500 % world  # the remainder (< world rows) is dropped
+        first = ranks[0].row_ids(ranks[0].positions(0, ranks[0].per_rank))
+        second = ranks[0].row_ids(ranks[0].positions(ranks[0].per_rank, ranks[0].per_rank))
+        assert first != second and (set(first) != set(second) or world == 1)  # another order; another split
+
+
+def test_a_rank_reads_only_the_files_of_its_slice(shards):
+    files = merge_manifests([shards])["web/en"]
+    s = ShardStream(files, [5], 0, 4)
+    touched = {f for f, _ in s.positions(0, s.per_rank)}
+    assert len(touched) <= 3 < len(files)
+
+
+def test_small_groups_pool_and_resume_under_another_world_size_fails():
+    assert merge_small_groups({"a": 10, "b": 3}, 4) == {"a": "a", "b": "mixed"}
+    position = DataPosition(0, 2, ("abc",))
+    position.check_resume({"seed": 0, "world_size": 2, "fingerprints": ["abc"]})
+    with pytest.raises(DataPositionError, match="train.num_workers=4"):
+        position.check_resume({"seed": 0, "world_size": 4, "fingerprints": ["abc"]})
+    with pytest.raises(DataPositionError, match="other data"):
+        position.check_resume({"seed": 0, "world_size": 2, "fingerprints": ["abd"]})
+
+
+def test_an_input_without_a_required_column_is_refused(tmp_path):
+    pq.write_table(pa.table({"output": ["p"], "lang": ["en"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ShardError, match=r"lacks columns \['input'\]"):
+        convert([str(tmp_path / "bad.parquet")], tmp_path / "out", "pairs", SPEC)
+
+
+def test_packed_blocks_rejoin_into_the_document_stream():
+    docs = [[5, 6, 1], [7, 1], [8, 9, 10, 11, 1]]
+    blocks = pack_stream(docs, 4)
+    assert [len(b) for b in blocks] == [4, 4, 2]
+    assert [int(t) for b in blocks for t in b] == [t for d in docs for t in d]
