@@ -172,6 +172,9 @@ def main() -> None:
     for name, rows in (("streaming_small", args.small), ("streaming_large", args.large)):
         results[name] = run(STAGE, overrides(small if name.endswith("small") else large, name), REPO,
                             f"train streaming {rows:,} rows")
+    # The in-memory run must have been the old code (no shards), the streaming ones the new.
+    assert not (out / "runs" / "in_memory_small" / "shards").exists(), "the baseline ran the streaming code"
+    assert (out / "runs" / "streaming_large" / "shards").is_dir()
     speed = {name: throughput(out / "runs" / name) for name in ("in_memory_small", "streaming_small",
                                                                   "streaming_large")}
     for name, value in speed.items():
