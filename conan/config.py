@@ -65,6 +65,10 @@ class DataConfig:
     # Columns every global micro-batch shares (the weak stage: [source, lang], so in-batch negatives are not told
     # apart by their language alone); [] = mixed batches; None = the stage's default.
     batch_by: list[str] | None = None
+    # Rows of a worker's share of a group permuted together, so a batch mixes the files they span; a worker holds the
+    # files of one window per group (two or three shards at the default, one shard's rows). Raise it for input sorted
+    # by topic: memory grows with it, not with the data.
+    shuffle_window: int = 50_000
 
 
 @dataclass

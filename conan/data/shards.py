@@ -179,18 +179,18 @@ class RowSpec:
 
 def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.ndarray | None = None,
                rows_per_shard: int = ROWS_PER_SHARD) -> dict[str, list[ShardFile]]:
-    """Stream one input file into group-partitioned parquet shards `<prefix>-g<group#>-<n>.parquet` under out_dir;
+    """Stream one input file into group-partitioned parquet shards `<prefix>-g<group digest>-<n>.parquet` under out_dir
+    (a group's files share its digest whatever the input file);
     `keep`: sorted row indices of the file to keep (None = all). Returns the files written per group."""
     buffers: dict[str, list[pa.Table]] = {}
     written: dict[str, list[ShardFile]] = {}
-    names: dict[str, int] = {}
 
     def flush(group: str, final: bool) -> None:
         table = pa.concat_tables(buffers.pop(group, []))
         while table.num_rows >= rows_per_shard or (final and table.num_rows):
             part, table = table.slice(0, rows_per_shard), table.slice(rows_per_shard)
             n = len(written.setdefault(group, []))
-            path = out_dir / f"{prefix}-g{names.setdefault(group, len(names)):04d}-{n:05d}.parquet"
+            path = out_dir / f"{prefix}-g{hashlib.sha1(group.encode()).hexdigest()[:8]}-{n:05d}.parquet"
             pq.write_table(part, path)
             written[group].append(ShardFile(path.name, part.num_rows, file_sha256(path)))
         if table.num_rows:

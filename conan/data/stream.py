@@ -2,8 +2,10 @@
 
 ShardStream    one group's files. Each epoch permutes the files (per seed, epoch, group), lays them end to end and
                gives rank r the r-th of `world` equal contiguous slices (the remainder, under `world` rows, is dropped
-               so ranks stay in step); inside a file rows are permuted per (seed, epoch, file). A rank reads only the
-               files its slice covers, a file at a time: memory is a shard or two, whatever the data size.
+               so ranks stay in step); inside a file rows are permuted per (seed, epoch, file), and a rank's slice is
+               read in windows of `window` rows permuted together (MosaicML streaming's shuffle blocks), so a batch
+               mixes every file of its window instead of one file's neighbours. A rank holds only the files of its
+               current window: memory is bounded by the window, whatever the data size.
 GroupedStream  micro-batches homogeneous in a group (a weak pair's source/lang, a supervised row's task/lang): the
                group of every micro-batch is drawn from the seed and the manifests' row counts alone, so every rank
                agrees and the gathered global batch is homogeneous.
@@ -25,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FILES_CACHED = 2  # a contiguous slice crosses at most one file boundary per batch
+SHUFFLE_WINDOW = 50_000  # rows permuted together by default (data.shuffle_window): one full shard
 
 
 class DataPositionError(ValueError):
@@ -56,17 +58,20 @@ class ShardStream:
     """Rank `rank`'s rows of one group's files, epoch after epoch."""
 
     def __init__(self, files: Sequence[tuple[Path, int]], seed: Sequence[int], rank: int, world: int,
-                 columns: list[str] | None = None, first_row_id: int = 0):
-        """files: (path, rows) in manifest order; first_row_id: the row id of the first file's first row."""
+                 columns: list[str] | None = None, first_row_id: int = 0, window: int = SHUFFLE_WINDOW):
+        """files: (path, rows) in manifest order; first_row_id: the row id of the first file's first row; window:
+        rows of a rank's slice permuted together."""
         self.paths = [Path(p) for p, _ in files]
         self.sizes = np.array([n for _, n in files], dtype=np.int64)
         self.base_ids = first_row_id + np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
         self.seed, self.rank, self.world, self.columns = list(seed), rank, world, columns
         self.per_rank = int(self.sizes.sum()) // world
+        self.window = max(1, min(window, self.per_rank))
         if self.per_rank == 0:
             raise ValueError(f"{int(self.sizes.sum())} rows cannot give each of {world} workers one; use fewer "
                              "workers or more data")
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._capacity = 2  # files kept: those of the window being read, plus one
 
     @functools.lru_cache(maxsize=4)
     def _file_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,13 +82,29 @@ class ShardStream:
     def _row_order(self, epoch: int, file: int) -> np.ndarray:
         return np.random.default_rng([*self.seed, epoch, file, 1]).permutation(int(self.sizes[file]))
 
+    @functools.lru_cache(maxsize=4)
+    def _window_order(self, epoch: int, window: int) -> np.ndarray:
+        size = min(self.window, self.per_rank - window * self.window)
+        return np.random.default_rng([*self.seed, epoch, window, 2]).permutation(size)
+
+    @functools.lru_cache(maxsize=4)
+    def _window_files(self, epoch: int, window: int) -> int:
+        """How many files a window of this rank's slice covers."""
+        order, starts = self._file_order(epoch)
+        first = self.rank * self.per_rank + window * self.window
+        last = min(first + self.window, (self.rank + 1) * self.per_rank) - 1
+        k0, k1 = (int(np.searchsorted(starts, p, side="right")) - 1 for p in (first, last))
+        return k1 - k0 + 1
+
     def positions(self, start: int, count: int) -> list[tuple[int, int]]:
         """(file, row in file) of positions start … start+count-1 of this rank's sequence (epoch after epoch)."""
         out = []
         for q in range(start, start + count):
             epoch, j = divmod(q, self.per_rank)
             order, starts = self._file_order(epoch)
-            p = self.rank * self.per_rank + j
+            w, i = divmod(j, self.window)
+            p = self.rank * self.per_rank + w * self.window + int(self._window_order(epoch, w)[i])
+            self._capacity = self._window_files(epoch, w) + 1
             k = int(np.searchsorted(starts, p, side="right")) - 1
             file = int(order[k])
             out.append((file, int(self._row_order(epoch, file)[p - starts[k]])))
@@ -108,7 +129,7 @@ class ShardStream:
         by_file: dict[int, list[int]] = {}
         for i, (f, _) in enumerate(positions):
             by_file.setdefault(f, []).append(i)
-        for f, slots in by_file.items():
+        for f, slots in sorted(by_file.items()):
             table = self._table(f).take(pa.array([positions[i][1] for i in slots], pa.int64()))
             for i, row in zip(slots, table.to_pylist()):
                 out[i] = {**row, "row_id": int(self.base_ids[f] + positions[i][1])}
@@ -128,7 +149,7 @@ class ShardStream:
             self._cache.move_to_end(file)
         else:
             self._cache[file] = pq.read_table(self.paths[file], columns=self.columns)
-            if len(self._cache) > FILES_CACHED:
+            while len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
         return self._cache[file]
 
@@ -139,7 +160,7 @@ class GroupedStream:
 
     def __init__(self, files: Mapping[str, Sequence[tuple[Path, int]]], weights: Mapping[str, float], total: int,
                  seed: int, rank: int, world: int, batch_size: int, columns: list[str] | None = None,
-                 pool: Callable[[str], str] = lambda g: "mixed"):
+                 pool: Callable[[str], str] = lambda g: "mixed", window: int = SHUFFLE_WINDOW):
         """files: every group's (path, rows); weights: a group's share of micro-batches (0 = never drawn); groups
         too small to give every rank `batch_size` rows are pooled into pool(group), their weights added."""
         first_id, first_ids = 0, {}
@@ -158,7 +179,7 @@ class GroupedStream:
             raise ValueError("no group with rows for every rank has a positive weight")
         self.streams: dict[str, ShardStream | PooledStream] = {}
         for i, g in enumerate(self.groups):
-            parts = [ShardStream(files[m], [seed, i, j], rank, world, columns, first_ids[m])
+            parts = [ShardStream(files[m], [seed, i, j], rank, world, columns, first_ids[m], window)
                      for j, m in enumerate(members[g])]
             self.streams[g] = parts[0] if len(parts) == 1 else PooledStream(parts, [seed, i])
         p = np.array([pooled_weights[g] for g in self.groups])

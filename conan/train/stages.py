@@ -87,7 +87,7 @@ class Stage:
         self.stream = GroupedStream(files, self.group_weights({g: sum(n for _, n in fs) for g, fs in files.items()}),
                                     self.cfg.train.steps * self.cfg.train.grad_accum, self.cfg.train.seed, self.rank,
                                     self.world_size, self.smallest_batch(), pool=lambda g: f"{g.split('/')[0]}/mixed"
-                                    if "/" in g else "mixed")
+                                    if "/" in g else "mixed", window=self.cfg.data.shuffle_window)
 
     def group_weights(self, rows: dict[str, int]) -> dict[str, float]:
         """Each group's share of the micro-batches: its rows."""

@@ -81,6 +81,17 @@ def test_a_rank_reads_only_the_files_of_its_slice(shards):
     assert len(touched) <= 3 < len(files)
 
 
+def test_a_batch_mixes_the_files_of_its_window_and_holds_no_more(shards):
+    files = merge_manifests([shards])["web/en"]  # 500 rows in 8 files
+    whole = ShardStream(files, [5], 0, 1)  # the default window covers the slice: a batch samples all of it
+    assert len({f for f, _ in whole.batch_positions(0, 16)}) >= 5
+    narrow = ShardStream(files, [5], 0, 1, window=50)  # 50 rows span one or two files
+    for i in range(500 // 16):
+        narrow.batch(i, 16)
+        assert len({f for f, _ in narrow.batch_positions(i, 16)}) <= 3
+        assert len(narrow._cache) <= 3  # the files of the window being read (and of the one before)
+
+
 def test_small_groups_pool_and_resume_under_another_world_size_fails():
     assert merge_small_groups({"a": 10, "b": 3}, 4) == {"a": "a", "b": "mixed"}
     position = DataPosition(0, 2, ("abc",))
