@@ -48,6 +48,15 @@ def resolve_backend(device: str = "auto", precision: str = "auto",
     return Backend(device, DIST_BACKENDS[device], precision)
 
 
+def skip_unused_deepspeed_ops(backend: Backend) -> None:
+    """Keep DeepSpeed from building ops training does not use on this backend (call before deepspeed.initialize)."""
+    if backend.device == "cpu":
+        # Its CPU shared-memory op serves only inference all-reduce; building it takes ~70 s under a file lock that a
+        # worker killed mid-build leaves behind, and every later run on the machine then waits on it forever.
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def import_torch_npu() -> None:
     """Register the NPU device and HCCL with torch (a Ray `worker_process_setup_hook` on NPU clusters)."""
     import torch_npu  # noqa: F401

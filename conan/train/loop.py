@@ -27,7 +27,7 @@ from conan.data.stream import DataPosition
 from conan.metrics import TrainMetrics
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
-from conan.train.backend import Backend, deepspeed_config, lr_scheduler, worker_device
+from conan.train.backend import Backend, deepspeed_config, lr_scheduler, skip_unused_deepspeed_ops, worker_device
 from conan.train.diagnostics import chance_warning
 from conan.train.stages import Stage, export_path, stage_class, to_device
 
@@ -95,6 +95,7 @@ def train_worker(loop_config: dict) -> None:
     model.register_forward_pre_hook(lambda *_: forward_calls.__setitem__(0, forward_calls[0] + 1))
 
     import deepspeed
+    skip_unused_deepspeed_ops(backend)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, backend, world), lr_scheduler=lr_scheduler(cfg), dist_init_required=False)
