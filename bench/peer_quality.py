@@ -31,7 +31,7 @@ import numpy as np
 
 from conan.config import EvalConfig, JobConfig, load_config
 from conan.eval.runner import MAIN_METRIC, evaluate, largest_dim
-from conan.train.launcher import absolute_paths, run_stage, stage_rows
+from conan.train.launcher import absolute_paths, run_stage, stage_rows, with_demo_data
 from conan.train.stages import SupervisedStage
 
 PAIR_TASKS = SupervisedStage.PAIR_TASKS
@@ -118,7 +118,7 @@ def main() -> None:
     shared = [f"model.init_from={args.init}", f"tokenizer.path={args.tokenizer}",
               *([f"supervised.clr_paths=[{args.clr}]"] if args.clr else []), *args.overrides]
     base = load_config(JobConfig, args.config, shared)
-    rows = stage_rows(absolute_paths(base), SupervisedStage)
+    rows = stage_rows(with_demo_data(absolute_paths(base), SupervisedStage), SupervisedStage)
     counts = {t: float(sum(r["task"] == t for r in rows)) for t in sorted({r["task"] for r in rows})}
     weights = {t: counts[t] if base.supervised.task_weights.get(t, 0) > 0 else 0.0 for t in counts}
     rows = [r for r in rows if weights[r["task"]] > 0]

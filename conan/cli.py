@@ -57,13 +57,29 @@ def cmd_shard(args) -> int:
     """Write a stage's input as shards (what `conan train` would do first), without training."""
     from conan.config import JobConfig
     from conan.runtime import init_ray
-    from conan.train.launcher import absolute_paths, check_inputs, stage_shards
+    from conan.train.launcher import absolute_paths, check_inputs, stage_shards, with_demo_data
     from conan.train.stages import stage_class
 
     cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"]))
     tokenizer_dir = check_inputs(cfg) if args.stage == "pretrain" else None
     init_ray(cfg.ray_address)
-    print(json.dumps({"shards": stage_shards(cfg, stage_class(args.stage), tokenizer_dir)}))
+    stage = stage_class(args.stage)
+    print(json.dumps({"shards": stage_shards(with_demo_data(cfg, stage), stage, tokenizer_dir)}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Write a stage's input from the demo data source (the bundled datasets), as `conan train` does when
+    data.paths is empty."""
+    from conan.config import JobConfig
+    from conan.train.launcher import absolute_paths, with_demo_data
+    from conan.train.stages import stage_class
+
+    cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"]))
+    if cfg.data.paths:
+        raise ConfigError(f"data.paths is set ({cfg.data.paths}): the stage reads that, not the demo data")
+    cfg = with_demo_data(cfg, stage_class(args.stage))
+    print(json.dumps({"records": cfg.data.paths[0], "passages": cfg.dhnm.passages}))
     return 0
 
 
@@ -71,12 +87,13 @@ def cmd_mine(args) -> int:
     """Mine hard-negative candidates for the supervised stage's queries."""
     from conan.config import JobConfig
     from conan.runtime import init_ray
-    from conan.train.launcher import absolute_paths, check_inputs, mine_negatives, stage_rows
+    from conan.train.launcher import absolute_paths, check_inputs, mine_negatives, stage_rows, with_demo_data
     from conan.train.stages import stage_class
 
     cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, "stage=supervised"]))
     check_inputs(cfg)
     init_ray(cfg.ray_address)
+    cfg = with_demo_data(cfg, stage_class("supervised"))
     path = mine_negatives(cfg, stage_rows(cfg, stage_class("supervised")), force=True)
     print(json.dumps({"candidates": str(path)}))
     return 0
@@ -219,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the stage's batch columns, one Ray task per input file, under "
                                     "<output_dir>/shards (pretraining: then tokenize and pack token blocks on a Ray "
                                     "Data actor pool). `conan train` does the same first and reuses them.")
+    p.add_argument("stage", choices=list(STAGES), help="which stage")
+
+    p = _config_command(sub, "demo", cmd_demo, "stage (JobConfig)",
+                        help="write a stage's input from the demo data source (the bundled datasets)",
+                        description="Write the rows of the stage's input kind (documents, instructions, pairs, "
+                                    "tasks) built from the bundled (or $CONAN_DATA_ROOT) datasets to "
+                                    "<output_dir>/demo/records.parquet and, for the supervised stage, the passage "
+                                    "corpus DHNM indexes to passages.parquet. `conan train` does this itself when "
+                                    "data.paths is empty; point data.paths (and dhnm.passages) at your own files "
+                                    "instead.")
     p.add_argument("stage", choices=list(STAGES), help="which stage")
 
     _config_command(sub, "mine", cmd_mine,

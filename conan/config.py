@@ -122,6 +122,9 @@ class DHNMConfig:
 
     enabled: bool = False
     candidates: str | None = None  # mined parquet (jobs/mine_negatives.py); None = mine with model.init_from first
+    # The passage corpus (parquet, column text) that rows' positive_id and the candidates' ids index; with data.paths
+    # empty, the demo data source's.
+    passages: str | None = None
     pool_size: int = 30  # candidates per query
     false_negative_ratio: float = 0.95
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # faiss index for mining (auto: flat below 100k passages)

@@ -85,10 +85,11 @@ def _mine_step(stage_cfg: JobConfig, path: Path) -> JobConfig:
     into `path` unless it exists; return the stage config reading them."""
     from dataclasses import replace
 
-    from conan.train.launcher import absolute_paths, mine_negatives, stage_rows
+    from conan.train.launcher import absolute_paths, mine_negatives, stage_rows, with_demo_data
     from conan.train.stages import stage_class
 
-    stage_cfg = absolute_paths(replace(stage_cfg, dhnm=replace(stage_cfg.dhnm, candidates=str(path))))
+    stage_cfg = with_demo_data(absolute_paths(replace(stage_cfg, dhnm=replace(stage_cfg.dhnm, candidates=str(path)))),
+                               stage_class("supervised"))
     t = _step("mine", path.is_file())
     if not path.is_file():
         init_ray(stage_cfg.ray_address)
@@ -136,8 +137,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
             f"data.root={cfg.data_root}", f"ray_address={cfg.ray_address or 'null'}"])
         if stage_cfg.stage == "pretrain" and not stage_cfg.data.paths:  # what the tokenizer learned from
             stage_cfg.data.paths = [str(corpus)]
+        stage_cfg.output_dir = str(out / stage_cfg.stage)  # before mining: it writes the stage's input there
         stage_cfg = _with_data_steps(cfg, stage_cfg, out, paths)
-        stage_cfg.output_dir = str(out / stage_cfg.stage)
         t = _step(stage_cfg.stage, is_finished(stage_cfg))
         result = run_stage(stage_cfg)
         loss = result.metrics.get("loss")

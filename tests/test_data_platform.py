@@ -395,14 +395,16 @@ def test_vllm_backend_contract(monkeypatch):
 # ---------------------------------------------------------------- feeding training
 
 def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
-    """The weak stage reads a curation output directory (query/positive stand in for input/output); the supervised
-    stage swaps its built-in CLR rows for a built CLR set, with XQuAD passage ids for DHNM mining."""
-    from conan.config import JobConfig, from_dict
+    """The weak stage reads a curation output directory (query/positive stand in for input/output); the demo data
+    source swaps its built-in CLR rows for a built CLR set, with passage ids into the passages it writes beside them;
+    DHNM on a user's rows without a passage corpus is refused before any worker starts."""
+    from conan.config import ConfigError, JobConfig, from_dict
     from conan.data.clr import CLR_SCHEMA
+    from conan.data.mining import read_passages
     from conan.data.stage_data import xquad_corpus
     from conan.data.weak import PAIR_SCHEMA
     from conan.data.shards import load_manifest
-    from conan.train.launcher import stage_rows, stage_shards
+    from conan.train.launcher import check_passages, stage_rows, stage_shards, with_demo_data
     from conan.train.stages import SupervisedStage, WeakStage
 
     (tmp_path / "curated" / "data").mkdir(parents=True)
@@ -417,12 +419,20 @@ def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
     clr = [{"query": "Wer?", "positive": paragraph, "negatives": ["n"] * 7, "query_lang": "de", "doc_lang": "en",
             "task": "clr", "query_id": "de:abc", "source_query": "Who?", "attempts": 1}]
     pq.write_table(pa.Table.from_pylist(clr, schema=CLR_SCHEMA), tmp_path / "clr.parquet")
-    cfg = from_dict(JobConfig, {"stage": "supervised", "data": {"root": str(data_root)},
+    cfg = from_dict(JobConfig, {"stage": "supervised", "output_dir": str(tmp_path / "sup"),
+                                "data": {"root": str(data_root)},
                                 "supervised": {"clr_paths": [str(tmp_path / "clr.parquet")], "max_per_task": 20}})
-    rows = SupervisedStage.records(cfg)
+    cfg = with_demo_data(cfg, SupervisedStage)
+    assert cfg.data.paths == [str(tmp_path / "sup" / "demo" / "records.parquet")]
+    rows = pq.read_table(cfg.data.paths[0]).to_pylist()
     clr_rows = [r for r in rows if r["task"] == "clr"]
     assert len(clr_rows) == 1 and clr_rows[0]["positive_id"] == 5 and clr_rows[0]["query_id"] == "de:abc"
     assert clr_rows[0]["s1"] == "" and {r["task"] for r in rows} == {"retrieval", "clr", "classification", "sts"}
+    assert read_passages(cfg.dhnm.passages) == xquad_corpus(data_root)
+    check_passages(cfg)
+    with pytest.raises(ConfigError, match="dhnm.passages"):
+        check_passages(from_dict(JobConfig, {"stage": "supervised", "data": {"paths": [cfg.data.paths[0]]},
+                                             "dhnm": {"enabled": True}}))
 
 
 def test_pretraining_blocks_rejoin_into_the_tokenized_documents(ray_cluster, corpus, tokenizer_dir, tokenizer, tmp_path):

@@ -52,6 +52,9 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     model_dir = run / "supervised" / "model"
     assert f"model:  {model_dir}" in out and f"report: {run / 'eval' / 'report.md'}" in out
     assert all(f.is_file() for f in (run / "eval").glob("*.png")) and "mrl_dims.png" in out
+    # The demo data source wrote the SFT and supervised inputs (and DHNM's passages) inside the run, as any input.
+    assert (run / "sft" / "demo" / "records.parquet").is_file()
+    assert (run / "supervised" / "demo" / "passages.parquet").is_file()
 
     # Better than where each stage started, on data no stage trained on.
     scores = json.loads((run / "eval" / "scores.json").read_text())["scores"]

@@ -121,6 +121,11 @@ def write_mined(path: str | Path, query_ids: list[str], mined: list[tuple[list[i
                              "candidate_scores": [m[1] for m in mined]}, schema=MINED_SCHEMA), path)
 
 
+def read_passages(path: str | Path) -> list[str]:
+    """The passage corpus (parquet, column text) that passage ids and mined candidate ids index, in row order."""
+    return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+
+
 def read_mined(path: str | Path) -> dict[str, list[int]]:
     """query_id → ranked candidate ids."""
     table = pq.read_table(path)

@@ -1,10 +1,12 @@
-"""Training records for each stage, built from the real datasets (the bundled copies or $CONAN_DATA_ROOT).
+"""The demo data source: every stage's input built from the real datasets (the bundled copies or $CONAN_DATA_ROOT).
 
-pretrain: documents {text} · sft / weak: {instruction, input, output, lang, source} · supervised: task rows
-{task, query, positive, negatives, s1, s2, score} where retrieval/clr/classification use
-(query, positive, negatives) and sts uses (s1, s2, score).
+documents {text} (pretrain) · instructions / pairs {instruction, input, output, lang, source} (sft / weak) · tasks
+{task, query, positive, negatives, s1, s2, score, ...} (supervised), where retrieval/clr/classification use
+(query, positive, negatives) and sts uses (s1, s2, score) · passages {text}: the corpus the tasks' passage ids index.
 
-Every reader takes the train split of conan.data.public_sets.
+`write_demo` writes one kind as a parquet file that a stage reads like any user's input (`conan demo`, or `conan
+train` with data.paths empty); nothing under conan/train names a dataset. Every reader takes the train split of
+conan.data.public_sets.
 """
 
 from __future__ import annotations
@@ -15,8 +17,48 @@ import random
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from conan.data.corpus import iter_corpus
 from conan.data.public_sets import XQUAD_LANGS, csl_keyword_pairs, csl_title_pairs, xquad_rows
+
+
+DEMO_RECORDS, DEMO_PASSAGES = "records.parquet", "passages.parquet"
+
+
+def demo_records(kind: str, cfg, clr: list[dict] | None = None) -> list[dict]:
+    """The demo rows of one input kind (documents, instructions, pairs, tasks) for a stage config (JobConfig); `clr`:
+    a built CLR set's rows, which replace the built-in CLR task rows (given their XQuAD passage ids)."""
+    root, max_rows, seed = cfg.data.root, cfg.data.max_rows, cfg.train.seed
+    if kind == "documents":
+        return pretrain_records(root, max_rows)
+    if kind in ("instructions", "pairs"):
+        return pair_records(root, max_rows, seed)
+    if kind != "tasks":
+        raise ValueError(f"the demo source has no input of kind {kind!r}")
+    sup = cfg.supervised
+    rows = supervised_records(root, sup.num_negatives, sup.max_per_task, seed, sup.retrieval_langs)
+    if clr is not None:
+        rows = [r for r in rows if r["task"] != "clr"] + with_passage_ids(clr[:sup.max_per_task], root)
+    return rows
+
+
+def write_demo(kind: str, cfg, out: str | Path, clr: list[dict] | None = None) -> dict[str, str]:
+    """Write the demo input of `kind` to out/records.parquet (rows in a seeded order: readers stream a file at a time)
+    and, for tasks, the passage corpus their ids index to out/passages.parquet; return {"records", "passages"}."""
+    rows = demo_records(kind, cfg, clr)
+    if not rows:
+        raise ValueError(f"the demo source has no {kind} rows under {cfg.data.root}")
+    random.Random(cfg.train.seed).shuffle(rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / DEMO_RECORDS)
+    paths = {"records": str(out / DEMO_RECORDS)}
+    if kind == "tasks":
+        pq.write_table(pa.table({"text": xquad_corpus(cfg.data.root)}), out / DEMO_PASSAGES)
+        paths["passages"] = str(out / DEMO_PASSAGES)
+    return paths
 
 
 def xquad_corpus(root: str | Path) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conan.config import ConfigError, JobConfig, to_dict
-from conan.data.shards import ShardError, convert, is_shard_dir, load_manifest, merge_manifests
+from conan.data.shards import ShardError, convert, input_files, is_shard_dir, load_manifest, merge_manifests
 from conan.data.tokenize import pack_documents
 from conan.runtime import init_ray
 from conan.train.backend import resolve_backend
@@ -50,23 +49,40 @@ def check_inputs(cfg: JobConfig) -> Path:
     return tokenizer_dir
 
 
+def with_demo_data(cfg: JobConfig, stage: type[Stage]) -> JobConfig:
+    """The config itself when data.paths names the input; else one reading the demo data source's rows of the
+    stage's kind (and, for DHNM, its passages), written once under <output_dir>/demo as `conan demo` writes them."""
+    if cfg.data.paths:
+        return cfg
+    from conan.data.stage_data import DEMO_PASSAGES, DEMO_RECORDS, write_demo
+
+    out = Path(cfg.output_dir) / "demo"
+    if not (out / DEMO_RECORDS).is_file():
+        clr = None
+        if stage.input_kind == "tasks" and cfg.supervised.clr_paths:  # a built CLR set replaces the demo's CLR rows
+            spec = stage.row_spec(cfg)
+            clr = [r for f in input_files(cfg.supervised.clr_paths)
+                   for r in spec.select(pq.read_table(f), "supervised.clr_paths").to_pylist()]
+        try:
+            write_demo(stage.input_kind, cfg, out, clr)
+        except ValueError as e:
+            raise ConfigError(f"stage {cfg.stage}: {e}") from e
+    cfg = replace(cfg, data=replace(cfg.data, paths=[str(out / DEMO_RECORDS)]))
+    if (out / DEMO_PASSAGES).is_file() and not cfg.dhnm.passages:
+        cfg = replace(cfg, dhnm=replace(cfg.dhnm, passages=str(out / DEMO_PASSAGES)))
+    return cfg
+
+
 def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path | None = None) -> list[str]:
-    """The stage's input as shard directories: data.paths used as they are when they are shards of the stage's kind
-    and grouping, else re-sharded (streamed, one Ray task per input file) under <output_dir>/shards; the built-in
-    datasets when data.paths is empty. Pretraining's documents are then tokenized and packed into token blocks."""
+    """The stage's input (data.paths) as shard directories: used as they are when they are shards of the stage's kind
+    and grouping, else re-sharded (streamed, one Ray task per input file) under <output_dir>/shards. Pretraining's
+    documents are then tokenized and packed into token blocks."""
+    if not cfg.data.paths:
+        raise ConfigError("data.paths is empty: name the stage's input files (conan train fills it with the demo "
+                          "data's first, see `conan demo`)")
     spec = stage.row_spec(cfg)
     out = Path(cfg.output_dir) / "shards"
     inputs = list(cfg.data.paths)
-    if not inputs:  # the bundled demo datasets: small, written once by the driver
-        records = out / "records.parquet"
-        if not records.is_file():
-            rows = stage.records(cfg)
-            if not rows:
-                raise ConfigError(f"stage {cfg.stage}: no training rows")
-            random.Random(cfg.train.seed).shuffle(rows)  # a reader streams a shard at a time: shards must be mixed
-            out.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows), records)
-        inputs = [str(records)]
     ready = [load_manifest(p) for p in inputs if is_shard_dir(p)]
     if cfg.data.max_rows is None and len(ready) == len(inputs) and all(
             m.kind == stage.input_kind and m.stats.get("group_by") == list(spec.group_by) for m in ready):
@@ -110,7 +126,8 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
                    model=replace(cfg.model, init_from=absolute(cfg.model.init_from)),
                    tokenizer=replace(cfg.tokenizer, path=absolute(cfg.tokenizer.path)),
                    data=replace(cfg.data, root=absolute(cfg.data.root), paths=[absolute(p) for p in cfg.data.paths]),
-                   dhnm=replace(cfg.dhnm, candidates=absolute(cfg.dhnm.candidates)))
+                   dhnm=replace(cfg.dhnm, candidates=absolute(cfg.dhnm.candidates),
+                                passages=absolute(cfg.dhnm.passages)))
 
 
 def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
@@ -129,6 +146,7 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
     init_ray(cfg.ray_address)
     backend = resolve_backend(cfg.train.device, cfg.train.precision, ray.cluster_resources())
     stage = stage_class(cfg.stage)
+    cfg = with_demo_data(cfg, stage)
     shards = stage_shards(cfg, stage, tokenizer_dir)
     pools = start_negative_pools(cfg, stage) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
     trainer = TorchTrainer(
@@ -157,22 +175,32 @@ def mined_negatives_path(cfg: JobConfig) -> Path:
 
 def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Path:
     """Mine dhnm.pool_size candidates per query of `rows` with the stage's starting model (model.init_from) in the
-    XQuAD passage corpus, unless the parquet exists already; returns its path."""
-    from conan.data import stage_data
-    from conan.data.mining import MiningConfig, mine_supervised_candidates
+    passage corpus (dhnm.passages), unless the parquet exists already; returns its path."""
+    from conan.data.mining import MiningConfig, mine_supervised_candidates, read_passages
 
     path = mined_negatives_path(cfg)
     if path.is_file() and not force:
         return path
     if not cfg.model.init_from:
         raise ConfigError("model.init_from: mining needs a trained embedding model")
+    check_passages(cfg)
     rows = [r for r in rows if cfg.supervised.task_weights.get(r["task"], 0) > 0]  # what the stage will train on
-    n = mine_supervised_candidates(cfg.model.init_from, rows, stage_data.xquad_corpus(cfg.data.root), path,
+    n = mine_supervised_candidates(cfg.model.init_from, rows, read_passages(cfg.dhnm.passages), path,
                                    MiningConfig(top_k=cfg.dhnm.pool_size,
                                                 false_negative_ratio=cfg.dhnm.false_negative_ratio,
                                                 index=cfg.dhnm.index))
     print(f"[{cfg.stage}] mined {cfg.dhnm.pool_size} candidates for {n} queries → {path}", flush=True)
     return path
+
+
+def check_passages(cfg: JobConfig) -> None:
+    """Fail unless dhnm.passages names the passage corpus the rows' and candidates' passage ids index."""
+    if not cfg.dhnm.passages:
+        raise ConfigError("dhnm.passages: DHNM needs the passage corpus (parquet, column text) that the rows' "
+                          "positive_id and the mined candidate ids index; only the demo data (data.paths empty) "
+                          "brings its own")
+    if not Path(cfg.dhnm.passages).is_file():
+        raise ConfigError(f"dhnm.passages: {cfg.dhnm.passages} does not exist")
 
 
 def start_negative_pools(cfg: JobConfig, stage: type[Stage]):
@@ -182,6 +210,7 @@ def start_negative_pools(cfg: JobConfig, stage: type[Stage]):
 
     if cfg.dhnm.candidates and not Path(cfg.dhnm.candidates).is_file():
         raise ConfigError(f"dhnm.candidates: {cfg.dhnm.candidates} does not exist")
+    check_passages(cfg)
     path = mined_negatives_path(cfg)
     if not path.is_file():
         path = mine_negatives(cfg, stage_rows(cfg, stage))

@@ -18,18 +18,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 from conan.config import JobConfig
-from conan.data import stage_data
 from conan.data.dedup import exact_keys
+from conan.data.mining import read_passages
 from conan.losses import cosent_loss, gather_with_grad, infonce_loss, matryoshka_loss, positive_copies_mask
 from conan.model import ConanForCausalLM, ConanForEmbedding
 from conan.model.soft_mask import soft_mask_alpha
 from conan.tokenizer import INPUT, INSTRUCTION, OUTPUT
-from conan.data.shards import RowSpec, input_files
+from conan.data.shards import RowSpec
 from conan.data.stream import GroupedStream
 from conan.train.diagnostics import contrastive_stats
 
@@ -68,11 +67,6 @@ class Stage:
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
         self.seq_len = cfg.data.seq_len
         self.window: dict[str, list[float]] = defaultdict(list)  # figures since the last report
-
-    @staticmethod
-    def records(cfg: JobConfig) -> list[dict]:
-        """The stage's rows from the real datasets under cfg.data.root."""
-        raise NotImplementedError
 
     @classmethod
     def row_spec(cls, cfg: JobConfig) -> RowSpec:
@@ -144,10 +138,6 @@ class PretrainStage(Stage):
 
     name, model_class, columns, input_kind = "pretrain", ConanForCausalLM, ("text",), "documents"
 
-    @staticmethod
-    def records(cfg):
-        return stage_data.pretrain_records(cfg.data.root, cfg.data.max_rows)
-
     def prepare(self, files, stats):
         super().prepare(files, stats)
         self.unigram_entropy = stats["unigram_entropy"]
@@ -179,10 +169,6 @@ class SFTStage(Stage):
 
     name, model_class, columns = "sft", ConanForCausalLM, ("instruction", "input", "output")
     input_kind = "instructions"
-
-    @staticmethod
-    def records(cfg):
-        return stage_data.pair_records(cfg.data.root, cfg.data.max_rows, cfg.train.seed)
 
     def batch(self, index):
         _, rows = self.rows(index)
@@ -219,8 +205,6 @@ class WeakStage(Stage):
     # Curated weak pairs (conan curate) name them query / positive.
     aliases, defaults = {"input": "query", "output": "positive"}, {"lang": "", "source": ""}
     batch_by = ["source", "lang"]
-
-    records = SFTStage.records
 
     def batch(self, index):
         _, rows = self.rows(index)
@@ -271,19 +255,6 @@ class SupervisedStage(Stage):
             self.pool = NegativePoolClient.connect(pool_names)
         self.rescored_step = -1
 
-    @staticmethod
-    def records(cfg):
-        rows = stage_data.supervised_records(cfg.data.root, cfg.supervised.num_negatives,
-                                             cfg.supervised.max_per_task, cfg.train.seed,
-                                             cfg.supervised.retrieval_langs)
-        if cfg.supervised.clr_paths:  # a built CLR set replaces the built-in human-translation CLR rows
-            spec = SupervisedStage.row_spec(cfg)
-            clr = [r for f in input_files(cfg.supervised.clr_paths)
-                   for r in spec.select(pq.read_table(f), "supervised.clr_paths").to_pylist()]
-            rows = [r for r in rows if r["task"] != "clr"] + stage_data.with_passage_ids(
-                clr[:cfg.supervised.max_per_task], cfg.data.root)
-        return rows
-
     group_prefix = ["task"]
 
     def group_weights(self, rows):
@@ -311,7 +282,7 @@ class SupervisedStage(Stage):
         super().prepare(files, stats)
         self.dims = self.cfg.loss.matryoshka_dims
         if self.pool is not None:  # passages the pool's candidate ids point at
-            self.corpus = stage_data.xquad_corpus(self.cfg.data.root)
+            self.corpus = read_passages(self.cfg.dhnm.passages)
 
     def batch(self, index):
         task = task_of(self.stream.group(index))
