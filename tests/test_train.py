@@ -1,7 +1,7 @@
 """Training engine on a real local Ray with real DeepSpeed ZeRO-1 (gloo), 2 workers, real data.
 
-The four stages run once as a chain (pretrain → sft → weak → supervised), each from the previous
-stage's export; the other tests reuse those exports.
+The four stages run once as a chain (pretrain → sft, then weak → supervised), each from the previous stage's export
+except the weak stage, which starts from an untrained model (see `chain`); the other tests reuse those exports.
 """
 
 from __future__ import annotations
@@ -36,15 +36,24 @@ def losses(cfg: JobConfig) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, ray_cluster, tokenizer_dir, data_root):
-    """Run the four stages in order; returns {stage: config}."""
+def chain(tmp_path_factory, ray_cluster, tokenizer_dir, tokenizer, data_root):
+    """Run the four stages in order; returns {stage: config}. The weak stage starts from an untrained model, not the
+    SFT export: 30 pretraining steps end at the corpus's unigram entropy (a unigram predictor, hidden states near
+    constant: passage cosines 0.98+), and from there the weak loss stayed at log N for 40 steps on some seeds (issue
+    13). The SFT → weak hand-off is run by test_killed_worker_resumes_and_matches_an_uninterrupted_run and the
+    pipeline test."""
+    from conan.model import ConanConfig, ConanForCausalLM
+
     out = tmp_path_factory.mktemp("chain")
+    torch.manual_seed(0)
+    ConanForCausalLM(ConanConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(str(out / "init"))
+    tokenizer.save_pretrained(str(out / "init"))
     common = [f"data.root={data_root}"]
     cfgs = {"pretrain": stage_config("pretrain", out, *common, f"tokenizer.path={tokenizer_dir}",
                                      "data.max_rows=4000", "train.steps=30")}
     cfgs["sft"] = stage_config("sft", out, *common, f"model.init_from={out / 'pretrain' / 'model'}",
                                "data.max_rows=2000", "train.steps=20", "optim.lr=2e-3")
-    cfgs["weak"] = stage_config("weak", out, *common, f"model.init_from={out / 'sft' / 'model'}",
+    cfgs["weak"] = stage_config("weak", out, *common, f"model.init_from={out / 'init'}",
                                 "data.max_rows=2000", "train.steps=20")
     cfgs["supervised"] = stage_config("supervised", out, *common, f"model.init_from={out / 'weak' / 'model'}",
                                       "supervised.max_per_task=200", "train.steps=20",
@@ -55,10 +64,10 @@ def chain(tmp_path_factory, ray_cluster, tokenizer_dir, data_root):
     return cfgs
 
 
-# SFT's loss is over long multilingual answers the 30-step pretrained model has barely seen: it falls slowly. So
-# does the weak stage's: it starts at chance from that model and its in-batch negatives share the query's language
-# (measured 4.21 → 4.03 in 20 steps). The supervised loss sums a different task mix in each report window.
-@pytest.mark.parametrize("stage,ratio", [("pretrain", 0.9), ("sft", 0.95), ("weak", 0.97), ("supervised", 0.95)])
+# SFT's loss is over long multilingual answers the 30-step pretrained model has barely seen: it falls slowly. The weak
+# stage, from the untrained model, leaves chance within 20 steps (measured 4.18 → 2.30 and 4.66 → 2.21 on two seeds: 0.55
+# and 0.47 of the first report). The supervised loss sums a different task mix in each report window.
+@pytest.mark.parametrize("stage,ratio", [("pretrain", 0.9), ("sft", 0.95), ("weak", 0.75), ("supervised", 0.95)])
 def test_stage_loss_falls(chain, stage, ratio):
     history = losses(chain[stage])
     assert len(history) == chain[stage].train.steps // 5
