@@ -3,11 +3,12 @@ loads, and stages that measurably learn on held-out data (XQuAD articles no stag
 
 What holds on 2 cores with the tiny preset, in both full runs of this recipe (README, Training quality): the weak
 and the supervised model beat the random init on held-out XQuAD retrieval, the supervised stage beats the weak model
-on Banking77, and its retrieval InfoNCE ends near 0.5-0.6 · log N. The margins depend on the data order: this test's
-XQuAD figures (init .383) were weak .428 / supervised .436 when workers read rows in memory (fbd6f15) and are
-.388 / .3833 on the streamed shards, whose order differs. With train.seed=1 the two readers pretrain equally well
-(loss 5.476 vs 5.477 at step 500; at seed 0 5.44 vs 5.38), and from one SFT model their weak stages score .396 vs
-.401: the thin margin is this order's, not the reader's. Not met (issue 13's goal, reported, not asserted): the final
+on Banking77, and its retrieval InfoNCE ends near 0.5-0.6 · log N. The XQuAD margins are thin and vary between
+identical runs: pretraining and SFT reproduce exactly, but curation's Ray Data output is partitioned differently each
+run, so the weak stage's row order differs. Init .383; weak / supervised .428 / .436 (fbd6f15, rows in memory), then
+on the streamed shards .388 / .3833 and .406 / .398 (two runs of the same code). From one SFT model the weak stage's
+seeds score .396 / .411 / .431 (the in-memory reader .401 / .407): the spread is the order's, not the reader's, and
+as large as the gain. Not met (issue 13's goal, reported, not asserted): the final
 model beating its random init on every task (it loses STS-B: 0.485-0.487 vs 0.491-0.557) and the classification
 InfoNCE below 0.6 · log N (it ends near 0.78-0.85)."""
 
