@@ -12,7 +12,6 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conan.config import ConfigError, JobConfig, to_dict
