@@ -113,7 +113,8 @@ class SupervisedConfig:
         "retrieval": 1.0, "clr": 1.0, "classification": 1.0, "sts": 1.0})
     max_per_task: int | None = None
     retrieval_langs: list[str] | None = None  # XQuAD / zh languages of the built-in retrieval rows (None = all)
-    clr_paths: list[str] = field(default_factory=list)  # CLR parquet (conan clr) replacing the built-in CLR rows
+    # a CLR set (conan clr): it replaces the demo's CLR rows, or joins the user's data.paths
+    clr_paths: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -399,8 +399,8 @@ def test_vllm_backend_contract(monkeypatch):
 
 def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
     """The weak stage reads a curation output directory (query/positive stand in for input/output); the demo data
-    source swaps its built-in CLR rows for a built CLR set, with passage ids into the passages it writes beside them;
-    DHNM on a user's rows without a passage corpus is refused before any worker starts."""
+    source swaps its built-in CLR rows for a built CLR set, with passage ids into the passages it writes beside them,
+    and a user's own rows get the CLR set added to their inputs; DHNM on a user's rows without a passage corpus is refused before any worker starts."""
     from conan.config import ConfigError, JobConfig, from_dict
     from conan.data.clr import CLR_SCHEMA
     from conan.data.mining import read_passages
@@ -433,6 +433,16 @@ def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
     assert clr_rows[0]["s1"] == "" and {r["task"] for r in rows} == {"retrieval", "clr", "classification", "sts"}
     assert read_passages(cfg.dhnm.passages) == xquad_corpus(data_root)
     check_passages(cfg)
+    # with the user's own task rows, the CLR set joins data.paths (once) and its rows reach the stage
+    pq.write_table(pa.Table.from_pylist([r for r in rows if r["task"] == "retrieval"][:2]), tmp_path / "own.parquet")
+    own = with_demo_data(from_dict(JobConfig, {"stage": "supervised", "output_dir": str(tmp_path / "own"),
+                                               "data": {"paths": [str(tmp_path / "own.parquet")]},
+                                               "supervised": {"clr_paths": [str(tmp_path / "clr.parquet")]}}),
+                         SupervisedStage)
+    assert own.data.paths == [str(tmp_path / "own.parquet"), str(tmp_path / "clr.parquet")]
+    assert with_demo_data(own, SupervisedStage) == own
+    own_rows = sorted((r["task"], r["query"]) for r in stage_rows(own, SupervisedStage))
+    assert [t for t, _ in own_rows] == ["clr", "retrieval", "retrieval"] and own_rows[0][1] == "Wer?"
     with pytest.raises(ConfigError, match="dhnm.passages"):
         check_passages(from_dict(JobConfig, {"stage": "supervised", "data": {"paths": [cfg.data.paths[0]]},
                                              "dhnm": {"enabled": True}}))

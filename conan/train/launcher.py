@@ -50,9 +50,13 @@ def check_inputs(cfg: JobConfig) -> Path:
 
 def with_demo_data(cfg: JobConfig, stage: type[Stage]) -> JobConfig:
     """The config itself when data.paths names the input; else one reading the demo data source's rows of the
-    stage's kind (and, for DHNM, its passages), written once under <output_dir>/demo as `conan demo` writes them."""
+    stage's kind (and, for DHNM, its passages), written once under <output_dir>/demo as `conan demo` writes them.
+
+    A built CLR set (supervised.clr_paths) joins the supervised stage's input either way: it replaces the demo's CLR
+    rows, or is added to the user's data.paths."""
     if cfg.data.paths:
-        return cfg
+        extra = [p for p in cfg.supervised.clr_paths if p not in cfg.data.paths] if stage.input_kind == "tasks" else []
+        return replace(cfg, data=replace(cfg.data, paths=[*cfg.data.paths, *extra])) if extra else cfg
     from conan.data.stage_data import DEMO_PASSAGES, DEMO_RECORDS, write_demo
 
     out = Path(cfg.output_dir) / "demo"
