@@ -400,7 +400,8 @@ def test_vllm_backend_contract(monkeypatch):
 def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
     """The weak stage reads a curation output directory (query/positive stand in for input/output); the demo data
     source swaps its built-in CLR rows for a built CLR set, with passage ids into the passages it writes beside them,
-    and a user's own rows get the CLR set added to their inputs; DHNM on a user's rows without a passage corpus is refused before any worker starts."""
+    and a user's own rows get the CLR set added to their inputs; DHNM on a user's rows without a passage corpus is
+    refused before any worker starts."""
     from conan.config import ConfigError, JobConfig, from_dict
     from conan.data.clr import CLR_SCHEMA
     from conan.data.mining import read_passages
