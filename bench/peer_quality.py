@@ -34,8 +34,6 @@ from conan.eval.runner import MAIN_METRIC, evaluate, largest_dim
 from conan.train.launcher import absolute_paths, run_stage, stage_rows, with_demo_data
 from conan.train.stages import SupervisedStage
 
-PAIR_TASKS = SupervisedStage.PAIR_TASKS
-
 
 def dev_score(model_dir: Path, eval_yaml: str, out: Path) -> tuple[float, dict]:
     """Mean main metric over the dev evaluation's tasks at the model's full size, and the per-task means."""

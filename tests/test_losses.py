@@ -33,17 +33,18 @@ def test_cosent_matches_eq2():
     terms = [np.exp(scale * (cos[k] - cos[i]))
              for i, k in itertools.product(range(6), range(6)) if gold[i] > gold[k]]
     expected = np.log(1 + np.sum(terms))
-    got = cosent_loss(torch.tensor(left), torch.tensor(right), torch.tensor(gold), scale)
+    got, scores = cosent_loss(torch.tensor(left), torch.tensor(right), torch.tensor(gold), scale)
     assert abs(got.item() - expected) < 1e-9
+    assert np.allclose(scores.numpy(), cos) and not scores.requires_grad  # the shared call shape: (loss, scores)
 
 
 def test_cosent_is_log2_when_no_order_and_falls_when_ranking_right():
     x = torch.tensor(_unit(3, 4, 4))
-    assert abs(cosent_loss(x, x, torch.ones(3)).item() - np.log(1.0)) < 1e-12  # no ordered pair → log(1)
+    assert abs(cosent_loss(x, x, torch.ones(3))[0].item() - np.log(1.0)) < 1e-12  # no ordered pair → log(1)
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     b_good = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)  # pair 0 similar, pair 1 not
-    good = cosent_loss(a, b_good, torch.tensor([5.0, 0.0]))
-    bad = cosent_loss(a, b_good, torch.tensor([0.0, 5.0]))
+    good, _ = cosent_loss(a, b_good, torch.tensor([5.0, 0.0]))
+    bad, _ = cosent_loss(a, b_good, torch.tensor([0.0, 5.0]))
     assert good.item() < 0.01 < bad.item()
 
 

@@ -1,4 +1,6 @@
-"""Contrastive losses, one per file: InfoNCE (eq. 1), CoSENT (eq. 2), Matryoshka wrapper."""
+"""Contrastive losses, one per file: InfoNCE (eq. 1), CoSENT (eq. 2), Matryoshka wrapper.
+
+One call shape: loss(a, b, labels, *options) -> (loss, detached scores), a and b unit-norm embeddings (N, d)."""
 
 from conan.losses.cosent import cosent_loss
 from conan.losses.gather import gather_with_grad

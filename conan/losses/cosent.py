@@ -12,10 +12,13 @@ import torch
 
 
 def cosent_loss(left: torch.Tensor, right: torch.Tensor, gold: torch.Tensor,
-                scale: float = 20.0) -> torch.Tensor:
-    """CoSENT of unit-norm pair embeddings `left`, `right` (N, d) against gold scores (N,)."""
-    cos = (left * right).sum(-1) * scale
-    diff = cos[None, :] - cos[:, None]  # diff[a, b] = cos_b - cos_a
+                scale: float = 20.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """CoSENT of unit-norm pair embeddings `left`, `right` (N, d) against gold scores (N,).
+
+    Returns (loss, the pairs' cosines (N,) detached): the call shape of every loss here."""
+    cos = (left * right).sum(-1)
+    logits = cos * scale
+    diff = logits[None, :] - logits[:, None]  # diff[a, b] = cos_b - cos_a, scaled
     higher = gold[:, None] > gold[None, :]  # pair a should score above pair b
     diff = diff.masked_fill(~higher, float("-inf"))
-    return torch.logsumexp(torch.cat([diff.new_zeros(1), diff.flatten()]), dim=0)
+    return torch.logsumexp(torch.cat([diff.new_zeros(1), diff.flatten()]), dim=0), cos.detach()

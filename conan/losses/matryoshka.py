@@ -15,18 +15,15 @@ import torch
 from conan.model.pooling import matryoshka_truncate
 
 
-def matryoshka_loss(loss_fn: Callable[..., torch.Tensor], embeddings: Sequence[torch.Tensor],
-                    dims: Sequence[int], *args, **kwargs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+LossOutput = tuple[torch.Tensor, torch.Tensor]  # (loss, detached scores)
+
+
+def matryoshka_loss(loss_fn: Callable[..., LossOutput], embeddings: Sequence[torch.Tensor], dims: Sequence[int],
+                    *args, **kwargs) -> tuple[torch.Tensor, dict[int, LossOutput]]:
     """Sum of loss_fn over dims; `embeddings` are raw (unnormalised) pooled vectors passed first.
 
-    loss_fn gets the truncated, renormalised embeddings followed by *args/**kwargs and returns a
-    scalar or a (scalar, extra) tuple. Returns (total, {dim: that dim's loss or tuple}).
+    loss_fn has the call shape of every loss in conan.losses: the truncated, renormalised embeddings, then
+    *args/**kwargs; it returns (loss, detached scores). Returns (total, {dim: (that dim's loss, its scores)}).
     """
-    per_dim = {}
-    total = None
-    for dim in dims:
-        out = loss_fn(*(matryoshka_truncate(e, dim) for e in embeddings), *args, **kwargs)
-        per_dim[dim] = out
-        value = out[0] if isinstance(out, tuple) else out
-        total = value if total is None else total + value
-    return total, per_dim
+    per_dim = {dim: loss_fn(*(matryoshka_truncate(e, dim) for e in embeddings), *args, **kwargs) for dim in dims}
+    return sum(loss for loss, _ in per_dim.values()), per_dim

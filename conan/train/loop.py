@@ -28,8 +28,9 @@ from conan.metrics import TrainMetrics
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
 from conan.train.backend import Backend, deepspeed_config, lr_scheduler, skip_unused_deepspeed_ops, worker_device
+from conan.train.batching import to_device
 from conan.train.diagnostics import chance_warning
-from conan.train.stages import Stage, export_path, stage_class, to_device
+from conan.train.stages import Stage, export_path, stage_class
 
 CHECKPOINT_TAG = "state"
 STAGE_MARKER = "conan_stage.json"

@@ -4,7 +4,8 @@ pretrain  causal LM on packed token blocks (documents joined by <|eos|>)
 sft       causal LM on (instruction, input, output), loss on the output tokens only
 weak      InfoNCE with in-batch negatives over the global batch, soft mask scheduled over the stage
 supervised task-homogeneous batches: retrieval / clr / classification (InfoNCE with hard negatives),
-          sts (CoSENT), every loss wrapped in Matryoshka over the configured dims
+          sts (CoSENT), every loss wrapped in Matryoshka over the configured dims; each task a plug-in
+          (conan.train.tasks) with its own columns, collate and loss
 
 A stage reads its rows from shard files (conan.data.shards) through a GroupedStream: batches are a pure function
 of (seed, micro-batch index, rank, world size), so a resumed run sees exactly the data an uninterrupted one would.
@@ -22,32 +23,16 @@ import torch
 import torch.distributed as dist
 
 from conan.config import JobConfig
-from conan.data.dedup import exact_keys
 from conan.data.mining import read_passages
-from conan.losses import cosent_loss, gather_with_grad, infonce_loss, matryoshka_loss, positive_copies_mask
+from conan.data.shards import RowSpec
+from conan.data.stream import GroupedStream
+from conan.losses import gather_with_grad, infonce_loss, positive_copies_mask
 from conan.model import ConanForCausalLM, ConanForEmbedding
 from conan.model.soft_mask import soft_mask_alpha
 from conan.tokenizer import INPUT, INSTRUCTION, OUTPUT
-from conan.data.shards import RowSpec
-from conan.data.stream import GroupedStream
+from conan.train.batching import batch_tokens, gather_detached, pad_batch, text_keys, to_device
 from conan.train.diagnostics import contrastive_stats
-
-
-def pad_batch(sequences: list[list[int]], pad_id: int, label_sequences: list[list[int]] | None = None) -> dict:
-    """Right-pad token id lists into input_ids / attention_mask (and labels, -100 on padding)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if label_sequences is not None:
-        labels = torch.full_like(ids, -100)
-        for i, s in enumerate(label_sequences):
-            labels[i, :len(s)] = torch.tensor(s)
-        batch["labels"] = labels
-    return batch
+from conan.train.tasks import TASKS
 
 
 class Stage:
@@ -126,6 +111,11 @@ class Stage:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
 
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's padding id."""
+        return self.tokenizer.pad_token_id
+
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of texts (each ending with <|eos|>), truncated to seq_len keeping the <|eos|>."""
         eos = self.tokenizer.eos_token_id
@@ -145,7 +135,7 @@ class PretrainStage(Stage):
     def batch(self, index):
         _, rows = self.rows(index)
         ids = [r["ids"] for r in rows]
-        return {**pad_batch(ids, self.tokenizer.pad_token_id, ids), "row_ids": [r["row_id"] for r in rows]}
+        return {**pad_batch(ids, self.pad_id, ids), "row_ids": [r["row_id"] for r in rows]}
 
     def loss(self, engine, batch, step):
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -190,11 +180,6 @@ class SFTStage(Stage):
         return out.loss, {"samples": len(batch["input_ids"]), "tokens": int(batch["attention_mask"].sum())}
 
 
-def text_keys(texts: list[str]) -> torch.Tensor:
-    """int64 content keys of passages (equal text, equal key) for the positive-copies mask."""
-    return torch.from_numpy(exact_keys(texts).view(np.int64))
-
-
 class WeakStage(Stage):
     """InfoNCE on (input, output) pairs with in-batch negatives and the soft mask; by default every global batch shares
     one language and source (data.batch_by), so negatives are not told apart by language alone. Queries are bare text
@@ -208,9 +193,8 @@ class WeakStage(Stage):
 
     def batch(self, index):
         _, rows = self.rows(index)
-        pad = self.tokenizer.pad_token_id
-        return {"query": pad_batch(self.encode([r["input"] for r in rows]), pad),
-                "passage": pad_batch(self.encode([r["output"] for r in rows]), pad),
+        return {"query": pad_batch(self.encode([r["input"] for r in rows]), self.pad_id),
+                "passage": pad_batch(self.encode([r["output"] for r in rows]), self.pad_id),
                 "passage_keys": text_keys([r["output"] for r in rows]), "row_ids": [r["row_id"] for r in rows]}
 
     def alpha(self, step: int) -> float:
@@ -226,25 +210,25 @@ class WeakStage(Stage):
                              for side in ("query", "passage"))
         b = len(queries)
         target = torch.arange(b, device=queries.device) + self.rank * b
-        allowed = positive_copies_mask(_gather(batch["passage_keys"]), target)
+        allowed = positive_copies_mask(gather_detached(batch["passage_keys"]), target)
         loss, scores = infonce_loss(queries, gather_with_grad(passages), target, self.cfg.loss.temperature, allowed)
         self.note({"infonce_loss": float(loss.detach()), **contrastive_stats(scores, target, allowed, passages)})
-        return loss, {"samples": b, "tokens": _tokens(batch), "alpha": alpha}
+        return loss, {"samples": b, "tokens": batch_tokens(batch), "alpha": alpha}
 
 
 class SupervisedStage(Stage):
-    """Multi-task contrastive training: one task per step (the same on every worker), MRL over dims."""
+    """Multi-task contrastive training: one task per step (the same on every worker), drawn from the seed by
+    supervised.task_weights; each task (conan.train.tasks: retrieval, CLR, classification, STS) collates its rows and
+    computes its loss, Matryoshka over loss.matryoshka_dims. Owns what tasks share: the DHNM pool and its passages."""
 
     name, model_class, input_kind = "supervised", ConanForEmbedding, "tasks"
-    columns = ("task", "query", "positive", "negatives", "s1", "s2", "score", "query_id", "positive_id",
-               "positive_key", "negative_keys", "lang")
-    # Retrieval / CLR triples (conan clr) lack the STS columns, passage ids and keys (a passage is then its text);
-    # their passages' language is doc_lang.
+    # The union of the tasks' columns: an input file may mix tasks. Retrieval / CLR triples (conan clr) lack the STS
+    # columns, passage ids and keys (a passage is then its text); their passages' language is doc_lang.
+    columns = ("task", *dict.fromkeys(c for t in TASKS.values() for c in t.columns), "lang")
     aliases = {"lang": "doc_lang"}
-    defaults = {"s1": "", "s2": "", "score": 0.0, "query_id": "", "positive_id": -1, "positive_key": "",
-                "negative_keys": [], "lang": ""}
+    defaults = {**{c: v for t in TASKS.values() for c, v in t.defaults.items()}, "lang": ""}
     batch_by = ["lang"]  # within a task: candidates of one language, as in the weak stage
-    PAIR_TASKS = ("retrieval", "clr", "classification")
+    group_prefix = ["task"]
     RESCORE_CHUNK = 16  # queries per extra forward pass of the v1 re-scoring baseline
 
     def __init__(self, cfg, tokenizer, rank=0, world_size=1, pool_names: list[str] | None = None):
@@ -255,8 +239,6 @@ class SupervisedStage(Stage):
             self.pool = NegativePoolClient.connect(pool_names)
         self.rescored_step = -1
 
-    group_prefix = ["task"]
-
     def group_weights(self, rows):
         """A task's weight (supervised.task_weights), shared by its groups in proportion to their rows."""
         sup = self.cfg.supervised
@@ -265,9 +247,10 @@ class SupervisedStage(Stage):
         if not any(w > 0 for w in task_weights.values()):  # e.g. `--set supervised.task_weights.clr=0` replaces the map
             raise ValueError(f"supervised.task_weights {dict(sup.task_weights)}: none of the tasks with rows "
                              f"{sorted(tasks)} has a positive weight")
-        unknown = {t for t, w in task_weights.items() if w > 0} - set(self.PAIR_TASKS) - {"sts"}
+        unknown = {t for t, w in task_weights.items() if w > 0} - set(TASKS)
         if unknown:
-            raise ValueError(f"unknown supervised tasks {sorted(unknown)}")
+            raise ValueError(f"unknown supervised tasks {sorted(unknown)}; known: {sorted(TASKS)} "
+                             "(conan.train.tasks.TASKS)")
         per_task: dict[str, int] = defaultdict(int)
         for g, n in rows.items():
             per_task[task_of(g)] += n
@@ -288,67 +271,23 @@ class SupervisedStage(Stage):
         task = task_of(self.stream.group(index))
         size = self.cfg.supervised.batch_sizes[task]
         _, chosen = self.rows(index, size)
-        pad = self.tokenizer.pad_token_id
-        row_ids = [r["row_id"] for r in chosen]
-        if task == "sts":
-            return {"task": task, "size": size, "row_ids": row_ids,
-                    "pair": pad_batch(self.encode([r["s1"] for r in chosen] + [r["s2"] for r in chosen]), pad),
-                    "score": torch.tensor([r["score"] for r in chosen], dtype=torch.float32)}
-        k = self.cfg.supervised.num_negatives
-        negatives = [r["negatives"][:k] for r in chosen]
-        keys = [[r["positive_key"] or r["positive"]] for r in chosen] + [
-            [key or text for key, text in zip(r["negative_keys"] or [""] * k, negs)] for r, negs in zip(chosen, negatives)]
-        candidates = [i for i, r in enumerate(chosen) if self.pool is not None and r.get("query_id")]
-        assigned = self.pool.assign([chosen[i]["query_id"] for i in candidates]) if candidates else []
-        managed = [i for i, ids in zip(candidates, assigned) if ids is not None]
-        negative_ids = [ids for ids in assigned if ids is not None]
-        for i, ids in zip(managed, negative_ids):
-            negatives[i] = keys[size + i] = [self.corpus[j] for j in ids]
-        passages = [r["positive"] for r in chosen] + [n for negs in negatives for n in negs]
-        return {"task": task, "size": size, "row_ids": row_ids,
-                "query": pad_batch(self.encode([r["query"] for r in chosen]), pad),
-                "passage": pad_batch(self.encode(passages), pad),
-                "passage_keys": text_keys([key for row_keys in keys for key in row_keys]),
-                "query_ids": [r.get("query_id") or "" for r in chosen],
-                "dhnm": {"rows": managed, "negative_ids": negative_ids}}
+        return {**TASKS[task].collate(self, chosen), "task": task, "size": size,
+                "row_ids": [r["row_id"] for r in chosen]}
 
     def loss(self, engine, batch, step):
-        b, task = batch["size"], batch["task"]
         dims = self.dims or engine.module.config.matryoshka_dims
-        counters = {"samples": b, "tokens": _tokens(batch)}
-        if task == "sts":
-            raw = engine(**batch["pair"], raw=True)
-            left, right = gather_with_grad(raw[:b]), gather_with_grad(raw[b:])
-            gold = _gather(batch["score"])
-            loss, per_dim = matryoshka_loss(cosent_loss, (left, right), dims, gold, self.cfg.loss.cosent_scale)
-            self.note({f"cosent_loss_d{d}": float(v.detach()) for d, v in per_dim.items()}, "sts_")
-            return loss, counters
-        queries = engine(**batch["query"], raw=True)
-        local_passages = engine(**batch["passage"], raw=True)
-        passages = gather_with_grad(local_passages)
-        per_rank = len(local_passages)  # b positives then b*k negatives on every rank
-        target = torch.arange(b, device=queries.device) + self.rank * per_rank
-        # Another copy of a row's positive (the paragraph of another question, the same question in another
-        # language, a repeated label) is no negative of that row.
-        allowed = positive_copies_mask(_gather(batch["passage_keys"]), target)
-        loss, per_dim = matryoshka_loss(infonce_loss, (queries, passages), dims, target,
-                                        self.cfg.loss.temperature, allowed)
-        scores = per_dim[max(per_dim)][1]
-        own = self._track_negatives(scores, batch, self.rank * per_rank)
-        self.note({**{f"infonce_loss_d{d}": float(v[0].detach()) for d, v in per_dim.items()},
-                   **contrastive_stats(scores, target, allowed, local_passages[:b], own)}, f"{task}_")
+        loss = TASKS[batch["task"]].loss(self, engine, batch, dims)
         every = self.cfg.dhnm.rescore_every
         if self.pool is not None and every and step % every == 0 and step != self.rescored_step:
             self.rescored_step = step
             self._rescore(engine.module)
-        return loss, counters
+        return loss, {"samples": batch["size"], "tokens": batch_tokens(batch)}
 
     def _rescore(self, model) -> None:
         """The v1 baseline (dhnm.rescore_every = K): every K steps an extra no-grad forward pass over every managed
         query of this worker and its active negatives; those scores go to the pool instead of the loss's."""
-        rows = [r for g, stream in self.stream.streams.items() if task_of(g) in ("retrieval", "clr")
-                for r in stream.epoch_rows(0) if r.get("query_id")]
-        device, pad = next(model.parameters()).device, self.tokenizer.pad_token_id
+        rows = [r for stream in self.stream.streams.values() for r in stream.epoch_rows(0) if r.get("query_id")]
+        device = next(model.parameters()).device
         for start in range(0, len(rows), self.RESCORE_CHUNK):
             part = rows[start:start + self.RESCORE_CHUNK]
             assigned = self.pool.assign([r["query_id"] for r in part])
@@ -356,26 +295,11 @@ class SupervisedStage(Stage):
             if not kept:
                 continue
             with torch.no_grad():
-                q = model(**to_device(pad_batch(self.encode([text for _, text, _ in kept]), pad), device))
-                n = model(**to_device(pad_batch(self.encode([self.corpus[j] for *_, ids in kept for j in ids]), pad),
-                                      device))
+                q = model(**to_device(pad_batch(self.encode([text for _, text, _ in kept]), self.pad_id), device))
+                n = model(**to_device(pad_batch(self.encode([self.corpus[j] for *_, ids in kept for j in ids]),
+                                                self.pad_id), device))
             scores = torch.einsum("qd,qkd->qk", q, n.view(len(kept), -1, n.shape[-1]))
             self.pool.report([qid for qid, *_ in kept], [ids for *_, ids in kept], scores.tolist())
-
-    def _track_negatives(self, scores: torch.Tensor, batch: dict, base: int) -> torch.Tensor:
-        """Read each query's own-negative cosines (b, k) off the loss's similarity matrix (no extra forward pass);
-        report them to the DHNM pool for the rows it manages."""
-        b, k = batch["size"], self.cfg.supervised.num_negatives
-        own = torch.stack([scores[i, base + b + i * k: base + b + (i + 1) * k] for i in range(b)])
-        self.note({"negative_score": float(own.mean())})
-        mined_rows = [i for i in range(b) if batch["query_ids"][i]]  # rows DHNM may manage, DHNM on or off
-        if mined_rows:
-            self.note({"negative_score_mined_queries": float(own[mined_rows].mean())})
-        dhnm = batch["dhnm"]
-        if dhnm["rows"] and not self.cfg.dhnm.rescore_every:
-            self.pool.report([batch["query_ids"][i] for i in dhnm["rows"]], dhnm["negative_ids"],
-                             [own[i].tolist() for i in dhnm["rows"]])
-        return own
 
     def metrics(self) -> dict:
         """Per-task figures since the last report (loss per Matryoshka dim, cosines, log N) and the pool's counters."""
@@ -404,27 +328,6 @@ class SupervisedStage(Stage):
 def task_of(group: str) -> str:
     """The supervised task of a batch group ("retrieval/de" → "retrieval")."""
     return group.split("/")[0]
-
-
-def to_device(batch, device: torch.device):
-    """Move every tensor of a (nested) batch to the device."""
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch.to(device) if torch.is_tensor(batch) else batch
-
-
-def _tokens(batch: dict) -> int:
-    """Non-padding tokens in every padded group of a batch."""
-    return sum(int(v["attention_mask"].sum()) for v in batch.values() if isinstance(v, dict) and "attention_mask" in v)
-
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a no-grad tensor from every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
 
 
 STAGES: dict[str, type[Stage]] = {s.name: s for s in (PretrainStage, SFTStage, WeakStage, SupervisedStage)}

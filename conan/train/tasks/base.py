@@ -1,0 +1,34 @@
+"""The shape every supervised task has: the columns its rows need, how a micro-batch of them is collated, its loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # the stage hands itself to its tasks; typing only, no import cycle
+    from conan.train.stages import SupervisedStage
+
+
+class SupervisedTask:
+    """One task of the supervised stage (sentence-transformers' losses/ shape: one file, one call shape).
+
+    The stage draws a task per step from the seed (supervised.task_weights), reads that many rows of the task's shard
+    groups (supervised.batch_sizes[name]) and hands them to `collate`, then the collated batch to `loss`. The stage
+    gives access to what tasks share: the config, `encode`, the pad id, the rank, `note` for report figures and the
+    DHNM pool."""
+
+    name: str
+    columns: tuple[str, ...] = ()  # columns its rows need beside task and lang
+    defaults: dict[str, object] = {}  # … of which a file may lack these (an input file can mix tasks)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def collate(self, stage: SupervisedStage, rows: list[dict]) -> dict:
+        """Tensors (and ids) of one micro-batch of this task's rows."""
+        raise NotImplementedError
+
+    def loss(self, stage: SupervisedStage, engine, batch: dict, dims: list[int]) -> torch.Tensor:
+        """The micro-batch's loss, Matryoshka-summed over dims; figures for the report go to stage.note."""
+        raise NotImplementedError

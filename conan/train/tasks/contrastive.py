@@ -1,0 +1,75 @@
+"""Retrieval, CLR and classification: InfoNCE (eq. 1) of each query against the global batch's positives and hard
+negatives, Matryoshka over dims, copies of a row's positive masked; DHNM swaps in the pool's negatives."""
+
+from __future__ import annotations
+
+import torch
+
+from conan.losses import gather_with_grad, infonce_loss, matryoshka_loss, positive_copies_mask
+from conan.train.batching import gather_detached, pad_batch, text_keys
+from conan.train.diagnostics import contrastive_stats
+from conan.train.tasks.base import SupervisedTask
+
+
+class ContrastiveTask(SupervisedTask):
+    """(query, positive, negatives) rows. A passage is identified by its key (positive_key / negative_keys: a passage
+    id) or else its text; a row with a query_id may have its negatives managed by the DHNM pool (ids into
+    dhnm.passages)."""
+
+    columns = ("query", "positive", "negatives", "query_id", "positive_id", "positive_key", "negative_keys")
+    defaults = {"query_id": "", "positive_id": -1, "positive_key": "", "negative_keys": []}
+
+    def collate(self, stage, rows):
+        """Queries; passages = every row's positive, then every row's k negatives (the pool's where it manages the
+        row); their content keys; which rows the pool manages and with which candidate ids."""
+        b, k = len(rows), stage.cfg.supervised.num_negatives
+        negatives = [r["negatives"][:k] for r in rows]
+        keys = [[r["positive_key"] or r["positive"]] for r in rows] + [
+            [key or text for key, text in zip(r["negative_keys"] or [""] * k, negs)]
+            for r, negs in zip(rows, negatives)]
+        candidates = [i for i, r in enumerate(rows) if stage.pool is not None and r.get("query_id")]
+        assigned = stage.pool.assign([rows[i]["query_id"] for i in candidates]) if candidates else []
+        managed = [i for i, ids in zip(candidates, assigned) if ids is not None]
+        negative_ids = [ids for ids in assigned if ids is not None]
+        for i, ids in zip(managed, negative_ids):
+            negatives[i] = keys[b + i] = [stage.corpus[j] for j in ids]
+        passages = [r["positive"] for r in rows] + [n for negs in negatives for n in negs]
+        return {"query": pad_batch(stage.encode([r["query"] for r in rows]), stage.pad_id),
+                "passage": pad_batch(stage.encode(passages), stage.pad_id),
+                "passage_keys": text_keys([key for row_keys in keys for key in row_keys]),
+                "query_ids": [r.get("query_id") or "" for r in rows],
+                "dhnm": {"rows": managed, "negative_ids": negative_ids}}
+
+    def loss(self, stage, engine, batch, dims):
+        """InfoNCE at every dim; the figures of the largest dim (cosines, own negatives) go to the report and the
+        own negatives' cosines to the DHNM pool, read off the loss's scores."""
+        queries = engine(**batch["query"], raw=True)
+        local_passages = engine(**batch["passage"], raw=True)
+        passages = gather_with_grad(local_passages)
+        b, per_rank = len(queries), len(local_passages)  # b positives then b*k negatives on every rank
+        target = torch.arange(b, device=queries.device) + stage.rank * per_rank
+        # Another copy of a row's positive (the paragraph of another question, the same question in another
+        # language, a repeated label) is no negative of that row.
+        allowed = positive_copies_mask(gather_detached(batch["passage_keys"]), target)
+        loss, per_dim = matryoshka_loss(infonce_loss, (queries, passages), dims, target,
+                                        stage.cfg.loss.temperature, allowed)
+        scores = per_dim[max(per_dim)][1]
+        own = self.track_negatives(stage, scores, batch, stage.rank * per_rank)
+        stage.note({**{f"infonce_loss_d{d}": float(v[0].detach()) for d, v in per_dim.items()},
+                    **contrastive_stats(scores, target, allowed, local_passages[:b], own)}, f"{self.name}_")
+        return loss
+
+    def track_negatives(self, stage, scores: torch.Tensor, batch: dict, base: int) -> torch.Tensor:
+        """Read each query's own-negative cosines (b, k) off the loss's similarity matrix (no extra forward pass);
+        report them to the DHNM pool for the rows it manages."""
+        b, k = len(batch["query_ids"]), stage.cfg.supervised.num_negatives
+        own = torch.stack([scores[i, base + b + i * k: base + b + (i + 1) * k] for i in range(b)])
+        stage.note({"negative_score": float(own.mean())})
+        mined_rows = [i for i in range(b) if batch["query_ids"][i]]  # rows DHNM may manage, DHNM on or off
+        if mined_rows:
+            stage.note({"negative_score_mined_queries": float(own[mined_rows].mean())})
+        dhnm = batch["dhnm"]
+        if dhnm["rows"] and not stage.cfg.dhnm.rescore_every:
+            stage.pool.report([batch["query_ids"][i] for i in dhnm["rows"]], dhnm["negative_ids"],
+                              [own[i].tolist() for i in dhnm["rows"]])
+        return own

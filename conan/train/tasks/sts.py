@@ -1,0 +1,31 @@
+"""STS: sentence pairs with a gold similarity, CoSENT (eq. 2) over the global batch, Matryoshka over dims."""
+
+from __future__ import annotations
+
+import torch
+
+from conan.losses import cosent_loss, gather_with_grad, matryoshka_loss
+from conan.train.batching import gather_detached, pad_batch
+from conan.train.tasks.base import SupervisedTask
+
+
+class STSTask(SupervisedTask):
+    """(s1, s2, score) rows: predicted pair cosines are asked to rank like the gold scores."""
+
+    columns = ("s1", "s2", "score")
+    defaults = {"s1": "", "s2": "", "score": 0.0}
+
+    def collate(self, stage, rows):
+        """Both sides in one padded batch (s1s then s2s) and the gold scores."""
+        return {"pair": pad_batch(stage.encode([r["s1"] for r in rows] + [r["s2"] for r in rows]), stage.pad_id),
+                "score": torch.tensor([r["score"] for r in rows], dtype=torch.float32)}
+
+    def loss(self, stage, engine, batch, dims):
+        """CoSENT of the gathered pairs at every dim."""
+        b = len(batch["score"])
+        raw = engine(**batch["pair"], raw=True)
+        left, right = gather_with_grad(raw[:b]), gather_with_grad(raw[b:])
+        loss, per_dim = matryoshka_loss(cosent_loss, (left, right), dims, gather_detached(batch["score"]),
+                                        stage.cfg.loss.cosent_scale)
+        stage.note({f"cosent_loss_d{d}": float(v[0].detach()) for d, v in per_dim.items()}, f"{self.name}_")
+        return loss
