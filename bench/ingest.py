@@ -2,10 +2,10 @@
 in-memory path it replaced (commit IN_MEMORY_COMMIT, measured in the same run at --baseline rows: 1M by default; on
 a 24 GiB machine it is killed for memory there, so pass a size it survives and the line compares against that).
 
-The bench writes the synthetic pairs to parquet itself (1M rows a file, 4 languages × 2 sources), shards them (the
-launcher's streamed, one-task-per-file conversion), then trains a tiny model on them with 2 workers. Peak RSS of the
-driver process and of each Ray Train worker is sampled every 0.2 s; throughput is the stage's reported samples/s
-after its first report window.
+The bench writes the synthetic pairs to parquet itself (1M rows a file, 4 languages × 2 sources), shards and
+tokenizes them (the launcher's streamed, one-task-per-file conversion, then the Ray Data tokenizer pool), then trains
+a tiny model on them with 2 workers. Peak RSS of the driver process and of each Ray Train worker is sampled every
+0.2 s; throughput is the stage's reported samples/s after its first report window.
 
     python bench/ingest.py [--small 1000000] [--large 20000000] [--baseline 1000000] [--steps 200]
                            [--out /tmp/conan-ingest]
@@ -50,11 +50,11 @@ SHARD = """
 import json, sys
 from conan.config import JobConfig, load_config
 from conan.runtime import init_ray
-from conan.train.launcher import absolute_paths, stage_shards
+from conan.train.launcher import absolute_paths, check_inputs, stage_shards
 from conan.train.stages import WeakStage
 cfg = absolute_paths(load_config(JobConfig, "jobs/configs/weak_tiny.yaml", json.loads(sys.argv[1])))
 init_ray(None)
-print("SHARDS " + json.dumps(stage_shards(cfg, WeakStage)), flush=True)
+print("SHARDS " + json.dumps(stage_shards(cfg, WeakStage, check_inputs(cfg))), flush=True)
 """
 
 

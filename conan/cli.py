@@ -61,7 +61,7 @@ def cmd_shard(args) -> int:
     from conan.train.stages import stage_class
 
     cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"]))
-    tokenizer_dir = check_inputs(cfg) if args.stage == "pretrain" else None
+    tokenizer_dir = check_inputs(cfg)  # what `conan train` checks first; the upstream tokenization needs it
     init_ray(cfg.ray_address)
     stage = stage_class(args.stage)
     print(json.dumps({"shards": stage_shards(with_demo_data(cfg, stage), stage, tokenizer_dir)}))
@@ -234,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a stage's input (data.paths) as parquet shards with a manifest, without training",
                         description="Stream data.paths (parquet / JSONL files or directories) into shards grouped by "
                                     "the stage's batch columns, one Ray task per input file, under "
-                                    "<output_dir>/shards (pretraining: then tokenize and pack token blocks on a Ray "
-                                    "Data actor pool). `conan train` does the same first and reuses them.")
+                                    "<output_dir>/shards, then tokenize upstream on a Ray Data actor pool "
+                                    "(pretraining: token blocks; weak: the pairs' token ids). `conan train` does the "
+                                    "same first and reuses them.")
     p.add_argument("stage", choices=list(STAGES), help="which stage")
 
     p = _config_command(sub, "demo", cmd_demo, "stage (JobConfig)",

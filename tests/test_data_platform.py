@@ -469,3 +469,48 @@ def test_pretraining_blocks_rejoin_into_the_tokenized_documents(ray_cluster, cor
     expected = [i for ids in tokenizer(texts)["input_ids"] for i in ids]
     assert stream == expected and expected.count(tokenizer.eos_token_id) == len(texts)
     assert blocks.stats["tokens"] == len(expected) and 0 < blocks.stats["unigram_entropy"] < 8.4
+
+
+def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_dir, tokenizer, tmp_path):
+    """The weak stage's pairs, sharded by source/lang, then tokenized by the Ray Data actor pool: the same groups, files
+    and rows in the same order (so the same row ids); ids are each text's ids cut at seq_len keeping <|eos|>; keys are
+    the passages' content keys; the stage's batches are made of them; a second launch reuses the token shards."""
+    from conan.config import JobConfig, from_dict
+    from conan.data.dedup import exact_keys
+    from conan.data.shards import load_manifest, merge_manifests
+    from conan.data.tokenize import encode_texts
+    from conan.train.launcher import stage_shards
+    from conan.train.stages import WeakStage
+
+    words = "the model reads every pair once and learns what a passage answers".split()
+    rows = [{"input": " ".join(words[:2 + i % 5]), "output": " ".join(words * (1 + i % 3))[:20 + 7 * i],
+             "lang": ("en", "de")[i % 2], "source": "web"} for i in range(240)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    cfg = from_dict(JobConfig, {"stage": "weak", "output_dir": str(tmp_path / "weak"),
+                                "data": {"paths": [str(tmp_path / "pairs.parquet")], "seq_len": 16},
+                                "train": {"micro_batch_size": 8, "steps": 4, "num_workers": 1}})
+    text = load_manifest(stage_shards(cfg, WeakStage)[0])  # without a tokenizer: the text shards
+    token_dirs = stage_shards(cfg, WeakStage, tokenizer_dir)
+    tokens = load_manifest(token_dirs[0])
+    assert tokens.kind == "pair_tokens" and tokens.group_rows() == text.group_rows() == {"web/en": 120, "web/de": 120}
+    by_row_id = []  # text rows in row-id order: groups sorted, files in manifest order
+    for g in sorted(text.groups):
+        for text_file, token_file in zip(text.groups[g], tokens.groups[g], strict=True):
+            texts = pq.read_table(text.directory / text_file.path)
+            ids = pq.read_table(tokens.directory / token_file.path)
+            assert ids.column_names == ["input_ids", "output_ids", "output_key"]
+            for side in ("input", "output"):
+                assert ids[f"{side}_ids"].to_pylist() == encode_texts(tokenizer, texts[side].to_pylist(), 16)
+            assert ids["output_key"].to_pylist() == exact_keys(texts["output"].to_pylist()).view(np.int64).tolist()
+            by_row_id += texts.to_pylist()
+    cut = [ids for ids in ids["output_ids"].to_pylist() if len(ids) == 16]
+    assert cut and all(ids[-1] == tokenizer.eos_token_id for ids in cut)  # long passages cut, <|eos|> kept
+    stage = WeakStage(cfg, tokenizer)
+    stage.prepare(merge_manifests([tokens]), tokens.stats)
+    batch = stage.batch(0)
+    queries = encode_texts(tokenizer, [by_row_id[i]["input"] for i in batch["row_ids"]], 16)
+    assert [row[:len(q)].tolist() for row, q in zip(batch["query"]["input_ids"], queries)] == queries
+    assert batch["query"]["attention_mask"].sum(1).tolist() == [len(q) for q in queries]
+    written = (Path(token_dirs[0]) / "manifest.json").stat().st_mtime_ns
+    assert stage_shards(cfg, WeakStage, tokenizer_dir) == token_dirs
+    assert (Path(token_dirs[0]) / "manifest.json").stat().st_mtime_ns == written

@@ -104,6 +104,11 @@ def merge_manifests(manifests: list[Manifest]) -> dict[str, list[tuple[Path, int
     return files
 
 
+def dirs_fingerprint(dirs: list[str]) -> str:
+    """A hash of several shard directories' fingerprints, in order (names what is derived from them)."""
+    return hashlib.sha256(json.dumps([load_manifest(d).fingerprint() for d in dirs]).encode()).hexdigest()[:12]
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()

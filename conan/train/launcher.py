@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 
 from conan.config import ConfigError, JobConfig, to_dict
 from conan.data.shards import ShardError, convert, input_files, is_shard_dir, load_manifest, merge_manifests
-from conan.data.tokenize import pack_documents
 from conan.runtime import init_ray
 from conan.train.backend import resolve_backend
 from conan.train.loop import STAGE_MARKER, train_worker
@@ -78,8 +77,9 @@ def with_demo_data(cfg: JobConfig, stage: type[Stage]) -> JobConfig:
 
 def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path | None = None) -> list[str]:
     """The stage's input (data.paths) as shard directories: used as they are when they are shards of the stage's kind
-    and grouping, else re-sharded (streamed, one Ray task per input file) under <output_dir>/shards. Pretraining's
-    documents are then tokenized and packed into token blocks."""
+    and grouping, else re-sharded (streamed, one Ray task per input file) under <output_dir>/shards. Given the
+    tokenizer, the stage's upstream step then runs (pretraining packs token blocks, the weak stage tokenizes its pairs):
+    these are what the workers read."""
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty: name the stage's input files (conan train fills it with the demo "
                           "data's first, see `conan demo`)")
@@ -98,15 +98,7 @@ def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path |
                                 cfg.train.seed).directory)]
         except ShardError as e:
             raise ConfigError(f"data.paths: {e}") from e
-    if stage.name == "pretrain":
-        blocks = pack_documents(dirs, out / f"blocks-{_fingerprint(dirs)}-{cfg.data.seq_len}", str(tokenizer_dir),
-                                cfg.data.seq_len, concurrency=max(1, cfg.train.num_workers))
-        dirs = [str(blocks.directory)]
-    return dirs
-
-
-def _fingerprint(dirs: list[str]) -> str:
-    return hashlib.sha256(json.dumps([load_manifest(d).fingerprint() for d in dirs]).encode()).hexdigest()[:12]
+    return stage.upstream(dirs, out, cfg, str(tokenizer_dir)) if tokenizer_dir is not None else dirs
 
 
 def stage_rows(cfg: JobConfig, stage: type[Stage]) -> list[dict]:

@@ -9,8 +9,8 @@ supervised task-homogeneous batches: retrieval / clr / classification (InfoNCE w
 
 A stage reads its rows from shard files (conan.data.shards) through a GroupedStream: batches are a pure function
 of (seed, micro-batch index, rank, world size), so a resumed run sees exactly the data an uninterrupted one would.
-Pretraining reads token blocks packed upstream (conan.data.tokenize); pair stages tokenize a micro-batch's rows as
-they read them.
+Pretraining reads token blocks packed upstream and the weak stage token ids written upstream (conan.data.tokenize:
+`Stage.upstream`); SFT and the supervised stage tokenize a micro-batch's rows as they read them.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import torch.distributed as dist
 
 from conan.config import JobConfig
 from conan.data.mining import read_passages
-from conan.data.shards import RowSpec
+from conan.data.shards import RowSpec, dirs_fingerprint
 from conan.data.stream import GroupedStream
+from conan.data.tokenize import encode_texts, pack_documents, tokenize_pairs, tokenizer_fingerprint
 from conan.losses import gather_with_grad, infonce_loss, positive_copies_mask
 from conan.model import ConanForCausalLM, ConanForEmbedding
 from conan.model.soft_mask import soft_mask_alpha
 from conan.tokenizer import INPUT, INSTRUCTION, OUTPUT
-from conan.train.batching import batch_tokens, gather_detached, pad_batch, text_keys, to_device
+from conan.train.batching import batch_tokens, gather_detached, pad_batch, to_device
 from conan.train.diagnostics import contrastive_stats
 from conan.train.tasks import TASKS
 
@@ -60,6 +61,12 @@ class Stage:
         return RowSpec(cls.columns, cls.aliases, cls.defaults, tuple(cls.group_prefix + list(columns)))
 
     group_prefix: list[str] = []  # columns a shard group always starts with (the supervised task)
+
+    @classmethod
+    def upstream(cls, dirs: list[str], out: Path, cfg: JobConfig, tokenizer_dir: str) -> list[str]:
+        """The shard directories the workers read, made under `out` from the input's shard directories `dirs`: the
+        input's own unless the stage tokenizes upstream (a Ray Data job, so workers never tokenize)."""
+        return dirs
 
     def prepare(self, files: dict, stats: dict) -> None:
         """Open this worker's stream over the shards' groups (files: group → [(path, rows)]; stats: the manifest's)."""
@@ -118,15 +125,20 @@ class Stage:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of texts (each ending with <|eos|>), truncated to seq_len keeping the <|eos|>."""
-        eos = self.tokenizer.eos_token_id
-        out = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        return [ids if len(ids) <= self.seq_len else ids[:self.seq_len - 1] + [eos] for ids in out]
+        return encode_texts(self.tokenizer, texts, self.seq_len)
 
 
 class PretrainStage(Stage):
     """Causal LM on token blocks packed upstream (documents joined by <|eos|>; a shard's last block may be shorter)."""
 
     name, model_class, columns, input_kind = "pretrain", ConanForCausalLM, ("text",), "documents"
+
+    @classmethod
+    def upstream(cls, dirs, out, cfg, tokenizer_dir):
+        """Documents tokenized and packed into seq_len blocks."""
+        key = f"{dirs_fingerprint(dirs)}-{tokenizer_fingerprint(tokenizer_dir)}-{cfg.data.seq_len}"
+        return [str(pack_documents(dirs, out / f"blocks-{key}", str(tokenizer_dir), cfg.data.seq_len,
+                                   concurrency=max(1, cfg.train.num_workers)).directory)]
 
     def prepare(self, files, stats):
         super().prepare(files, stats)
@@ -191,11 +203,20 @@ class WeakStage(Stage):
     aliases, defaults = {"input": "query", "output": "positive"}, {"lang": "", "source": ""}
     batch_by = ["source", "lang"]
 
+    @classmethod
+    def upstream(cls, dirs, out, cfg, tokenizer_dir):
+        """Pairs tokenized file for file (input_ids, output_ids, output_key): workers read ids, never text."""
+        key = f"{dirs_fingerprint(dirs)}-{tokenizer_fingerprint(tokenizer_dir)}-{cfg.data.seq_len}"
+        return [str(tokenize_pairs(dirs, out / f"tokens-{key}", str(tokenizer_dir), cfg.data.seq_len,
+                                   ["input", "output"], ["output"], concurrency=max(1, cfg.train.num_workers)
+                                   ).directory)]
+
     def batch(self, index):
         _, rows = self.rows(index)
-        return {"query": pad_batch(self.encode([r["input"] for r in rows]), self.pad_id),
-                "passage": pad_batch(self.encode([r["output"] for r in rows]), self.pad_id),
-                "passage_keys": text_keys([r["output"] for r in rows]), "row_ids": [r["row_id"] for r in rows]}
+        return {"query": pad_batch([r["input_ids"] for r in rows], self.pad_id),
+                "passage": pad_batch([r["output_ids"] for r in rows], self.pad_id),
+                "passage_keys": torch.tensor([r["output_key"] for r in rows], dtype=torch.int64),
+                "row_ids": [r["row_id"] for r in rows]}
 
     def alpha(self, step: int) -> float:
         """Soft-mask alpha(t) at this step (1.0 = bidirectional when the soft mask is off)."""
