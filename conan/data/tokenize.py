@@ -139,8 +139,10 @@ class ShardTokenizer:
 
 
 def tokenize_pairs(shard_dirs: list[str], out_dir: str | Path, tokenizer_dir: str, seq_len: int,
-                   columns: list[str], keyed: list[str], concurrency: int = 2) -> Manifest:
-    """Pairs shard directories → a token shard directory, file for file (reused when its manifest exists)."""
+                   columns: list[str], keyed: list[str], concurrency: int = 2, cpus: float = 0.5) -> Manifest:
+    """Pairs shard directories → a token shard directory, file for file (reused when its manifest exists).
+
+    cpus: per tokenizer actor; fractional so that it starts beside a Tune trial's reserved CPUs on a small machine."""
     import ray.data
 
     out_dir = Path(out_dir)
@@ -155,7 +157,7 @@ def tokenize_pairs(shard_dirs: list[str], out_dir: str | Path, tokenizer_dir: st
     ctx.enable_progress_bars = False
     jobs = ray.data.from_items([{"index": i, "group": g, "path": str(p)} for i, (g, p) in enumerate(files)])
     written = jobs.map_batches(ShardTokenizer, batch_size=1, concurrency=max(1, min(concurrency, len(files))),
-                               num_cpus=1, fn_constructor_kwargs={
+                               num_cpus=cpus, fn_constructor_kwargs={
                                    "tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir), "seq_len": seq_len,
                                    "columns": columns, "keyed": keyed}).take_all()
     groups: dict[str, list[ShardFile]] = {}
