@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/conan pipeline --config jobs/configs/pipeline_tiny.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/soft_mask.py
