@@ -151,3 +151,19 @@ def test_bundled_data_is_an_identical_copy_of_shippable_sets(data_root, monkeypa
     assert all(f"| `{name}/` |" in attribution for name in sets)
     monkeypatch.delenv("CONAN_DATA_ROOT", raising=False)
     assert default_data_root() == str(BUNDLED_DATA)
+
+
+def test_every_path_of_a_stage_config_is_made_absolute_for_ray_workers(tmp_path, monkeypatch):
+    """Tune trials and Ray workers run in their own working directories: a relative path left in the config (the
+    ablation's `supervised.clr_paths=[runs/…]` once was) is not found there."""
+    from pathlib import Path
+
+    from conan.train.launcher import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(JobConfig, None, [
+        "output_dir=out", "model.init_from=m", "tokenizer.path=t", "data.root=d", "data.paths=[a, b]",
+        "supervised.clr_paths=[clr]", "dhnm.candidates=c.parquet", "dhnm.passages=p.parquet"]))
+    paths = [cfg.output_dir, cfg.model.init_from, cfg.tokenizer.path, cfg.data.root, *cfg.data.paths,
+             *cfg.supervised.clr_paths, cfg.dhnm.candidates, cfg.dhnm.passages]
+    assert len(paths) == 9 and all(Path(p).is_absolute() and Path(p).parent == tmp_path.resolve() for p in paths)

@@ -121,6 +121,7 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
                    model=replace(cfg.model, init_from=absolute(cfg.model.init_from)),
                    tokenizer=replace(cfg.tokenizer, path=absolute(cfg.tokenizer.path)),
                    data=replace(cfg.data, root=absolute(cfg.data.root), paths=[absolute(p) for p in cfg.data.paths]),
+                   supervised=replace(cfg.supervised, clr_paths=[absolute(p) for p in cfg.supervised.clr_paths]),
                    dhnm=replace(cfg.dhnm, candidates=absolute(cfg.dhnm.candidates),
                                 passages=absolute(cfg.dhnm.passages)))
 
