@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the stage's batch columns, one Ray task per input file, under "
                                     "<output_dir>/shards, then tokenize upstream on a Ray Data actor pool "
                                     "(pretraining: token blocks; weak: the pairs' token ids). `conan train` does the "
-                                    "same first and reuses them.")
+                                    "same first and reuses them; like it, this needs the tokenizer (tokenizer.path "
+                                    "or model.init_from).")
     p.add_argument("stage", choices=list(STAGES), help="which stage")
 
     p = _config_command(sub, "demo", cmd_demo, "stage (JobConfig)",

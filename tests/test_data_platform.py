@@ -476,7 +476,7 @@ def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_
     and rows in the same order (so the same row ids); ids are each text's ids cut at seq_len keeping <|eos|>; keys are
     the passages' content keys; the stage's batches are made of them; a second launch reuses the token shards."""
     from conan.config import JobConfig, from_dict
-    from conan.data.dedup import exact_keys
+    from conan.data.dedup import content_keys
     from conan.data.shards import load_manifest, merge_manifests
     from conan.data.tokenize import encode_texts
     from conan.train.launcher import stage_shards
@@ -493,7 +493,7 @@ def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_
     token_dirs = stage_shards(cfg, WeakStage, tokenizer_dir)
     tokens = load_manifest(token_dirs[0])
     assert tokens.kind == "pair_tokens" and tokens.group_rows() == text.group_rows() == {"web/en": 120, "web/de": 120}
-    by_row_id = []  # text rows in row-id order: groups sorted, files in manifest order
+    by_row_id, passages = [], []  # text rows in row-id order (groups sorted, files in manifest order), passage ids
     for g in sorted(text.groups):
         for text_file, token_file in zip(text.groups[g], tokens.groups[g], strict=True):
             texts = pq.read_table(text.directory / text_file.path)
@@ -501,10 +501,11 @@ def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_
             assert ids.column_names == ["input_ids", "output_ids", "output_key"]
             for side in ("input", "output"):
                 assert ids[f"{side}_ids"].to_pylist() == encode_texts(tokenizer, texts[side].to_pylist(), 16)
-            assert ids["output_key"].to_pylist() == exact_keys(texts["output"].to_pylist()).view(np.int64).tolist()
+            assert ids["output_key"].to_pylist() == content_keys(texts["output"].to_pylist()).tolist()
             by_row_id += texts.to_pylist()
-    cut = [ids for ids in ids["output_ids"].to_pylist() if len(ids) == 16]
-    assert cut and all(ids[-1] == tokenizer.eos_token_id for ids in cut)  # long passages cut, <|eos|> kept
+            passages += ids["output_ids"].to_pylist()
+    cut = [p for p in passages if len(p) == 16]
+    assert cut and all(p[-1] == tokenizer.eos_token_id for p in cut)  # long passages cut, <|eos|> kept
     stage = WeakStage(cfg, tokenizer)
     stage.prepare(merge_manifests([tokens]), tokens.stats)
     batch = stage.batch(0)

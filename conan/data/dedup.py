@@ -24,6 +24,11 @@ def exact_keys(texts: list[str]) -> np.ndarray:
                      for t in texts], dtype=np.uint64)
 
 
+def content_keys(texts: list[str]) -> np.ndarray:
+    """exact_keys as int64 (torch tensors and the token shards' Arrow column are signed): equal text, equal key."""
+    return exact_keys(texts).view(np.int64)
+
+
 class MinHasher:
     """MinHash signatures and LSH band keys for a batch of texts, vectorised over the whole batch.
 

@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conan.data.dedup import exact_keys
-from conan.data.shards import Manifest, ShardFile, file_sha256, load_manifest, merge_manifests
+from conan.data.dedup import content_keys
+from conan.data.shards import (Manifest, ShardError, ShardFile, dirs_fingerprint, file_sha256, load_manifest,
+                               merge_manifests)
 from conan.train.diagnostics import unigram_entropy
 
 BLOCKS_KIND = "lm_blocks"
@@ -36,12 +37,17 @@ def encode_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
     return [ids if len(ids) <= seq_len else ids[:seq_len - 1] + [eos] for ids in out]
 
 
-def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
-    """A hash of the tokenizer's files: token shards are reused only with the tokenizer that wrote them."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def token_shards_key(dirs: list[str], tokenizer_dir: str | Path, seq_len: int) -> str:
+    """Names token shards by what they are made of: the input shards, the tokenizer's files (not a model's config
+    beside them) and seq_len; equal keys, equal token shards."""
     h = hashlib.sha256()
-    for path in sorted(Path(tokenizer_dir).glob("*.json")):
-        h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()[:12]
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            h.update(name.encode() + (Path(tokenizer_dir) / name).read_bytes())
+    return f"{dirs_fingerprint(dirs)}-{h.hexdigest()[:12]}-{seq_len}"
 
 
 def token_type(vocab_size: int) -> pa.DataType:
@@ -53,6 +59,17 @@ def pack_stream(ids: list[list[int]], seq_len: int) -> list[np.ndarray]:
     """Documents' ids joined end to end and cut into seq_len blocks, the last one shorter when the stream runs out."""
     stream = np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
     return [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
+
+
+def map_shards(actor: type, jobs: list[dict], actor_kwargs: dict, concurrency: int, cpus: float) -> list[dict]:
+    """One call of a Ray Data actor per job (a shard to turn into another), on a pool of `concurrency` actors of
+    `cpus` each; the rows the calls return."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray.data.from_items(jobs).map_batches(
+        actor, batch_size=1, concurrency=max(1, min(concurrency, len(jobs))), num_cpus=cpus,
+        fn_constructor_kwargs=actor_kwargs).take_all()
 
 
 class ShardPacker:
@@ -85,20 +102,14 @@ class ShardPacker:
 def pack_documents(document_dirs: list[str], out_dir: str | Path, tokenizer_dir: str, seq_len: int,
                    concurrency: int = 2) -> Manifest:
     """Documents shard directories → a blocks shard directory (reused when its manifest exists)."""
-    import ray.data
-
     out_dir = Path(out_dir)
     if (out_dir / "manifest.json").is_file():
         return load_manifest(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [p for parts in merge_manifests([load_manifest(d) for d in document_dirs]).values() for p, _ in parts]
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    jobs = ray.data.from_items([{"index": i, "path": str(p)} for i, p in enumerate(files)])
-    written = jobs.map_batches(ShardPacker, batch_size=1, concurrency=max(1, min(concurrency, len(files))),
-                               num_cpus=1, fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir),
-                                                                  "out_dir": str(out_dir), "seq_len": seq_len}
-                               ).take_all()
+    written = map_shards(ShardPacker, [{"index": i, "path": str(p)} for i, p in enumerate(files)],
+                         {"tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir), "seq_len": seq_len},
+                         concurrency, cpus=1)
     written.sort(key=lambda r: r["path"])
     counts = np.sum([np.asarray(r["counts"]) for r in written], axis=0)
     parts = [ShardFile(r["path"], int(r["rows"]), r["sha256"]) for r in written if r["rows"]]
@@ -129,7 +140,7 @@ class ShardTokenizer:
                 ids = encode_texts(self.tokenizer, table[c].to_pylist(), self.seq_len)
                 columns[f"{c}_ids"] = pa.array(ids, pa.list_(self.dtype))
             for c in self.keyed:
-                columns[f"{c}_key"] = pa.array(exact_keys(table[c].to_pylist()).view(np.int64), pa.int64())
+                columns[f"{c}_key"] = pa.array(content_keys(table[c].to_pylist()), pa.int64())
             path = self.out_dir / f"tokens-{int(index):05d}.parquet"
             pq.write_table(pa.table(columns), path)
             for key, value in (("index", int(index)), ("group", group), ("path", path.name),
@@ -143,31 +154,28 @@ def tokenize_pairs(shard_dirs: list[str], out_dir: str | Path, tokenizer_dir: st
     """Pairs shard directories → a token shard directory, file for file (reused when its manifest exists).
 
     cpus: per tokenizer actor; fractional so that it starts beside a Tune trial's reserved CPUs on a small machine."""
-    import ray.data
-
     out_dir = Path(out_dir)
+    expected = [*(f"{c}_ids" for c in columns), *(f"{c}_key" for c in keyed)]
     if (out_dir / "manifest.json").is_file():
-        return load_manifest(out_dir)
+        existing = load_manifest(out_dir)
+        if existing.kind != PAIR_TOKENS_KIND or list(existing.schema) != expected:
+            raise ShardError(f"{out_dir} holds {existing.kind} shards with columns {list(existing.schema)}, not token "
+                             f"shards with {expected}: delete it")
+        return existing
     out_dir.mkdir(parents=True, exist_ok=True)
     manifests = [load_manifest(d) for d in shard_dirs]
     files = [(g, p) for g, parts in merge_manifests(manifests).items() for p, _ in parts]
     if not files:
-        raise ValueError(f"{shard_dirs}: no pairs shards to tokenize")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    jobs = ray.data.from_items([{"index": i, "group": g, "path": str(p)} for i, (g, p) in enumerate(files)])
-    written = jobs.map_batches(ShardTokenizer, batch_size=1, concurrency=max(1, min(concurrency, len(files))),
-                               num_cpus=cpus, fn_constructor_kwargs={
-                                   "tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir), "seq_len": seq_len,
-                                   "columns": columns, "keyed": keyed}).take_all()
+        raise ShardError(f"{shard_dirs}: no pairs shards to tokenize")
+    written = map_shards(ShardTokenizer, [{"index": i, "group": g, "path": str(p)} for i, (g, p) in enumerate(files)],
+                         {"tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir), "seq_len": seq_len,
+                          "columns": columns, "keyed": keyed}, concurrency, cpus)
     groups: dict[str, list[ShardFile]] = {}
     for r in sorted(written, key=lambda r: r["index"]):  # each group's files in their input order: same row ids
         groups.setdefault(r["group"], []).append(ShardFile(r["path"], int(r["rows"]), r["sha256"]))
     dtype = str(pa.list_(pa.type_for_alias(written[0]["dtype"])))
-    schema = {**{f"{c}_ids": dtype for c in columns}, **{f"{c}_key": "int64" for c in keyed}}
+    schema = {name: dtype if name.endswith("_ids") else "int64" for name in expected}
     manifest = Manifest(out_dir, PAIR_TOKENS_KIND, schema, groups,
-                        {**manifests[0].stats, "seq_len": seq_len, "tokenizer": tokenizer_fingerprint(tokenizer_dir),
-                         "inputs": [str(d) for d in shard_dirs]})
+                        {**manifests[0].stats, "seq_len": seq_len, "inputs": [str(d) for d in shard_dirs]})
     manifest.save()
     return manifest
-

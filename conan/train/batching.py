@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from conan.data.dedup import exact_keys
+from conan.data.dedup import content_keys
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, label_sequences: list[list[int]] | None = None) -> dict:
@@ -28,7 +27,7 @@ def pad_batch(sequences: list[list[int]], pad_id: int, label_sequences: list[lis
 
 def text_keys(texts: list[str]) -> torch.Tensor:
     """int64 content keys of passages (equal text, equal key) for the positive-copies mask."""
-    return torch.from_numpy(exact_keys(texts).view(np.int64))
+    return torch.from_numpy(content_keys(texts))
 
 
 def to_device(batch, device: torch.device):

@@ -20,6 +20,7 @@ from conan.runtime import init_ray
 from conan.train.backend import resolve_backend
 from conan.train.loop import STAGE_MARKER, train_worker
 from conan.train.stages import Stage, export_path, stage_class
+from conan.train.tasks import TASKS
 
 
 @dataclass
@@ -78,8 +79,8 @@ def with_demo_data(cfg: JobConfig, stage: type[Stage]) -> JobConfig:
 def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path | None = None) -> list[str]:
     """The stage's input (data.paths) as shard directories: used as they are when they are shards of the stage's kind
     and grouping, else re-sharded (streamed, one Ray task per input file) under <output_dir>/shards. Given the
-    tokenizer, the stage's upstream step then runs (pretraining packs token blocks, the weak stage tokenizes its pairs):
-    these are what the workers read."""
+    tokenizer, what the workers read is then made from them (`Stage.worker_shards`: pretraining packs token blocks,
+    the weak stage tokenizes its pairs)."""
     if not cfg.data.paths:
         raise ConfigError("data.paths is empty: name the stage's input files (conan train fills it with the demo "
                           "data's first, see `conan demo`)")
@@ -98,7 +99,7 @@ def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path |
                                 cfg.train.seed).directory)]
         except ShardError as e:
             raise ConfigError(f"data.paths: {e}") from e
-    return stage.upstream(dirs, out, cfg, str(tokenizer_dir)) if tokenizer_dir is not None else dirs
+    return stage.worker_shards(dirs, out, cfg, str(tokenizer_dir)) if tokenizer_dir is not None else dirs
 
 
 def stage_rows(cfg: JobConfig, stage: type[Stage]) -> list[dict]:
@@ -180,7 +181,9 @@ def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Pat
     if not cfg.model.init_from:
         raise ConfigError("model.init_from: mining needs a trained embedding model")
     check_passages(cfg)
-    rows = [r for r in rows if cfg.supervised.task_weights.get(r["task"], 0) > 0]  # what the stage will train on
+    # What the stage will train on, in the tasks DHNM manages.
+    rows = [r for r in rows if cfg.supervised.task_weights.get(r["task"], 0) > 0 and r["task"] in TASKS
+            and TASKS[r["task"]].mined]
     n = mine_supervised_candidates(cfg.model.init_from, rows, read_passages(cfg.dhnm.passages), path,
                                    MiningConfig(top_k=cfg.dhnm.pool_size,
                                                 false_negative_ratio=cfg.dhnm.false_negative_ratio,

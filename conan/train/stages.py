@@ -10,12 +10,13 @@ supervised task-homogeneous batches: retrieval / clr / classification (InfoNCE w
 A stage reads its rows from shard files (conan.data.shards) through a GroupedStream: batches are a pure function
 of (seed, micro-batch index, rank, world size), so a resumed run sees exactly the data an uninterrupted one would.
 Pretraining reads token blocks packed upstream and the weak stage token ids written upstream (conan.data.tokenize:
-`Stage.upstream`); SFT and the supervised stage tokenize a micro-batch's rows as they read them.
+`Stage.worker_shards`); SFT and the supervised stage tokenize a micro-batch's rows as they read them.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ import torch.distributed as dist
 
 from conan.config import JobConfig
 from conan.data.mining import read_passages
-from conan.data.shards import RowSpec, dirs_fingerprint
+from conan.data.shards import RowSpec
 from conan.data.stream import GroupedStream
-from conan.data.tokenize import encode_texts, pack_documents, tokenize_pairs, tokenizer_fingerprint
+from conan.data.tokenize import encode_texts, pack_documents, token_shards_key, tokenize_pairs
 from conan.losses import gather_with_grad, infonce_loss, positive_copies_mask
 from conan.model import ConanForCausalLM, ConanForEmbedding
 from conan.model.soft_mask import soft_mask_alpha
@@ -63,7 +64,7 @@ class Stage:
     group_prefix: list[str] = []  # columns a shard group always starts with (the supervised task)
 
     @classmethod
-    def upstream(cls, dirs: list[str], out: Path, cfg: JobConfig, tokenizer_dir: str) -> list[str]:
+    def worker_shards(cls, dirs: list[str], out: Path, cfg: JobConfig, tokenizer_dir: str) -> list[str]:
         """The shard directories the workers read, made under `out` from the input's shard directories `dirs`: the
         input's own unless the stage tokenizes upstream (a Ray Data job, so workers never tokenize)."""
         return dirs
@@ -134,9 +135,9 @@ class PretrainStage(Stage):
     name, model_class, columns, input_kind = "pretrain", ConanForCausalLM, ("text",), "documents"
 
     @classmethod
-    def upstream(cls, dirs, out, cfg, tokenizer_dir):
+    def worker_shards(cls, dirs, out, cfg, tokenizer_dir):
         """Documents tokenized and packed into seq_len blocks."""
-        key = f"{dirs_fingerprint(dirs)}-{tokenizer_fingerprint(tokenizer_dir)}-{cfg.data.seq_len}"
+        key = token_shards_key(dirs, tokenizer_dir, cfg.data.seq_len)
         return [str(pack_documents(dirs, out / f"blocks-{key}", str(tokenizer_dir), cfg.data.seq_len,
                                    concurrency=max(1, cfg.train.num_workers)).directory)]
 
@@ -204,9 +205,9 @@ class WeakStage(Stage):
     batch_by = ["source", "lang"]
 
     @classmethod
-    def upstream(cls, dirs, out, cfg, tokenizer_dir):
+    def worker_shards(cls, dirs, out, cfg, tokenizer_dir):
         """Pairs tokenized file for file (input_ids, output_ids, output_key): workers read ids, never text."""
-        key = f"{dirs_fingerprint(dirs)}-{tokenizer_fingerprint(tokenizer_dir)}-{cfg.data.seq_len}"
+        key = token_shards_key(dirs, tokenizer_dir, cfg.data.seq_len)
         return [str(tokenize_pairs(dirs, out / f"tokens-{key}", str(tokenizer_dir), cfg.data.seq_len,
                                    ["input", "output"], ["output"], concurrency=max(1, cfg.train.num_workers)
                                    ).directory)]
@@ -243,11 +244,11 @@ class SupervisedStage(Stage):
     computes its loss, Matryoshka over loss.matryoshka_dims. Owns what tasks share: the DHNM pool and its passages."""
 
     name, model_class, input_kind = "supervised", ConanForEmbedding, "tasks"
-    # The union of the tasks' columns: an input file may mix tasks. Retrieval / CLR triples (conan clr) lack the STS
+    # Every registered task's columns join these in row_spec. Retrieval / CLR triples (conan clr) lack the STS
     # columns, passage ids and keys (a passage is then its text); their passages' language is doc_lang.
-    columns = ("task", *dict.fromkeys(c for t in TASKS.values() for c in t.columns), "lang")
+    columns = ("task", "lang")
     aliases = {"lang": "doc_lang"}
-    defaults = {**{c: v for t in TASKS.values() for c, v in t.defaults.items()}, "lang": ""}
+    defaults = {"lang": ""}
     batch_by = ["lang"]  # within a task: candidates of one language, as in the weak stage
     group_prefix = ["task"]
     RESCORE_CHUNK = 16  # queries per extra forward pass of the v1 re-scoring baseline
@@ -259,6 +260,16 @@ class SupervisedStage(Stage):
             from conan.dhnm import NegativePoolClient
             self.pool = NegativePoolClient.connect(pool_names)
         self.rescored_step = -1
+
+    @classmethod
+    def row_spec(cls, cfg):
+        """task, every registered task's columns (those a row must have first, then those a file may lack: an input
+        file may mix tasks, so each takes the other tasks' defaults), lang; read from TASKS when the spec is made."""
+        spec = super().row_spec(cfg)
+        defaults = {**{c: v for t in TASKS.values() for c, v in t.defaults.items()}, **spec.defaults}
+        columns = [c for t in TASKS.values() for c in t.columns]
+        ordered = dict.fromkeys([*(c for c in columns if c not in defaults), *(c for c in columns if c in defaults)])
+        return replace(spec, columns=("task", *ordered, "lang"), defaults=defaults)
 
     def group_weights(self, rows):
         """A task's weight (supervised.task_weights), shared by its groups in proportion to their rows."""
@@ -307,7 +318,8 @@ class SupervisedStage(Stage):
     def _rescore(self, model) -> None:
         """The v1 baseline (dhnm.rescore_every = K): every K steps an extra no-grad forward pass over every managed
         query of this worker and its active negatives; those scores go to the pool instead of the loss's."""
-        rows = [r for stream in self.stream.streams.values() for r in stream.epoch_rows(0) if r.get("query_id")]
+        rows = [r for g, stream in self.stream.streams.items() if TASKS[task_of(g)].mined
+                for r in stream.epoch_rows(0) if r.get("query_id")]
         device = next(model.parameters()).device
         for start in range(0, len(rows), self.RESCORE_CHUNK):
             part = rows[start:start + self.RESCORE_CHUNK]

@@ -23,13 +23,15 @@ def cosine_mse(left: torch.Tensor, right: torch.Tensor, gold: torch.Tensor) -> t
 
 
 class CosineRegressionTask(SupervisedTask):
-    """A task the platform does not ship: (s1, s2, score) rows, cosine regressed on score / 5."""
+    """A task the platform does not ship: (s1, s2, similarity) rows, a column no shipped task has, cosine regressed
+    on the similarity."""
 
-    columns = ("s1", "s2", "score")
+    columns = ("s1", "s2", "similarity")
+    defaults = {"similarity": 0.0}
 
     def collate(self, stage, rows):
         return {"pair": pad_batch(stage.encode([r["s1"] for r in rows] + [r["s2"] for r in rows]), stage.pad_id),
-                "gold": torch.tensor([r["score"] / 5 for r in rows])}
+                "gold": torch.tensor([r["similarity"] for r in rows])}
 
     def loss(self, stage, engine, batch, dims):
         b = len(batch["gold"])
@@ -52,8 +54,8 @@ class Engine:
 def task_rows(task: str, n: int) -> list[dict]:
     """n rows of a task with every column a mixed-task file has."""
     return [{"task": task, "query": f"query {i}", "positive": f"passage {i}", "negatives": [f"other {i}"],
-             "s1": f"a sentence {i}", "s2": f"another sentence {i}", "score": float(i % 6), "lang": "en"}
-            for i in range(n)]
+             "s1": f"a sentence {i}", "s2": f"another sentence {i}", "score": float(i % 6), "similarity": (i % 6) / 5,
+             "lang": "en"} for i in range(n)]
 
 
 def supervised_stage(tmp_path, tokenizer, weights: dict, rows: list[dict]) -> SupervisedStage:
@@ -70,7 +72,8 @@ def supervised_stage(tmp_path, tokenizer, weights: dict, rows: list[dict]) -> Su
 
 def test_a_new_task_is_one_class_and_a_registry_entry(tmp_path, small_tokenizer, small_embedding_model_dir,
                                                       monkeypatch):
-    """Rows naming a registered task reach its collate and loss; the loss is the task's own, by hand."""
+    """Rows naming a task registered at run time reach its collate and loss, its new column reaches the rows, and
+    the loss is the task's own, by hand."""
     monkeypatch.setitem(TASKS, "cosine_regression", CosineRegressionTask("cosine_regression"))
     stage = supervised_stage(tmp_path, small_tokenizer, {"retrieval": 1.0, "cosine_regression": 1.0},
                              task_rows("retrieval", 40) + task_rows("cosine_regression", 40))
@@ -91,17 +94,23 @@ def test_a_new_task_is_one_class_and_a_registry_entry(tmp_path, small_tokenizer,
     assert seen == {"retrieval", "cosine_regression"}  # the task of each step is drawn from both
     figures = stage.metrics()
     assert {"cosine_regression_mse_d32", "retrieval_infonce_loss_d32"} <= set(figures)
+    assert "similarity" in SupervisedStage.row_spec(stage.cfg).columns  # the new column, read from the registry
 
 
 def test_an_unregistered_task_is_refused_naming_the_known_ones(tmp_path, small_tokenizer):
+    """A task name with rows and a weight but no registry entry stops the stage before it trains."""
     with pytest.raises(ValueError, match=r"unknown supervised tasks \['ranking'\].*'retrieval'"):
         supervised_stage(tmp_path, small_tokenizer, {"retrieval": 1.0, "ranking": 1.0},
                          task_rows("retrieval", 8) + task_rows("ranking", 8))
 
 
-def test_the_stage_reads_the_union_of_its_tasks_columns():
-    """A mixed-task file needs every task's columns; a task's optional ones are defaulted."""
-    for task in TASKS.values():
-        assert set(task.columns) <= set(SupervisedStage.columns)
-        assert task.defaults.items() <= SupervisedStage.defaults.items()
-    assert SupervisedStage.columns[0] == "task" and "lang" in SupervisedStage.columns
+
+def test_the_shipped_tasks_read_the_columns_in_the_order_shards_were_written_with():
+    """Shard files, their hashes and so checkpoints' data positions depend on the column order: the plug-in registry
+    keeps the order the supervised stage always read (required columns, then defaulted ones)."""
+    from conan.config import JobConfig, load_config
+
+    spec = SupervisedStage.row_spec(load_config(JobConfig, "jobs/configs/supervised_tiny.yaml"))
+    assert spec.columns == ("task", "query", "positive", "negatives", "s1", "s2", "score", "query_id", "positive_id",
+                            "positive_key", "negative_keys", "lang")
+    assert spec.group_by == ("task", "lang") and spec.aliases == {"lang": "doc_lang"}

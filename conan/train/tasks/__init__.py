@@ -11,7 +11,8 @@ from conan.train.tasks.contrastive import ContrastiveTask
 from conan.train.tasks.sts import STSTask
 
 TASKS: dict[str, SupervisedTask] = {t.name: t for t in (
-    ContrastiveTask("retrieval"), ContrastiveTask("clr"), ContrastiveTask("classification"), STSTask("sts"))}
+    STSTask("sts"), ContrastiveTask("retrieval", mined=True), ContrastiveTask("clr", mined=True),
+    ContrastiveTask("classification"))}
 
 
 __all__ = ["TASKS", "ContrastiveTask", "STSTask", "SupervisedTask"]

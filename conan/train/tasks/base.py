@@ -22,8 +22,9 @@ class SupervisedTask:
     columns: tuple[str, ...] = ()  # columns its rows need beside task and lang
     defaults: dict[str, object] = {}  # … of which a file may lack these (an input file can mix tasks)
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, mined: bool = False):
+        """mined: its rows with a query_id get hard negatives mined for them, and DHNM manages those."""
+        self.name, self.mined = name, mined
 
     def collate(self, stage: SupervisedStage, rows: list[dict]) -> dict:
         """Tensors (and ids) of one micro-batch of this task's rows."""

@@ -13,8 +13,8 @@ from conan.train.tasks.base import SupervisedTask
 
 class ContrastiveTask(SupervisedTask):
     """(query, positive, negatives) rows. A passage is identified by its key (positive_key / negative_keys: a passage
-    id) or else its text; a row with a query_id may have its negatives managed by the DHNM pool (ids into
-    dhnm.passages)."""
+    id) or else its text; in a mined task, a row with a query_id may have its negatives managed by the DHNM pool (ids
+    into dhnm.passages)."""
 
     columns = ("query", "positive", "negatives", "query_id", "positive_id", "positive_key", "negative_keys")
     defaults = {"query_id": "", "positive_id": -1, "positive_key": "", "negative_keys": []}
@@ -27,7 +27,7 @@ class ContrastiveTask(SupervisedTask):
         keys = [[r["positive_key"] or r["positive"]] for r in rows] + [
             [key or text for key, text in zip(r["negative_keys"] or [""] * k, negs)]
             for r, negs in zip(rows, negatives)]
-        candidates = [i for i, r in enumerate(rows) if stage.pool is not None and r.get("query_id")]
+        candidates = [i for i, r in enumerate(rows) if self.mined and stage.pool is not None and r.get("query_id")]
         assigned = stage.pool.assign([rows[i]["query_id"] for i in candidates]) if candidates else []
         managed = [i for i, ids in zip(candidates, assigned) if ids is not None]
         negative_ids = [ids for ids in assigned if ids is not None]
