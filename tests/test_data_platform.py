@@ -449,9 +449,11 @@ def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
                                              "dhnm": {"enabled": True}}))
 
 
-def test_pretraining_blocks_rejoin_into_the_tokenized_documents(ray_cluster, corpus, tokenizer_dir, tokenizer, tmp_path):
+def test_pretraining_blocks_rejoin_into_the_tokenized_documents(ray_cluster, corpus, tokenizer_dir, tokenizer, tmp_path,
+                                                                monkeypatch):
     """Documents sharded (3 shards), tokenized and packed by the Ray Data actor-pool job: the blocks, joined in
-    manifest order, are the tokenized documents joined (each ends with <|eos|>); ids are uint16 for a 4k vocabulary."""
+    manifest order, are the tokenized documents joined (each ends with <|eos|>); ids are uint16 for a 4k vocabulary.
+    Packed in this process (a small input's path), the blocks are the same files."""
     from conan.data.shards import RowSpec, convert, load_manifest
     from conan.data.tokenize import pack_documents
 
@@ -459,7 +461,11 @@ def test_pretraining_blocks_rejoin_into_the_tokenized_documents(ray_cluster, cor
     pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet")
     docs = convert([str(tmp_path / "docs.parquet")], tmp_path / "docs", "documents", RowSpec(("text",)),
                    rows_per_shard=1000)
-    blocks = pack_documents([str(docs.directory)], tmp_path / "blocks", str(tokenizer_dir), seq_len=64)
+    with monkeypatch.context() as patch:
+        patch.setattr("conan.data.tokenize.IN_PROCESS_ROWS", 0)  # 3,000 documents would be packed in this process
+        blocks = pack_documents([str(docs.directory)], tmp_path / "blocks", str(tokenizer_dir), seq_len=64)
+    in_process = pack_documents([str(docs.directory)], tmp_path / "blocks_here", str(tokenizer_dir), seq_len=64)
+    assert in_process.groups == blocks.groups and in_process.stats["tokens"] == blocks.stats["tokens"]  # same sha256s
     assert load_manifest(tmp_path / "blocks").kind == "lm_blocks" and len(blocks.groups["all"]) == 3
     tables = [pq.read_table(tmp_path / "blocks" / f.path) for f in blocks.groups["all"]]
     assert all(str(t.schema.field("ids").type) == "list<element: uint16>" for t in tables)
@@ -471,14 +477,15 @@ def test_pretraining_blocks_rejoin_into_the_tokenized_documents(ray_cluster, cor
     assert blocks.stats["tokens"] == len(expected) and 0 < blocks.stats["unigram_entropy"] < 8.4
 
 
-def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_dir, tokenizer, tmp_path):
+def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_dir, tokenizer, tmp_path, monkeypatch):
     """The weak stage's pairs, sharded by source/lang, then tokenized by the Ray Data actor pool: the same groups, files
     and rows in the same order (so the same row ids); ids are each text's ids cut at seq_len keeping <|eos|>; keys are
-    the passages' content keys; the stage's batches are made of them; a second launch reuses the token shards."""
+    the passages' content keys; the stage's batches are made of them; a second launch reuses the token shards.
+    Tokenized in this process (a small input's path), the token shards are the same files."""
     from conan.config import JobConfig, from_dict
     from conan.data.dedup import content_keys
     from conan.data.shards import load_manifest, merge_manifests
-    from conan.data.tokenize import encode_texts
+    from conan.data.tokenize import encode_texts, tokenize_pairs
     from conan.train.launcher import stage_shards
     from conan.train.stages import WeakStage
 
@@ -490,8 +497,13 @@ def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_
                                 "data": {"paths": [str(tmp_path / "pairs.parquet")], "seq_len": 16},
                                 "train": {"micro_batch_size": 8, "steps": 4, "num_workers": 1}})
     text = load_manifest(stage_shards(cfg, WeakStage)[0])  # without a tokenizer: the text shards
-    token_dirs = stage_shards(cfg, WeakStage, tokenizer_dir)
+    with monkeypatch.context() as patch:
+        patch.setattr("conan.data.tokenize.IN_PROCESS_ROWS", 0)  # 240 rows would be tokenized in this process
+        token_dirs = stage_shards(cfg, WeakStage, tokenizer_dir)
     tokens = load_manifest(token_dirs[0])
+    here = tokenize_pairs([str(text.directory)], tmp_path / "here", str(tokenizer_dir), 16, ["input", "output"],
+                          ["output"])
+    assert here.groups == tokens.groups and here.schema == tokens.schema  # file for file, same sha256s
     assert tokens.kind == "pair_tokens" and tokens.group_rows() == text.group_rows() == {"web/en": 120, "web/de": 120}
     by_row_id, passages = [], []  # text rows in row-id order (groups sorted, files in manifest order), passage ids
     for g in sorted(text.groups):

@@ -1,4 +1,4 @@
-"""Hard-negative candidate mining: embed corpus and queries (Ray Data actor pool), faiss top-k,
+"""Hard-negative candidate mining: embed corpus and queries (Ray Data actor pool; small jobs in-process), faiss top-k,
 drop positives, and guard against false negatives as NV-Retriever does (Moreira et al. 2024):
 a candidate scoring above `false_negative_ratio` × the positive's score is probably a positive too.
 
@@ -30,6 +30,9 @@ class MiningConfig:
     max_length: int = 256
     actor_cpus: float = 0.5  # fractional, or Ray Data starves on 2-CPU machines
     num_actors: int = 1
+    # texts × max_length × model bytes up to which this process embeds them itself: an actor pool's start-up (~7 s)
+    # outweighs the work (the tiny demo's 2,000 queries at 5 MB of weights: about 3e12, 1 s).
+    in_process_work: float = 1e13
 
 
 class Embedder:
@@ -49,7 +52,15 @@ class Embedder:
 
 
 def embed_texts(model_dir: str | Path, ids: list, texts: list[str], cfg: MiningConfig) -> tuple[list, np.ndarray]:
-    """Embed texts on a Ray Data actor pool; returns (ids, embeddings) in input order."""
+    """Embed texts on a Ray Data actor pool (in this process, batch for batch, when the work is under
+    cfg.in_process_work); returns (ids, embeddings) in input order."""
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    if len(texts) * cfg.max_length * weights <= cfg.in_process_work:
+        from conan.encoder import Encoder
+
+        encoder = Encoder(model_dir, max_length=cfg.max_length)
+        batches = [encoder.encode(texts[i:i + cfg.batch_size]) for i in range(0, len(texts), cfg.batch_size)]
+        return list(ids), np.concatenate(batches).astype(np.float32)
     import ray.data
 
     ds = ray.data.from_items([{"id": i, "order": n, "text": t} for n, (i, t) in enumerate(zip(ids, texts))])

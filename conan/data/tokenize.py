@@ -61,9 +61,17 @@ def pack_stream(ids: list[list[int]], seq_len: int) -> list[np.ndarray]:
     return [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
 
 
-def map_shards(actor: type, jobs: list[dict], actor_kwargs: dict, concurrency: int, cpus: float) -> list[dict]:
+IN_PROCESS_ROWS = 50_000  # one default shard: below it, a Ray Data pool's start-up (~8 s) outweighs the work
+
+
+def map_shards(actor: type, jobs: list[dict], actor_kwargs: dict, concurrency: int, cpus: float,
+               rows: int) -> list[dict]:
     """One call of a Ray Data actor per job (a shard to turn into another), on a pool of `concurrency` actors of
-    `cpus` each; the rows the calls return."""
+    `cpus` each; the rows the calls return. Inputs of at most IN_PROCESS_ROWS rows (a test's, a Tune trial's) are
+    done by one instance of the actor in this process: same calls, same outputs, no pool to start."""
+    if rows <= IN_PROCESS_ROWS:
+        out = actor(**actor_kwargs)({key: [job[key] for job in jobs] for key in jobs[0]})
+        return [dict(zip(out, values)) for values in zip(*out.values())]
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -106,10 +114,11 @@ def pack_documents(document_dirs: list[str], out_dir: str | Path, tokenizer_dir:
     if (out_dir / "manifest.json").is_file():
         return load_manifest(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [p for parts in merge_manifests([load_manifest(d) for d in document_dirs]).values() for p, _ in parts]
+    manifests = [load_manifest(d) for d in document_dirs]
+    files = [p for parts in merge_manifests(manifests).values() for p, _ in parts]
     written = map_shards(ShardPacker, [{"index": i, "path": str(p)} for i, p in enumerate(files)],
                          {"tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir), "seq_len": seq_len},
-                         concurrency, cpus=1)
+                         concurrency, cpus=1, rows=sum(m.rows for m in manifests))
     written.sort(key=lambda r: r["path"])
     counts = np.sum([np.asarray(r["counts"]) for r in written], axis=0)
     parts = [ShardFile(r["path"], int(r["rows"]), r["sha256"]) for r in written if r["rows"]]
@@ -169,7 +178,7 @@ def tokenize_pairs(shard_dirs: list[str], out_dir: str | Path, tokenizer_dir: st
         raise ShardError(f"{shard_dirs}: no pairs shards to tokenize")
     written = map_shards(ShardTokenizer, [{"index": i, "group": g, "path": str(p)} for i, (g, p) in enumerate(files)],
                          {"tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir), "seq_len": seq_len,
-                          "columns": columns, "keyed": keyed}, concurrency, cpus)
+                          "columns": columns, "keyed": keyed}, concurrency, cpus, sum(m.rows for m in manifests))
     groups: dict[str, list[ShardFile]] = {}
     for r in sorted(written, key=lambda r: r["index"]):  # each group's files in their input order: same row ids
         groups.setdefault(r["group"], []).append(ShardFile(r["path"], int(r["rows"]), r["sha256"]))
