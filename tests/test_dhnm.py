@@ -1,7 +1,14 @@
 """Dynamic hard-negative mining: eq. 6 on hand-made score sequences, pool exhaustion, the shared actor."""
 
+import pickle
 
-from conan.dhnm import NegativePoolClient, NegativePoolState, ReplacementRule, create_negative_pools, shard_of
+import numpy as np
+import pytest
+
+from conan.dhnm import (NegativePoolClient, NegativePoolState, ReplacementRule, create_negative_pools, pool_arrays,
+                        query_keys, shards_of)
+
+Q = query_keys(["q"])  # the one query of the hand-made pools
 
 
 def test_rule_branches_of_eq6():
@@ -18,59 +25,85 @@ def test_rule_branches_of_eq6():
 
 def _pool(n_candidates=10, num_active=3):
     state = NegativePoolState(num_active=num_active)
-    state.add("q", list(range(100, 100 + n_candidates)))
+    state.load_candidates({"q": list(range(100, 100 + n_candidates))})
     return state
 
 
 def test_first_sight_sets_s0_and_replaces_easy_negatives():
     state = _pool()
-    assert state.assign(["q"]) == [[100, 101, 102]]
-    state.report(["q"], [[100, 101, 102]], [[0.9, 0.3, 0.5]])  # 101 is easy at first sight
-    assert state.assign(["q"]) == [[100, 103, 102]]
-    active = {n.id: (n.s0, n.si) for n in state.pools["q"].active}
-    assert active == {100: (0.9, None), 103: (None, None), 102: (0.5, None)}
+    assert state.assign(Q) == [[100, 101, 102]]
+    state.report(Q, [[100, 101, 102]], [[0.9, 0.3, 0.5]])  # 101 is easy at first sight
+    assert state.assign(Q) == [[100, 103, 102]]
+    # scores are kept as float32: 0.9 reads back as float32(0.9)
+    assert state.active_scores(Q[0]) == {100: (float(np.float32(0.9)), None), 103: (None, None),
+                                         102: (float(np.float32(0.5)), None)}
     assert state.counters["replacements"] == 1 and state.counters["first_sight_replacements"] == 1
 
 
 def test_decayed_negative_is_replaced_only_when_both_conditions_hold():
     state = _pool()
-    state.report(["q"], [[100, 101, 102]], [[0.9, 0.8, 0.6]])  # S0s
-    state.report(["q"], [[100, 101, 102]], [[0.72, 0.6, 0.55]])
+    state.report(Q, [[100, 101, 102]], [[0.9, 0.8, 0.6]])  # S0s
+    state.report(Q, [[100, 101, 102]], [[0.72, 0.6, 0.55]])
     # 100: 1.2·0.72 = 0.864 < 0.9 but 0.72 ≥ 0.7 → keep; 101: 0.72 < 0.8 and 0.6 < 0.7 → replace;
     # 102: 0.66 ≥ 0.6 → keep.
-    assert state.assign(["q"]) == [[100, 103, 102]]
-    state.report(["q"], [[100]], [[0.69]])  # now 0.69 < 0.7 and 0.828 < 0.9
-    assert state.assign(["q"]) == [[104, 103, 102]]
+    assert state.assign(Q) == [[100, 103, 102]]
+    state.report(Q, [[100]], [[0.69]])  # now 0.69 < 0.7 and 0.828 < 0.9
+    assert state.assign(Q) == [[104, 103, 102]]
 
 
 def test_stale_report_for_a_replaced_negative_is_ignored():
     state = _pool()
-    state.report(["q"], [[101]], [[0.1]])  # replaced by 103
-    state.report(["q"], [[101]], [[0.1]])  # late duplicate: 101 is no longer active
-    assert state.assign(["q"]) == [[100, 103, 102]] and state.counters["replacements"] == 1
+    state.report(Q, [[101]], [[0.1]])  # replaced by 103
+    state.report(Q, [[101]], [[0.1]])  # late duplicate: 101 is no longer active
+    assert state.assign(Q) == [[100, 103, 102]] and state.counters["replacements"] == 1
 
 
 def test_exhausted_pool_keeps_the_negative_and_counts():
     state = _pool(n_candidates=4)
-    state.report(["q"], [[100, 101, 102]], [[0.1, 0.1, 0.1]])  # one replacement left (103)
-    assert state.assign(["q"]) == [[103, 101, 102]]
+    state.report(Q, [[100, 101, 102]], [[0.1, 0.1, 0.1]])  # one replacement left (103)
+    assert state.assign(Q) == [[103, 101, 102]]
     assert state.counters == {"reports": 3, "replacements": 1, "first_sight_replacements": 1, "exhausted": 2}
 
 
 def test_state_round_trip_is_exact():
     state = _pool()
-    state.report(["q"], [[100, 101, 102]], [[0.9, 0.3, 0.5]])
+    state.report(Q, [[100, 101, 102]], [[0.9, 0.3, 0.5]])
     copy = NegativePoolState(num_active=3)
     copy.load_state_dict(state.state_dict())
-    assert copy.state_dict() == state.state_dict() and copy.stats() == state.stats()
+    assert pickle.dumps(copy.state_dict()) == pickle.dumps(state.state_dict()) and copy.stats() == state.stats()
+    copy.report(Q, [[100]], [[0.1]])  # the copy owns its arrays
+    assert state.assign(Q) != copy.assign(Q)
+
+
+def test_pools_are_dense_arrays_with_incremental_stats():
+    """Many queries with unequal candidate counts: lookups by key, unknown queries unmanaged, the mean active score
+    kept as reports arrive equals the one computed from the arrays, and a key collision is refused."""
+    pools = {f"q{i}": list(range(1000 * i, 1000 * i + 7 + i % 5)) for i in range(50)}
+    state = NegativePoolState(num_active=7)
+    state.load_candidates(pools)
+    keys = query_keys(["q7", "nope", "q3"])
+    assert state.assign(keys) == [pools["q7"][:7], None, pools["q3"][:7]]
+    assert state.candidates.dtype == np.int32 and state.s0.dtype == np.float32 and len(state.keys) == 50
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        names = [f"q{i}" for i in rng.choice(50, 8, replace=False)]
+        assigned = state.assign(query_keys(names))
+        state.report(query_keys(names), assigned, rng.uniform(0, 1, (8, 7)).tolist())
+    latest = np.where(np.isnan(state.si), state.s0, state.si)
+    expected = float(np.nanmean(latest))
+    assert state.stats()["mean_active_score"] == pytest.approx(expected, abs=1e-6)
+    assert state.stats()["replacements"] > 0 and state.stats()["exhausted"] > 0
+    with pytest.raises(KeyError):
+        state.report(query_keys(["nope"]), [[1]], [[0.5]])
+    with pytest.raises(ValueError, match="share a 64-bit key"):
+        state.load_arrays(np.array([5, 5]), np.zeros((2, 7), np.int32))
 
 
 def test_sharded_actors_route_queries_and_apply_reports(ray_cluster):
     pools = {f"q{i}": list(range(i * 100, i * 100 + 12)) for i in range(20)}
-    owner = create_negative_pools(pools, "test-dhnm", num_shards=3, num_active=7)
+    owner = create_negative_pools(*pool_arrays(pools), "test-dhnm", num_shards=3, num_active=7)
     client = NegativePoolClient.connect(owner.names)  # as a train worker does
-    shards = {shard_of(q, 3) for q in pools}
-    assert len(shards) == 3  # the 20 queries really spread over the 3 actors
+    assert len(set(shards_of(query_keys(list(pools)), 3).tolist())) == 3  # the 20 queries spread over 3 actors
     assert client.assign(["q3", "q17"]) == [list(range(300, 307)), list(range(1700, 1707))]
     client.report(["q3"], [[300, 301]], [[0.1, 0.9]])
     client.flush()
@@ -87,7 +120,7 @@ def test_sharded_actors_route_queries_and_apply_reports(ray_cluster):
 def test_a_replacement_reported_by_one_worker_is_what_another_worker_gets(ray_cluster):
     import ray
 
-    owner = create_negative_pools({"q": list(range(20))}, "test-dhnm-share", num_shards=2, num_active=7)
+    owner = create_negative_pools(*pool_arrays({"q": list(range(20))}), "test-dhnm-share", num_shards=2, num_active=7)
 
     @ray.remote(num_cpus=0.1)
     def worker(action, names):
@@ -114,6 +147,8 @@ def _random_embedding_model(tmp_path, tokenizer):
 
 
 def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ray_cluster, tmp_path, tokenizer, data_root):
+    from dataclasses import replace
+
     import numpy as np
 
     from conan.data import stage_data
@@ -131,7 +166,9 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
     # The guard, checked against exact cosines: no kept candidate scores above 0.95 × its positive, and mining went
     # deep enough that each query has k = 20 candidates or every passage under the guard.
     cfg = MiningConfig(top_k=20, false_negative_ratio=0.95)
-    ids, corpus_emb = embed_texts(model_dir, list(range(len(corpus))), corpus, cfg)
+    ids, corpus_emb = embed_texts(model_dir, list(range(len(corpus))), corpus, cfg)  # small: in this process
+    pool_ids, pool_emb = embed_texts(model_dir, list(range(len(corpus))), corpus, replace(cfg, in_process_work=0))
+    assert pool_ids == ids and np.allclose(pool_emb, corpus_emb, atol=1e-6)  # the actor pool embeds the same
     qids = list(by_query)[:30]
     _, q_emb = embed_texts(model_dir, qids, [by_query[q]["query"] for q in qids], cfg)
     for q, e in zip(qids, q_emb):
@@ -145,3 +182,16 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
                             MiningConfig(top_k=5, false_negative_ratio=10.0))[0]
     order = [i for i in np.argsort(-(corpus_emb @ q_emb[0])) if i != by_query[qids[0]]["positive_id"]][:5]
     assert loose[0] == [int(i) for i in order] and len(loose[0]) == 5
+
+
+def test_mined_candidates_are_read_as_pool_arrays_batch_by_batch(tmp_path):
+    """The mined parquet, read 3 rows a batch (queries with 0 to 6 candidates): the same keys and -1 padded rows as
+    building the arrays from {query id: candidates}."""
+    from conan.data.mining import read_mined, read_mined_arrays, write_mined
+
+    mined = [(list(range(10 * i, 10 * i + i % 7)), [0.5] * (i % 7)) for i in range(10)]
+    write_mined(tmp_path / "mined.parquet", [f"de:{i}" for i in range(10)], mined)
+    keys, candidates = read_mined_arrays(tmp_path / "mined.parquet", batch_rows=3)
+    expected_keys, expected = pool_arrays(read_mined(tmp_path / "mined.parquet"))
+    assert np.array_equal(keys, expected_keys) and np.array_equal(candidates, expected)
+    assert candidates.shape == (10, 6) and candidates.dtype == np.int32 and candidates[0].tolist() == [-1] * 6

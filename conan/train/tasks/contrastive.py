@@ -32,7 +32,7 @@ class ContrastiveTask(SupervisedTask):
         managed = [i for i, ids in zip(candidates, assigned) if ids is not None]
         negative_ids = [ids for ids in assigned if ids is not None]
         for i, ids in zip(managed, negative_ids):
-            negatives[i] = keys[b + i] = [stage.corpus[j] for j in ids]
+            negatives[i] = keys[b + i] = stage.passages.take(ids)
         passages = [r["positive"] for r in rows] + [n for negs in negatives for n in negs]
         return {"query": pad_batch(stage.encode([r["query"] for r in rows]), stage.pad_id),
                 "passage": pad_batch(stage.encode(passages), stage.pad_id),
