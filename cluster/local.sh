@@ -45,6 +45,9 @@ up() {
   [[ -n "${CONAN_DATA_ROOT:-}" ]] && data_env=", \"CONAN_DATA_ROOT\": \"$CONAN_DATA_ROOT\""
   local cpus=()
   [[ -n "${CONAN_NUM_CPUS:-}" ]] && cpus=(--num-cpus "$CONAN_NUM_CPUS")
+  # Ray 2.60's head turns token auth on and refuses to start without a token: make one on first use
+  # (~/.ray/auth_token, or $RAY_AUTH_TOKEN_PATH; an existing token is kept).
+  "$RAY" get-auth-token --generate >/dev/null
   # Metrics every second instead of ten; Train V2's report() blocks ~2 s at the default health-check interval.
   # The ray executable's directory leads PATH, so a job's plain `python` is the interpreter Ray runs under.
   PATH="$(dirname "$RAY"):$PATH" RAY_metrics_report_interval_ms=1000 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 \
