@@ -83,6 +83,41 @@ def scrape_metrics(ray_cluster):
     return scrape
 
 
+class MetricsRecorder:
+    """Scrapes the head's Prometheus endpoint every second in a thread and keeps each `ray_conan_` series' last line:
+    a gauge leaves the endpoint ~2 s after the worker that set it exits, so a test reads what was served while the
+    run lived, as a Prometheus server scraping the head would have stored it."""
+
+    def __init__(self, scrape):
+        import threading
+
+        self._scrape, self._series, self._stop = scrape, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            for line in self._scrape("ray_conan_"):
+                self._series[line.rsplit(" ", 1)[0]] = line
+
+    def lines(self, prefix: str) -> list[str]:
+        """The last line of every recorded series whose metric name starts with `prefix`."""
+        return [line for line in list(self._series.values()) if line.startswith(prefix)]
+
+    def stop(self) -> None:
+        """Ends the scraping thread."""
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def metrics_recorder(scrape_metrics):
+    """A MetricsRecorder running for the module's tests (start a run after requesting it)."""
+    recorder = MetricsRecorder(scrape_metrics)
+    yield recorder
+    recorder.stop()
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory, data_root) -> Path:
     """The multilingual corpus (Tatoeba + XQuAD), written once."""

@@ -230,7 +230,7 @@ TINY_SCALE_RULE = ["dhnm.decay_factor=1.01", "dhnm.stale_max=0.99"]
 
 
 @pytest.fixture(scope="module")
-def dhnm_runs(chain, tmp_path_factory):
+def dhnm_runs(chain, tmp_path_factory, metrics_recorder):
     """Supervised runs on XQuAD retrieval from the weak model: DHNM, DHNM with a killed worker, the mined
     negatives kept static (a rule that never replaces), and the rows' own static negatives."""
     out = tmp_path_factory.mktemp("dhnm")
@@ -313,16 +313,11 @@ def test_dhnm_swaps_negatives_and_a_static_rule_does_not(dhnm_runs):
     assert dhnm != static  # the pools' active negatives differ once DHNM has swapped some
 
 
-def test_training_and_pool_metrics_reach_prometheus(dhnm_runs, scrape_metrics):
-    """The Ray metrics of the runs above on the session cluster's Prometheus endpoint (reported every second)."""
-    import time
-
-    deadline = time.time() + 30
-    while True:
-        loss = [x for x in scrape_metrics("ray_conan_train_loss") if 'stage="supervised"' in x]
-        replacements = scrape_metrics("ray_conan_dhnm_replacements")
-        if (loss and replacements) or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert loss and 'job="tiny"' in loss[0]
+def test_training_and_pool_metrics_reach_prometheus(dhnm_runs, metrics_recorder):
+    """The Ray metrics of the runs above reached the session cluster's Prometheus endpoint while they ran (reported
+    every second): the supervised loss and the pools' replacement counter."""
+    loss = [x for x in metrics_recorder.lines("ray_conan_train_loss") if 'stage="supervised"' in x]
+    assert loss and all('job="tiny"' in x for x in loss), loss
+    assert all(float(x.split()[-1]) > 0 for x in loss), loss
+    replacements = metrics_recorder.lines("ray_conan_dhnm_replacements")
     assert any(float(x.split()[-1]) > 0 for x in replacements), replacements
