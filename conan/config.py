@@ -305,6 +305,10 @@ class CurationConfig:
     cleaners: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=2048))
     scorers: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     lines_per_block: int = 20_000
+    # Same input → the same kept rows in the same order every run (the weak stage's batches follow that order): Ray
+    # Data keeps the input order and one dedup task runs at a time, so the first copy in input order is the one kept.
+    # False runs dedup tasks in parallel (faster on many cores); the kept copy of a duplicate then depends on timing.
+    deterministic: bool = True
 
 
 @dataclass

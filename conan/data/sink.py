@@ -1,8 +1,11 @@
 """The end of every data step: kept rows and rejects written as parquet shards by the workers, counts to the driver.
 
-Each batch writes its own `part-<hash of its origins>.parquet` (the same name if a task is retried, so a retry
-overwrites instead of duplicating) and returns one count per outcome; the driver only sums counts, so its
-memory does not grow with the data. Outcomes are also counted in the Ray metric conan_data_rows.
+Each batch writes one `part-<input file hash>-<first line>.parquet` per input file it holds rows of (JSONL origins
+are `path:line`): the same name if a task is retried, so a retry overwrites instead of duplicating, and names that
+sort into input order whatever the batch boundaries were, so a step fed its input in order (Ray Data's
+preserve_order) writes the same rows in the same order every run. Origins without a line number (parquet rows) name
+the part by the hash of all its origins. Each batch returns one count per outcome; the driver only sums counts, so
+its memory does not grow with the data. Outcomes are also counted in the Ray metric conan_data_rows.
 """
 
 from __future__ import annotations
@@ -44,21 +47,38 @@ def write_split(batch: dict, output_dir: str, kept_schema: pa.Schema, step: str,
     Returns {"outcome": [...], "count": [...]} for this batch."""
     reasons = np.asarray(batch["reject_reason"], dtype=object)
     kept = reasons == ""
-    name = "part-" + hashlib.blake2b("\n".join(map(str, batch["origin"])).encode(), digest_size=8).hexdigest()
     reject_columns = list(REJECT_COLUMNS) + [f.name for f in kept_schema if f.name in batch
                                             and f.name not in REJECT_COLUMNS and pa.types.is_string(f.type)]
-    for folder, mask, columns, schema in (("data", kept, [f.name for f in kept_schema], kept_schema),
-                                          ("rejects", ~kept, reject_columns, None)):
-        if mask.any():
-            table = pa.table({c: _column(batch[c], mask) for c in columns}, schema=schema)
-            path = Path(output_dir) / folder
-            path.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, path / f"{name}.parquet")
+    for name, rows in part_names(list(map(str, batch["origin"]))):
+        for folder, mask, columns, schema in (("data", kept & rows, [f.name for f in kept_schema], kept_schema),
+                                              ("rejects", ~kept & rows, reject_columns, None)):
+            if mask.any():
+                table = pa.table({c: _column(batch[c], mask) for c in columns}, schema=schema)
+                path = Path(output_dir) / folder
+                path.mkdir(parents=True, exist_ok=True)
+                pq.write_table(table, path / f"{name}.parquet")
     outcomes, counts = np.unique(np.where(kept, KEPT, reasons).astype(str), return_counts=True)
     counter = data_rows_counter()
     for outcome, count in zip(outcomes, counts):
         counter.inc(int(count), tags={"job": job, "step": step, "outcome": str(outcome)})
     return {"outcome": outcomes, "count": counts}
+
+
+def part_names(origins: list[str]) -> list[tuple[str, np.ndarray]]:
+    """A batch's parts: (file name stem, row mask) per input file, in order of first appearance."""
+    def digest(text: str) -> str:
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+    split = [origin.rpartition(":") for origin in origins]
+    files = [path if sep and line.isdigit() else origin for (path, sep, line), origin in zip(split, origins)]
+    parts = []
+    for file in dict.fromkeys(files):
+        rows = np.asarray([f == file for f in files])
+        first = int(np.argmax(rows))
+        path, sep, line = split[first]
+        suffix = f"{int(line):012d}" if sep and line.isdigit() else digest("\n".join(np.asarray(origins)[rows]))
+        parts.append((f"part-{digest(file)}-{suffix}", rows))
+    return parts
 
 
 def _column(values, mask: np.ndarray) -> list:

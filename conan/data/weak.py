@@ -169,21 +169,27 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
     inputs = cfg.inputs or [str(sft_records_file(cfg.data_root, out / "source" / "sft.jsonl"))]
     shards = [ray.remote(DedupShard).options(num_cpus=0).remote() for _ in range(cfg.dedup_shards)]
     c, s = cfg.cleaners, cfg.scorers
-    ds = read_records(inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair,
-                      cpus=c.cpus)
-    ds = ds.map_batches(PairCleaner, fn_constructor_args=(asdict(cfg), str(langid_path)), batch_format="numpy",
-                        batch_size=c.batch_size, num_cpus=c.cpus, num_gpus=c.gpus,
-                        compute=ray.data.ActorPoolStrategy(size=c.size))
-    ds = ds.map_batches(drop_duplicates, fn_args=(shards, cfg.near_dedup), batch_format="numpy",
-                        batch_size=c.batch_size, num_cpus=c.cpus)
-    if cfg.score_model:
-        ds = ds.map_batches(PairScorer, fn_constructor_args=(str(Path(cfg.score_model).resolve()), cfg.min_score,
-                                                             s.batch_size),
-                            batch_format="numpy", batch_size=s.batch_size * 4, num_cpus=s.cpus, num_gpus=s.gpus,
-                            compute=ray.data.ActorPoolStrategy(size=s.size))
-    else:
-        ds = ds.map_batches(_no_score, batch_format="numpy", num_cpus=c.cpus)
-    totals = run_and_count(ds, out, PAIR_SCHEMA, "curate", job, c.cpus)
+    options = ray.data.DataContext.get_current().execution_options  # datasets copy the context when created
+    preserve_order, options.preserve_order = options.preserve_order, cfg.deterministic
+    try:
+        ds = read_records(inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair,
+                          cpus=c.cpus)
+        ds = ds.map_batches(PairCleaner, fn_constructor_args=(asdict(cfg), str(langid_path)), batch_format="numpy",
+                            batch_size=c.batch_size, num_cpus=c.cpus, num_gpus=c.gpus,
+                            compute=ray.data.ActorPoolStrategy(size=c.size))
+        ds = ds.map_batches(drop_duplicates, fn_args=(shards, cfg.near_dedup), batch_format="numpy",
+                            batch_size=c.batch_size, num_cpus=c.cpus,
+                            compute=ray.data.TaskPoolStrategy(size=1) if cfg.deterministic else None)
+        if cfg.score_model:
+            ds = ds.map_batches(PairScorer, fn_constructor_args=(str(Path(cfg.score_model).resolve()), cfg.min_score,
+                                                                 s.batch_size),
+                                batch_format="numpy", batch_size=s.batch_size * 4, num_cpus=s.cpus, num_gpus=s.gpus,
+                                compute=ray.data.ActorPoolStrategy(size=s.size))
+        else:
+            ds = ds.map_batches(_no_score, batch_format="numpy", num_cpus=c.cpus)
+        totals = run_and_count(ds, out, PAIR_SCHEMA, "curate", job, c.cpus)
+    finally:
+        options.preserve_order = preserve_order
     dedup = ray.get([shard.stats.remote() for shard in shards])
     return write_stats(out, totals, started, {"dedup_shards": dedup, "config": asdict(cfg)})
 
