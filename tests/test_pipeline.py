@@ -1,15 +1,15 @@
 """The README's main job end to end, on the session's head: every step in order, a model that sentence-transformers
 loads, and stages that measurably learn on held-out data (XQuAD articles no stage saw, STS-B test, Banking77 test).
 
-What holds on 2 cores with the tiny preset, in both full runs of this recipe (README, Training quality): the weak
+What it asserts on 2 cores with the tiny preset (README, Training quality): the weak
 and the supervised model beat the random init on held-out XQuAD retrieval, the supervised stage beats the weak model
-on Banking77, and its retrieval InfoNCE ends near 0.5-0.65 · log N. The XQuAD margins are thin and vary between
-identical runs: pretraining and SFT reproduce exactly, but curation's Ray Data output is partitioned differently each
-run, so the weak stage's row order differs. Init .383; weak / supervised .428 / .436 (fbd6f15, rows in memory), then
-on the streamed shards .388 / .3833 and .406 / .398 (two runs of the same code). From one SFT model the weak stage's
-seeds score .396 / .411 / .431 (the in-memory reader .401 / .407): the spread is the order's, not the reader's, and
-as large as the gain. Not met (issue 13's goal, reported, not asserted): the final
-model beating its random init on every task (it loses STS-B: 0.485-0.487 vs 0.491-0.557) and the classification
+on Banking77, and its retrieval InfoNCE ends near 0.5-0.65 · log N. The XQuAD margins are thin and depend on the
+weak stage's row order: from the same SFT model and the same 15,095 curated rows, the two orders curation wrote
+before its output was put in input order (its part names hashed each batch's rows, and batches were cut differently
+on the tests' head than in a standalone run) scored weak / supervised .4174 / .4061 and .3820 / .3813 against init
+.3832. Tokenizer, init, pretraining, SFT, curation (now) and the weak stage reproduce bit for bit; earlier runs:
+weak .388-.445, supervised .3748-.436. Not met (issue 13's goal, reported, not asserted): the final
+model beating its random init on every task (Tatoeba, cross-lingual STS-B) and the classification
 InfoNCE below 0.6 · log N (it ends near 0.78-0.85)."""
 
 from __future__ import annotations
