@@ -167,9 +167,9 @@ class NegativePoolState:
         return {int(i): (score(a), score(b)) for i, a, b in zip(self.active[r], self.s0[r], self.si[r]) if i >= 0}
 
     def stats(self) -> dict:
-        """Counters plus the mean latest score of active negatives that have been scored."""
+        """Counters plus the mean latest score of the active negatives that have been scored (and their count)."""
         mean = self.score_units * SCORE_UNIT / self.scored if self.scored else float("nan")
-        return {**self.counters, "queries": len(self.keys), "mean_active_score": mean}
+        return {**self.counters, "queries": len(self.keys), "scored_active": self.scored, "mean_active_score": mean}
 
     def state_dict(self) -> dict:
         """Everything needed to restore the pool exactly (saved with each training checkpoint): the arrays as they
@@ -268,12 +268,13 @@ class NegativePoolClient:
         ray.get([a.ping.remote() for a in self.actors])
 
     def stats(self) -> dict:
-        """Counters summed over shards, mean active score averaged over shards with scores."""
+        """Counters summed over shards; the mean active score over all shards' scored negatives."""
         import ray
         parts = ray.get([a.stats.remote() for a in self.actors])
         total = {k: sum(p[k] for p in parts) for k in parts[0] if k != "mean_active_score"}
-        means = [p["mean_active_score"] for p in parts if p["mean_active_score"] == p["mean_active_score"]]
-        total["mean_active_score"] = sum(means) / len(means) if means else float("nan")
+        scored = [p for p in parts if p["scored_active"]]
+        total["mean_active_score"] = (sum(p["mean_active_score"] * p["scored_active"] for p in scored)
+                                      / total["scored_active"] if scored else float("nan"))
         return total
 
     def state_dict(self) -> list[dict]:

@@ -110,6 +110,14 @@ def test_sharded_actors_route_queries_and_apply_reports(ray_cluster):
     assert client.assign(["q3"]) == [[307, 301, 302, 303, 304, 305, 306]]
     stats = client.stats()
     assert stats["replacements"] == 1 and stats["queries"] == 20 and stats["reports"] == 2
+    # Three negatives scored 0.5 on another shard: the mean weighs every scored negative (0.9 + 3 × 0.5) / 4, not
+    # each shard's mean alike ((0.9 + 0.5) / 2).
+    other = next(q for q in pools if shards_of(query_keys([q]), 3)[0] != shards_of(query_keys(["q3"]), 3)[0])
+    first = pools[other][:3]
+    client.report([other], [first], [[0.5] * 3])
+    client.flush()
+    stats = client.stats()
+    assert stats["scored_active"] == 4 and stats["mean_active_score"] == pytest.approx(0.6, abs=1e-6)
     saved = client.state_dict()
     client.report(["q3"], [[301]], [[0.0]])
     client.flush()
