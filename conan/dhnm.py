@@ -45,13 +45,22 @@ def query_keys(query_ids: Sequence[Hashable]) -> np.ndarray:
     return content_keys([str(q) for q in query_ids])
 
 
+def padded_candidates(lengths: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each query's ranked candidate ids, given flat (`values`, `lengths` per query), as int32 rows, -1 padded."""
+    lengths, values = np.asarray(lengths, dtype=np.int64), np.asarray(values, dtype=np.int64)
+    if len(values) and (values.max() >= 1 << 31 or values.min() < 0):
+        raise ValueError(f"candidate ids must lie in [0, 2**31): the pool stores them as int32 (got {values.max()})")
+    block = np.full((len(lengths), int(lengths.max(initial=0))), -1, dtype=np.int32)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    block[np.repeat(np.arange(len(lengths)), lengths), np.arange(len(values)) - starts] = values
+    return block
+
+
 def pool_arrays(pools: dict[Hashable, Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """{query id: ranked candidate ids} as the pool's arrays: keys (int64) and candidates (int32, -1 padded)."""
-    width = max((len(c) for c in pools.values()), default=0)
-    candidates = np.full((len(pools), width), -1, dtype=np.int32)
-    for row, c in enumerate(pools.values()):
-        candidates[row, :len(c)] = c
-    return query_keys(list(pools)), candidates
+    lengths = [len(c) for c in pools.values()]
+    values = np.concatenate([np.asarray(c, dtype=np.int64) for c in pools.values()]) if pools else np.zeros(0)
+    return query_keys(list(pools)), padded_candidates(lengths, values)
 
 
 def shards_of(keys: np.ndarray, num_shards: int) -> np.ndarray:

@@ -203,3 +203,7 @@ def test_mined_candidates_are_read_as_pool_arrays_batch_by_batch(tmp_path):
     expected_keys, expected = pool_arrays(read_mined(tmp_path / "mined.parquet"))
     assert np.array_equal(keys, expected_keys) and np.array_equal(candidates, expected)
     assert candidates.shape == (10, 6) and candidates.dtype == np.int32 and candidates[0].tolist() == [-1] * 6
+    assert candidates[9].tolist() == [90, 91, -1, -1, -1, -1]
+    write_mined(tmp_path / "big.parquet", ["en:0"], [([1, 1 << 31], [0.5, 0.4])])
+    with pytest.raises(ValueError, match="big.parquet: candidate ids must lie in"):
+        read_mined_arrays(tmp_path / "big.parquet")

@@ -146,20 +146,16 @@ def read_mined(path: str | Path) -> dict[str, list[int]]:
 def read_mined_arrays(path: str | Path, batch_rows: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """The mined candidates as the DHNM pool's arrays, read a record batch at a time: query keys (int64,
     `conan.dhnm.query_keys`) and ranked candidate ids (int32 rows, -1 padded to the longest)."""
-    from conan.dhnm import query_keys
+    from conan.dhnm import padded_candidates, query_keys
 
     keys, blocks = [], []
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["query_id", "candidate_ids"]):
         ids = batch.column("candidate_ids")
-        lengths = ids.value_lengths().fill_null(0).to_numpy()
-        values = ids.flatten().to_numpy()
-        if len(values) and values.max() >= 1 << 31:
-            raise ValueError(f"{path}: candidate id {values.max()} does not fit the pool's int32 ids")
-        block = np.full((len(lengths), int(lengths.max(initial=0))), -1, dtype=np.int32)
-        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-        block[np.repeat(np.arange(len(lengths)), lengths), np.arange(len(values)) - starts] = values
+        try:
+            blocks.append(padded_candidates(ids.value_lengths().fill_null(0).to_numpy(), ids.flatten().to_numpy()))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         keys.append(query_keys(batch.column("query_id").to_pylist()))
-        blocks.append(block)
     width = max((b.shape[1] for b in blocks), default=0)
     blocks = [np.pad(b, ((0, 0), (0, width - b.shape[1])), constant_values=-1) for b in blocks]
     return (np.concatenate(keys) if keys else np.zeros(0, np.int64),
