@@ -159,14 +159,25 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
 
     import numpy as np
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from conan.data import stage_data
-    from conan.data.mining import MiningConfig, embed_texts, mine_candidates, read_mined, mine_supervised_candidates
+    from conan.data.mining import (MiningConfig, embed_passages, embed_texts, mine_candidates, mine_supervised_candidates,
+                                   read_mined)
+    from conan.data.passages import write_passage_lookup
 
     model_dir = _random_embedding_model(tmp_path, tokenizer)
     rows = [r for r in stage_data.supervised_records(data_root, 7, 60, 0, ["en"]) if r["query_id"]]
     corpus = stage_data.xquad_corpus(data_root)
     assert len(corpus) == 180  # the 36 training articles' paragraphs: the 12 held-out articles are never mined
-    n = mine_supervised_candidates(model_dir, rows, corpus, tmp_path / "mined.parquet", MiningConfig(top_k=20))
+    pq.write_table(pa.table({"text": corpus}), tmp_path / "passages.parquet")
+    lookup = write_passage_lookup(tmp_path / "passages.parquet", tmp_path / "passages.arrow")
+    # Embedded into 3 shards (64 + 64 + 52 passages) and searched shard by shard, 16 queries at a time.
+    n = mine_supervised_candidates(model_dir, rows, lookup, tmp_path / "mined.parquet",
+                                   MiningConfig(top_k=20, shard_rows=64, query_batch=16))
+    shards = sorted((tmp_path / "mined_embeddings").glob("emb-*.npy"))
+    assert [len(np.load(p)) for p in shards] == [64, 64, 52]
     mined = read_mined(tmp_path / "mined.parquet")
     assert n == len(mined) == len({r["query_id"] for r in rows}) == 120  # 60 English + 60 cross-lingual queries
     by_query = {r["query_id"]: r for r in rows}
@@ -177,6 +188,9 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
     ids, corpus_emb = embed_texts(model_dir, list(range(len(corpus))), corpus, cfg)  # small: in this process
     pool_ids, pool_emb = embed_texts(model_dir, list(range(len(corpus))), corpus, replace(cfg, in_process_work=0))
     assert pool_ids == ids and np.allclose(pool_emb, corpus_emb, atol=1e-6)  # the actor pool embeds the same
+    assert np.allclose(np.concatenate([np.load(p) for p in shards]), corpus_emb, atol=1e-6)  # so do the shards,
+    pool_shards = embed_passages(model_dir, lookup, tmp_path / "pool", replace(cfg, in_process_work=0, shard_rows=64))
+    assert np.allclose(np.concatenate([np.load(p) for p in pool_shards]), corpus_emb, atol=1e-6)  # on a pool too
     qids = list(by_query)[:30]
     _, q_emb = embed_texts(model_dir, qids, [by_query[q]["query"] for q in qids], cfg)
     for q, e in zip(qids, q_emb):
@@ -186,7 +200,7 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
         under_guard = sum(float(e @ row) <= limit - 1e-5 for row in corpus_emb) - (pos <= limit - 1e-5)
         assert min(20, under_guard) <= len(mined[q]) <= 20, (q, len(mined[q]), under_guard)
     # Without the guard, the ranking is the plain top-k minus the positive (exact flat index).
-    loose = mine_candidates(q_emb[:1], corpus_emb, ids, [{by_query[qids[0]]["positive_id"]}],
+    loose = mine_candidates(q_emb[:1], [corpus_emb], [{by_query[qids[0]]["positive_id"]}],
                             MiningConfig(top_k=5, false_negative_ratio=10.0))[0]
     order = [i for i in np.argsort(-(corpus_emb @ q_emb[0])) if i != by_query[qids[0]]["positive_id"]][:5]
     assert loose[0] == [int(i) for i in order] and len(loose[0]) == 5

@@ -2,6 +2,11 @@
 drop positives, and guard against false negatives as NV-Retriever does (Moreira et al. 2024):
 a candidate scoring above `false_negative_ratio` × the positive's score is probably a positive too.
 
+The corpus (passage id = row of the passage lookup file) is embedded into float32 .npy shards of `shard_rows`
+passages, one actor call a shard; the search loads one shard at a time, searches the queries in batches of
+`query_batch` and keeps each query's best `depth` over the shards seen (merged by score), so memory is one shard plus
+the queries and their running top-k, whatever the corpus size.
+
 Output rows: (query_id, candidate_ids ranked by score, candidate_scores).
 """
 
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +39,8 @@ class MiningConfig:
     # texts × max_length × model bytes up to which this process embeds them itself: an actor pool's start-up (~7 s)
     # outweighs the work (the tiny demo's 2,000 queries at 5 MB of weights: about 3e12, 1 s).
     in_process_work: float = 1e13
+    shard_rows: int = 262_144  # passages per embedding shard: 256 MB at dim 256, the search's corpus memory
+    query_batch: int = 8192  # queries searched at once: bounds the score and merge buffers
 
 
 class Embedder:
@@ -54,8 +62,7 @@ class Embedder:
 def embed_texts(model_dir: str | Path, ids: list, texts: list[str], cfg: MiningConfig) -> tuple[list, np.ndarray]:
     """Embed texts on a Ray Data actor pool (in this process, batch for batch, when the work is under
     cfg.in_process_work); returns (ids, embeddings) in input order."""
-    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    if len(texts) * cfg.max_length * weights <= cfg.in_process_work:
+    if _in_process(model_dir, len(texts), cfg):
         from conan.encoder import Encoder
 
         encoder = Encoder(model_dir, max_length=cfg.max_length)
@@ -70,12 +77,65 @@ def embed_texts(model_dir: str | Path, ids: list, texts: list[str], cfg: MiningC
     return [r["id"] for r in rows], np.stack([r["embedding"] for r in rows]).astype(np.float32)
 
 
-def build_index(embeddings: np.ndarray, cfg: MiningConfig):
-    """A faiss inner-product index: flat (exact) for small corpora, IVF or HNSW above cfg.ivf_threshold."""
+def _in_process(model_dir: str | Path, texts: int, cfg: MiningConfig) -> bool:
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    return texts * cfg.max_length * weights <= cfg.in_process_work
+
+
+class PassageShardEmbedder:
+    """Ray Data actor: embeds row ranges of the passage lookup file into float32 .npy shards."""
+
+    def __init__(self, model_dir: str, lookup: str, out_dir: str, max_length: int, batch_size: int):
+        import torch
+
+        from conan.data.passages import PassageLookup
+        from conan.encoder import Encoder
+
+        torch.set_num_threads(1)
+        self.encoder, self.lookup = Encoder(model_dir, max_length=max_length), PassageLookup(lookup)
+        self.out_dir, self.batch_size = Path(out_dir), batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        """One shard per job (index, start, stop): writes emb-<index>.npy; returns its path and rows."""
+        paths = []
+        for index, start, stop in zip(batch["index"], batch["start"], batch["stop"]):
+            texts = self.lookup.texts.slice(int(start), int(stop) - int(start)).to_pylist()
+            emb = np.concatenate([self.encoder.encode(texts[i:i + self.batch_size])
+                                  for i in range(0, len(texts), self.batch_size)]).astype(np.float32)
+            path = self.out_dir / f"emb-{int(index):06d}.npy"
+            np.save(path, emb)
+            paths.append(str(path))
+        return {"index": batch["index"], "path": np.asarray(paths, dtype=object),
+                "rows": np.asarray(batch["stop"]) - np.asarray(batch["start"])}
+
+
+def embed_passages(model_dir: str | Path, lookup: str | Path, out_dir: str | Path, cfg: MiningConfig) -> list[Path]:
+    """Embed every passage of a lookup file (conan.data.passages) into shards of cfg.shard_rows rows, on a Ray Data
+    actor pool (in this process when small); returns the shard paths in row order."""
+    from conan.data.passages import PassageLookup
+    from conan.data.tokenize import map_shards
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = len(PassageLookup(lookup))
+    if not rows:
+        raise ValueError(f"{lookup}: the passage corpus is empty")
+    jobs = [{"index": i, "start": start, "stop": min(rows, start + cfg.shard_rows)}
+            for i, start in enumerate(range(0, rows, cfg.shard_rows))]
+    written = map_shards(PassageShardEmbedder, jobs, {"model_dir": str(model_dir), "lookup": str(lookup),
+                                                      "out_dir": str(out_dir), "max_length": cfg.max_length,
+                                                      "batch_size": cfg.batch_size},
+                         cfg.num_actors, cfg.actor_cpus, in_process=_in_process(model_dir, rows, cfg))
+    return [Path(r["path"]) for r in sorted(written, key=lambda r: r["index"])]
+
+
+def build_index(embeddings: np.ndarray, cfg: MiningConfig, corpus_rows: int | None = None):
+    """A faiss inner-product index: flat (exact) for small corpora, IVF or HNSW when the corpus (`corpus_rows`, the
+    whole corpus when these embeddings are one shard of it) reaches cfg.ivf_threshold."""
     import faiss
 
     n, d = embeddings.shape
-    kind = cfg.index if cfg.index != "auto" else ("flat" if n < cfg.ivf_threshold else "ivf")
+    kind = cfg.index if cfg.index != "auto" else ("flat" if (corpus_rows or n) < cfg.ivf_threshold else "ivf")
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
@@ -91,31 +151,62 @@ def build_index(embeddings: np.ndarray, cfg: MiningConfig):
     return index
 
 
-def mine_candidates(query_emb: np.ndarray, corpus_emb: np.ndarray, corpus_ids: list[int],
-                    positives: list[set[int]], cfg: MiningConfig) -> list[tuple[list[int], list[float]]]:
-    """Ranked (candidate ids, scores) per query, positives removed and the false-negative guard applied.
+def search_shards(query_emb: np.ndarray, shards: Sequence[np.ndarray], depth: int,
+                  cfg: MiningConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's best `depth` corpus rows over all shards, merged by score: (scores, rows), best first, -1 rows
+    past the corpus. One shard's index is in memory at a time; queries go in batches of cfg.query_batch."""
+    total = sum(len(shard) for shard in shards)
+    best_scores = np.full((len(query_emb), depth), -np.inf, dtype=np.float32)
+    best_rows = np.full((len(query_emb), depth), -1, dtype=np.int64)
+    offset = 0
+    for shard in shards:
+        index = build_index(np.ascontiguousarray(shard, dtype=np.float32), cfg, corpus_rows=total)
+        k = min(depth, len(shard))
+        for q0 in range(0, len(query_emb), cfg.query_batch):
+            q = slice(q0, q0 + cfg.query_batch)
+            scores, rows = index.search(np.ascontiguousarray(query_emb[q]), k)
+            scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+            rows = np.where(rows >= 0, rows + offset, -1)
+            merged_scores = np.concatenate([best_scores[q], scores], axis=1)
+            merged_rows = np.concatenate([best_rows[q], rows], axis=1)
+            # Stable on the running best first: ties keep the earlier shard's (lower) rows ahead, as one index would.
+            order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :depth]
+            best_scores[q] = np.take_along_axis(merged_scores, order, axis=1)
+            best_rows[q] = np.take_along_axis(merged_rows, order, axis=1)
+        offset += len(shard)
+        del index
+    return best_scores, best_rows
+
+
+def mine_candidates(query_emb: np.ndarray, shards: Sequence[np.ndarray], positives: list[set[int]],
+                    cfg: MiningConfig) -> list[tuple[list[int], list[float]]]:
+    """Ranked (candidate rows, scores) per query over the corpus `shards` (row ids run across them in order),
+    positives removed and the false-negative guard applied.
 
     The guard drops the best-scoring passages, so a search top_k deep leaves most queries short: queries left with
     fewer than top_k candidates are searched again 4× deeper, down to the whole corpus, so every query whose corpus
     holds top_k passages under the guard gets top_k."""
-    index = build_index(corpus_emb, cfg)
-    n = len(corpus_ids)
-    id_of = np.asarray(corpus_ids)
-    row_of = {cid: r for r, cid in enumerate(corpus_ids)}
+    starts = np.cumsum([0] + [len(shard) for shard in shards])
+    n = int(starts[-1])
+
+    def row(r: int) -> np.ndarray:
+        s = int(np.searchsorted(starts, r, side="right")) - 1
+        return shards[s][r - starts[s]]
+
     limits = []
     for q, pos in enumerate(positives):
-        pos_score = max((float(query_emb[q] @ corpus_emb[row_of[p]]) for p in pos if p in row_of), default=None)
+        pos_score = max((float(query_emb[q] @ row(p)) for p in pos if 0 <= p < n), default=None)
         # ratio × positive score, written so it stays below the positive when that score is negative.
         limits.append(np.inf if pos_score is None else pos_score - (1 - cfg.false_negative_ratio) * abs(pos_score))
     out: list[tuple[list[int], list[float]]] = [([], [])] * len(positives)
     pending = np.arange(len(positives))
     depth = min(n, cfg.top_k + max(map(len, positives), default=0))
     while len(pending):
-        scores, rows = index.search(query_emb[pending], depth)
+        scores, rows = search_shards(query_emb[pending], shards, depth, cfg)
         short = []
         for q, s_row, r_row in zip(pending, scores, rows):
-            kept = [(int(id_of[r]), float(s)) for s, r in zip(s_row, r_row)
-                    if r >= 0 and int(id_of[r]) not in positives[q] and s <= limits[q]][:cfg.top_k]
+            kept = [(int(r), float(s)) for s, r in zip(s_row, r_row)
+                    if r >= 0 and int(r) not in positives[q] and s <= limits[q]][:cfg.top_k]
             out[q] = ([c for c, _ in kept], [s for _, s in kept])
             if len(kept) < cfg.top_k:
                 short.append(q)
@@ -162,15 +253,17 @@ def read_mined_arrays(path: str | Path, batch_rows: int = 1 << 20) -> tuple[np.n
             np.concatenate(blocks) if blocks else np.zeros((0, 0), np.int32))
 
 
-def mine_supervised_candidates(model_dir: str | Path, rows: list[dict], corpus: list[str], out_path: str | Path,
+def mine_supervised_candidates(model_dir: str | Path, rows: list[dict], lookup: str | Path, out_path: str | Path,
                                cfg: MiningConfig) -> int:
-    """Mine candidates in `corpus` for every row with a query_id (retrieval / CLR); returns the query count."""
+    """Mine candidates in the passage lookup file's corpus for every row with a query_id (retrieval / CLR), its
+    embedding shards written beside out_path (<out_path stem>_embeddings/); returns the query count."""
     queries = {r["query_id"]: r for r in rows if r.get("query_id")}
     if not queries:
         raise ValueError("no rows with a query_id to mine for")
     query_ids = list(queries)
-    corpus_ids, corpus_emb = embed_texts(model_dir, list(range(len(corpus))), corpus, cfg)
+    shard_dir = Path(out_path).with_name(Path(out_path).stem + "_embeddings")
+    shards = [np.load(p, mmap_mode="r") for p in embed_passages(model_dir, lookup, shard_dir, cfg)]
     _, query_emb = embed_texts(model_dir, query_ids, [queries[q]["query"] for q in query_ids], cfg)
-    mined = mine_candidates(query_emb, corpus_emb, corpus_ids, [{queries[q]["positive_id"]} for q in query_ids], cfg)
+    mined = mine_candidates(query_emb, shards, [{queries[q]["positive_id"]} for q in query_ids], cfg)
     write_mined(out_path, query_ids, mined)
     return len(query_ids)

@@ -65,11 +65,11 @@ IN_PROCESS_ROWS = 50_000  # one default shard: below it, a Ray Data pool's start
 
 
 def map_shards(actor: type, jobs: list[dict], actor_kwargs: dict, concurrency: int, cpus: float,
-               rows: int) -> list[dict]:
+               in_process: bool) -> list[dict]:
     """One call of a Ray Data actor per job (a shard to turn into another), on a pool of `concurrency` actors of
-    `cpus` each; the rows the calls return. Inputs of at most IN_PROCESS_ROWS rows (a test's, a Tune trial's) are
-    done by one instance of the actor in this process: same calls, same outputs, no pool to start."""
-    if rows <= IN_PROCESS_ROWS:
+    `cpus` each; the rows the calls return. Small inputs (`in_process`: a test's, a Tune trial's) are done by one
+    instance of the actor in this process: same calls, same outputs, no pool to start."""
+    if in_process:
         out = actor(**actor_kwargs)({key: [job[key] for job in jobs] for key in jobs[0]})
         return [dict(zip(out, values)) for values in zip(*out.values())]
     import ray.data
@@ -118,7 +118,7 @@ def pack_documents(document_dirs: list[str], out_dir: str | Path, tokenizer_dir:
     files = [p for parts in merge_manifests(manifests).values() for p, _ in parts]
     written = map_shards(ShardPacker, [{"index": i, "path": str(p)} for i, p in enumerate(files)],
                          {"tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir), "seq_len": seq_len},
-                         concurrency, cpus=1, rows=sum(m.rows for m in manifests))
+                         concurrency, cpus=1, in_process=sum(m.rows for m in manifests) <= IN_PROCESS_ROWS)
     written.sort(key=lambda r: r["path"])
     counts = np.sum([np.asarray(r["counts"]) for r in written], axis=0)
     parts = [ShardFile(r["path"], int(r["rows"]), r["sha256"]) for r in written if r["rows"]]
@@ -178,7 +178,8 @@ def tokenize_pairs(shard_dirs: list[str], out_dir: str | Path, tokenizer_dir: st
         raise ShardError(f"{shard_dirs}: no pairs shards to tokenize")
     written = map_shards(ShardTokenizer, [{"index": i, "group": g, "path": str(p)} for i, (g, p) in enumerate(files)],
                          {"tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir), "seq_len": seq_len,
-                          "columns": columns, "keyed": keyed}, concurrency, cpus, sum(m.rows for m in manifests))
+                          "columns": columns, "keyed": keyed}, concurrency, cpus,
+                         sum(m.rows for m in manifests) <= IN_PROCESS_ROWS)
     groups: dict[str, list[ShardFile]] = {}
     for r in sorted(written, key=lambda r: r["index"]):  # each group's files in their input order: same row ids
         groups.setdefault(r["group"], []).append(ShardFile(r["path"], int(r["rows"]), r["sha256"]))

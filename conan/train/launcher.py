@@ -173,7 +173,8 @@ def mined_negatives_path(cfg: JobConfig) -> Path:
 def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Path:
     """Mine dhnm.pool_size candidates per query of `rows` with the stage's starting model (model.init_from) in the
     passage corpus (dhnm.passages), unless the parquet exists already; returns its path."""
-    from conan.data.mining import MiningConfig, mine_supervised_candidates, read_passages
+    from conan.data.mining import MiningConfig, mine_supervised_candidates
+    from conan.data.passages import write_passage_lookup
 
     path = mined_negatives_path(cfg)
     if path.is_file() and not force:
@@ -184,7 +185,8 @@ def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Pat
     # What the stage will train on, in the tasks DHNM manages.
     rows = [r for r in rows if cfg.supervised.task_weights.get(r["task"], 0) > 0 and r["task"] in TASKS
             and TASKS[r["task"]].mined]
-    n = mine_supervised_candidates(cfg.model.init_from, rows, read_passages(cfg.dhnm.passages), path,
+    lookup = write_passage_lookup(cfg.dhnm.passages, stage_class("supervised").passage_lookup_path(cfg))
+    n = mine_supervised_candidates(cfg.model.init_from, rows, lookup, path,
                                    MiningConfig(top_k=cfg.dhnm.pool_size,
                                                 false_negative_ratio=cfg.dhnm.false_negative_ratio,
                                                 index=cfg.dhnm.index))
