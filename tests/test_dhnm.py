@@ -173,12 +173,15 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
     assert len(corpus) == 180  # the 36 training articles' paragraphs: the 12 held-out articles are never mined
     pq.write_table(pa.table({"text": corpus}), tmp_path / "passages.parquet")
     lookup = write_passage_lookup(tmp_path / "passages.parquet", tmp_path / "passages.arrow")
-    # Embedded into 3 shards (64 + 64 + 52 passages) and searched shard by shard, 16 queries at a time.
+    # Embedded into 3 shards (64 + 64 + 52 passages) and searched shard by shard, 16 queries at a time, the queries
+    # embedded and mined 50 at a time: the same candidates as one chunk, one batch and one shard.
     n = mine_supervised_candidates(model_dir, rows, lookup, tmp_path / "mined.parquet",
-                                   MiningConfig(top_k=20, shard_rows=64, query_batch=16))
+                                   MiningConfig(top_k=20, shard_rows=64, query_batch=16, query_chunk=50))
     shards = sorted((tmp_path / "mined_embeddings").glob("emb-*.npy"))
     assert [len(np.load(p)) for p in shards] == [64, 64, 52]
     mined = read_mined(tmp_path / "mined.parquet")
+    mine_supervised_candidates(model_dir, rows, lookup, tmp_path / "whole.parquet", MiningConfig(top_k=20))
+    assert read_mined(tmp_path / "whole.parquet") == mined
     assert n == len(mined) == len({r["query_id"] for r in rows}) == 120  # 60 English + 60 cross-lingual queries
     by_query = {r["query_id"]: r for r in rows}
     assert all(by_query[q]["positive_id"] not in c for q, c in mined.items())

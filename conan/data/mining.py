@@ -41,6 +41,7 @@ class MiningConfig:
     in_process_work: float = 1e13
     shard_rows: int = 262_144  # passages per embedding shard: 256 MB at dim 256, the search's corpus memory
     query_batch: int = 8192  # queries searched at once: bounds the score and merge buffers
+    query_chunk: int = 1 << 20  # queries embedded and mined at a time: bounds their embeddings (1 GB at dim 256)
 
 
 class Embedder:
@@ -216,11 +217,16 @@ def mine_candidates(query_emb: np.ndarray, shards: Sequence[np.ndarray], positiv
     return out
 
 
+def mined_table(query_ids: list[str], mined: list[tuple[list[int], list[float]]]) -> pa.Table:
+    """Mining output as a table (query_id, candidate_ids, candidate_scores)."""
+    return pa.table({"query_id": query_ids, "candidate_ids": [m[0] for m in mined],
+                     "candidate_scores": [m[1] for m in mined]}, schema=MINED_SCHEMA)
+
+
 def write_mined(path: str | Path, query_ids: list[str], mined: list[tuple[list[int], list[float]]]) -> None:
     """Save mining output as parquet (query_id, candidate_ids, candidate_scores)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"query_id": query_ids, "candidate_ids": [m[0] for m in mined],
-                             "candidate_scores": [m[1] for m in mined]}, schema=MINED_SCHEMA), path)
+    pq.write_table(mined_table(query_ids, mined), path)
 
 
 def read_passages(path: str | Path) -> list[str]:
@@ -256,14 +262,21 @@ def read_mined_arrays(path: str | Path, batch_rows: int = 1 << 20) -> tuple[np.n
 def mine_supervised_candidates(model_dir: str | Path, rows: list[dict], lookup: str | Path, out_path: str | Path,
                                cfg: MiningConfig) -> int:
     """Mine candidates in the passage lookup file's corpus for every row with a query_id (retrieval / CLR), its
-    embedding shards written beside out_path (<out_path stem>_embeddings/); returns the query count."""
+    embedding shards written beside out_path (<out_path stem>_embeddings/) and the queries taken cfg.query_chunk at
+    a time; the parquet appears whole or not at all. Returns the query count."""
     queries = {r["query_id"]: r for r in rows if r.get("query_id")}
     if not queries:
         raise ValueError("no rows with a query_id to mine for")
     query_ids = list(queries)
-    shard_dir = Path(out_path).with_name(Path(out_path).stem + "_embeddings")
-    shards = [np.load(p, mmap_mode="r") for p in embed_passages(model_dir, lookup, shard_dir, cfg)]
-    _, query_emb = embed_texts(model_dir, query_ids, [queries[q]["query"] for q in query_ids], cfg)
-    mined = mine_candidates(query_emb, shards, [{queries[q]["positive_id"]} for q in query_ids], cfg)
-    write_mined(out_path, query_ids, mined)
+    out_path = Path(out_path)
+    shards = [np.load(p, mmap_mode="r")
+              for p in embed_passages(model_dir, lookup, out_path.with_name(out_path.stem + "_embeddings"), cfg)]
+    partial = out_path.with_suffix(".partial")
+    with pq.ParquetWriter(partial, MINED_SCHEMA) as writer:
+        for start in range(0, len(query_ids), cfg.query_chunk):
+            chunk = query_ids[start:start + cfg.query_chunk]
+            _, query_emb = embed_texts(model_dir, chunk, [queries[q]["query"] for q in chunk], cfg)
+            mined = mine_candidates(query_emb, shards, [{queries[q]["positive_id"]} for q in chunk], cfg)
+            writer.write_table(mined_table(chunk, mined))
+    partial.rename(out_path)
     return len(query_ids)
