@@ -12,6 +12,15 @@ import numpy as np
 import torch
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    """The model directory, or a FileNotFoundError that names it and what writes one."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no exported model here (no config.json); `make demo` writes "
+                                "runs/pipeline_tiny/supervised/model, `conan train <stage>` writes <output_dir>/model")
+    return path
+
+
 def model_name(model_dir: str | Path, name: str | None = None) -> str:
     """A model's display / served name: `name` when given, else its directory's (the stage's for .../model)."""
     path = Path(model_dir).resolve()
@@ -26,7 +35,7 @@ class Encoder:
         from conan.model import ConanForEmbedding
         from conan.tokenizer import load_tokenizer
 
-        self.model = ConanForEmbedding.from_pretrained(str(model_dir)).to(device).eval()
+        self.model = ConanForEmbedding.from_pretrained(str(check_model_dir(model_dir))).to(device).eval()
         self.tokenizer = load_tokenizer(model_dir)
         # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the server counts
         # tokens on its event loop while a worker thread encodes, so counting has its own instance.

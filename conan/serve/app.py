@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from starlette.requests import ClientDisconnect
 
 from conan.config import ServeConfig
-from conan.encoder import model_name
+from conan.encoder import check_model_dir, model_name
 from conan.serve.batcher import DynamicBatcher, QueueFull, TextTooLong
 
 
@@ -124,8 +124,8 @@ class AuthAndReplicaHeader:
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
-    """The embeddings app for cfg; the model loads when the app starts."""
-    name = model_name(cfg.model_dir, cfg.model_name)
+    """The embeddings app for cfg; the model loads when the app starts (its directory is checked now)."""
+    name = model_name(check_model_dir(cfg.model_dir), cfg.model_name)
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     if cfg.api_key_env and not api_key:
         raise ValueError(f"api_key_env: environment variable {cfg.api_key_env} is not set")
