@@ -160,10 +160,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Add sentence-transformers files to an exported embedding model."""
-    from conan.export import add_sentence_transformers_files
+    """Add sentence-transformers files to an exported embedding model, or write the model as Llama."""
+    from conan.export import add_sentence_transformers_files, export_llama
 
-    print(add_sentence_transformers_files(args.model_dir))
+    if args.format == "llama":
+        if not args.out:
+            raise ConfigError("conan export --format llama needs --out DIR")
+        print(export_llama(args.model_dir, args.out))
+    else:
+        print(add_sentence_transformers_files(args.model_dir))
     return 0
 
 
@@ -295,10 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "cross-lingual pairs), classification (Banking77, CSL), bitext mining (Tatoeba); "
                                 "writes scores.json, report.md and plots to output_dir.")
 
-    p = sub.add_parser("export", help="make an exported embedding model loadable by sentence-transformers",
-                       description="Write sentence-transformers' module files (Transformer → Pooling → Normalize) "
-                                   "into a model directory; the embedding stages do this on export already.")
-    p.add_argument("model_dir", help="exported Conan embedding model directory")
+    p = sub.add_parser("export", help="make an exported model loadable by sentence-transformers, or write it as Llama",
+                       description="sentence-transformers (default): write its module files (Transformer → Pooling "
+                                   "→ Normalize) into an embedding model directory; the embedding stages do this on "
+                                   "export already. llama: write any stage's model to --out as a stock "
+                                   "LlamaForCausalLM directory (transformers, vLLM; no custom code).")
+    p.add_argument("model_dir", help="exported Conan model directory")
+    p.add_argument("--format", choices=["sentence-transformers", "llama"], default="sentence-transformers")
+    p.add_argument("--out", help="output directory (--format llama)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("corpus", help="write the multilingual text corpus from the bundled (or $CONAN_DATA_ROOT) datasets",
