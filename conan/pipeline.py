@@ -10,8 +10,9 @@ import json
 import time
 from pathlib import Path
 
-from conan.config import CLRConfig, CurationConfig, EvalConfig, JobConfig, PipelineConfig, load_config
+from conan.config import CLRConfig, CurationConfig, EvalConfig, JobConfig, PipelineConfig, load_config, to_dict
 from conan.data.corpus import write_corpus
+from conan.encoder import model_name
 from conan.model import ConanConfig, ConanForCausalLM, count_parameters
 from conan.model.build import model_config_for
 from conan.runtime import init_ray
@@ -157,7 +158,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         report = Path(eval_cfg.output_dir) / "report.md"
         t = _step("evaluate", report.is_file())
         if not report.is_file():
-            evaluate(eval_cfg)
+            result = evaluate(eval_cfg)
+            if (Path(previous) / "README.md").is_file():  # an embedding export's card gains its dev results
+                from conan.model_card import write_model_card
+                write_model_card(previous, to_dict(stage_cfg), result, model_name(previous))
             print(f"[pipeline] evaluate: {time.perf_counter() - t:.0f}s", flush=True)
         paths["report"] = str(report)
         paths["plots"] = [str(p) for p in sorted(report.parent.glob("*.png"))]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import numpy as np
 import pytest
+import yaml
 
 from conan.cli import main
 
@@ -59,6 +60,11 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
 
     # Better than where each stage started, on data no stage trained on.
     scores = json.loads((run / "eval" / "scores.json").read_text())["scores"]
+    # The export's model card carries the dev results the pipeline just measured.
+    front = yaml.safe_load((model_dir / "README.md").read_text().split("---\n", 2)[1])
+    card = {(r["dataset"]["name"], r["dataset"]["config"]): r["metrics"][0]["value"]
+            for r in front["model-index"][0]["results"]}
+    assert card["xquad-retrieval", "en"] == round(scores["supervised"]["xquad-retrieval"]["en"]["128"]["ndcg@10"], 4)
     score = {(model, task): task_score(scores, model, task, FULL_DIM) for model in ("model_init", "weak", "supervised")
              for task in HELD_OUT}
     assert score["weak", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score  # demo, full eval: .411 vs .374

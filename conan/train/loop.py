@@ -220,7 +220,10 @@ def export_model(model, tokenizer, cfg: JobConfig) -> Path:
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
     if embedding:
+        from conan.config import to_dict
         from conan.export import add_sentence_transformers_files
+        from conan.model_card import write_model_card
         add_sentence_transformers_files(path)
+        write_model_card(path, to_dict(cfg))  # replaces sentence-transformers' generic card
     (path / STAGE_MARKER).write_text(json.dumps({"stage": cfg.stage, "steps": cfg.train.steps}))
     return path
