@@ -8,8 +8,8 @@ weak stage's row order: from the same SFT model and the same 15,095 curated rows
 before its output was put in input order (its part names hashed each batch's rows, and batches were cut differently
 on the tests' head than in a standalone run) scored weak / supervised .4174 / .4061 and .3820 / .3813 against init
 .3832. Tokenizer, init, pretraining, SFT, curation (now) and the weak stage reproduce bit for bit; earlier runs:
-weak .388-.445, supervised .3748-.436. Not met (issue 13's goal, reported, not asserted): the final
-model beating its random init on every task (Tatoeba, cross-lingual STS-B) and the classification
+weak .388-.445, supervised .3748-.436; in input order .4362 / .4246. Not met (issue 13's goal, reported, not
+asserted): the final model beating its random init on every task (Tatoeba, cross-lingual STS-B) and the classification
 InfoNCE below 0.6 · log N (it ends near 0.78-0.85)."""
 
 from __future__ import annotations
