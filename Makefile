@@ -5,13 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+TORCH := torch==2.13.0+cpu
+
+.PHONY: install demo test bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, from the local CPU wheel; every later install is pinned to it by constraints.txt.
-	$(BIN)/pip install -q torch==2.13.0
+	# torch first, from the local CPU wheel; every later install is pinned by constraints.txt (the tested stack).
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
@@ -25,6 +27,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/soft_mask.py
+
+# Refresh constraints.txt: resolve pyproject.toml's ranges afresh (torch held at $(TORCH)) in a scratch venv and pin
+# everything it installed. Run `make test` on the result before committing it.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q $(TORCH)
+	echo '$(TORCH)' > .venv-lock/torch.txt
+	.venv-lock/bin/pip install -q -c .venv-lock/torch.txt -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) runs
