@@ -26,7 +26,7 @@ import ray
 import torch
 
 from conan.dhnm import NegativePoolState, create_negative_pools, query_keys
-from conan.train.loop import save_state
+from conan.train.checkpoint import save_state
 
 CHUNK = 1_000_000
 

@@ -15,6 +15,7 @@ import torch
 
 from conan.config import ConfigError, JobConfig, load_config
 from conan.model import ConanForEmbedding
+from conan.train.checkpoint import checkpoint_problem
 from conan.train.launcher import run_stage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -135,16 +136,58 @@ def test_missing_previous_stage_fails_before_any_worker_starts(tmp_path, ray_clu
     assert len(ray.util.list_named_actors(all_namespaces=True)) == actors_before
 
 
-def test_killed_worker_resumes_and_matches_an_uninterrupted_run(chain, tmp_path):
-    """Worker 1 raises at step 13 the first time; Ray Train restarts the group from the step-10 checkpoint."""
+@pytest.fixture(scope="module")
+def uninterrupted_weak(chain, tmp_path_factory):
+    """A 20-step weak run from the SFT export, undisturbed: what the fault tests must reproduce. Returns the overrides
+    every such run shares and the run's config."""
     base = [f"model.init_from={Path(chain['sft'].output_dir) / 'model'}", "data.max_rows=2000",
             "train.steps=20", f"data.root={chain['sft'].data.root}", "train.log_row_ids=true"]
-    clean = stage_config("weak", tmp_path / "clean", *base)
-    faulty = stage_config("weak", tmp_path / "faulty", *base, "train.inject_failure_at_step=13")
+    clean = stage_config("weak", tmp_path_factory.mktemp("clean"), *base)
     run_stage(clean)
+    return base, clean
+
+
+def test_killed_worker_resumes_and_matches_an_uninterrupted_run(uninterrupted_weak, tmp_path):
+    """Worker 1 raises at step 13 the first time; Ray Train restarts the group from the step-10 checkpoint."""
+    base, clean = uninterrupted_weak
+    faulty = stage_config("weak", tmp_path, *base, "train.inject_failure_at_step=13")
     result = run_stage(faulty)
     assert (Path(faulty.output_dir) / ".injected_failure").exists()  # the failure did happen
     assert result.metrics["step"] == 20
+    assert_same_training(clean, faulty)
+
+
+def test_torn_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(uninterrupted_weak, tmp_path):
+    """The job dies at step 13 with no retries left, after checkpoints at steps 5 and 10. A file of the step-10
+    checkpoint is then cut short, as a kill during its save or a storage fault leaves it. Run again, the job finds the
+    checkpoint torn, resumes from step 5 and ends with the undisturbed run's model."""
+    base, clean = uninterrupted_weak
+    torn = stage_config("weak", tmp_path, *base, "train.inject_failure_at_step=13", "train.max_failures=0",
+                        "train.checkpoint_every=5")
+    with pytest.raises(Exception):
+        run_stage(torn)
+    assert (Path(torn.output_dir) / ".injected_failure").exists()
+    saved = {json.loads((c / "manifest_rank0.json").read_text())["step"]: c
+             for c in (Path(torn.output_dir) / "ray").glob("*/checkpoint_*") if c.is_dir()}
+    assert sorted(saved) == [5, 10]
+    assert checkpoint_problem(saved[10]) is None and checkpoint_problem(saved[5]) is None
+    largest = max((f for f in saved[10].rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    with largest.open("r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+    assert largest.name in checkpoint_problem(saved[10])
+
+    result = run_stage(torn)
+    assert result.metrics["step"] == 20
+    assert_same_training(clean, torn)
+    records = [json.loads(line) for path in (Path(torn.output_dir) / "row_ids").glob("rank*.jsonl")
+               for line in path.read_text().splitlines()]
+    # Steps 5-12 ran twice (before the failure and after the resume from step 5), steps 0-4 and 13-19 once.
+    times = {s: sum(r["step"] == s for r in records) // (torn.train.num_workers * torn.train.grad_accum) for s in range(20)}
+    assert times == {s: 2 if 5 <= s <= 12 else 1 for s in range(20)}
+
+
+def assert_same_training(clean: JobConfig, faulty: JobConfig) -> None:
+    """The same losses, rows and final weights as the undisturbed run."""
     assert losses(faulty) == pytest.approx(losses(clean), rel=1e-4)
     assert_same_rows_trained(clean, faulty)
     a = ConanForEmbedding.from_pretrained(Path(clean.output_dir) / "model").state_dict()

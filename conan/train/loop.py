@@ -2,21 +2,18 @@
 
 Steps with accumulation on a DeepSpeed engine, metrics every `log_every` steps through
 `ray.train.report` (and `metrics.jsonl` on rank 0), a checkpoint every `checkpoint_every` steps
-(engine + optimizer shards + step + RNG + the stage's extra state), resume from the latest
-checkpoint after a worker failure or a restarted job, and export of the final model as a Hugging
+(conan.train.checkpoint: engine + optimizer shards + step + RNG + the stage's extra state, with a manifest),
+resume from the newest complete checkpoint after a worker failure or a restarted job, and export of the final model as a Hugging
 Face directory (safetensors + tokenizer).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -29,50 +26,11 @@ from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
 from conan.train.backend import Backend, deepspeed_config, lr_scheduler, skip_unused_deepspeed_ops, worker_device
 from conan.train.batching import to_device
+from conan.train.checkpoint import restore, save_checkpoint, save_state
 from conan.train.diagnostics import chance_warning
-from conan.train.stages import Stage, export_path, stage_class
+from conan.train.stages import export_path, stage_class
 
-CHECKPOINT_TAG = "state"
 STAGE_MARKER = "conan_stage.json"
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def save_state(state, path: str | Path) -> None:
-    """torch.save with pickle protocol 5: numpy arrays (the DHNM pool's, GBs at 10M queries) are written from their
-    own buffers instead of being copied into bytes first (about 2× faster to save and to load)."""
-    torch.save(state, path, pickle_protocol=5)
-
-
-def save_checkpoint(engine, stage: Stage, step: int, rank: int, directory: str, position: DataPosition) -> None:
-    """Engine state (+ ZeRO optimizer shard of this rank), step, RNG, the data position and the stage's extra state."""
-    engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"step": step})
-    save_state({"rng": _rng_state(), "stage": stage.state_dict(), "data": asdict(position)},
-               Path(directory) / f"worker_rank{rank}.pt")
-
-
-def load_checkpoint(engine, stage: Stage, rank: int, directory: str, position: DataPosition) -> int:
-    """Restore what save_checkpoint wrote (after checking this run reads the same rows); returns the step to
-    continue from."""
-    extra = torch.load(Path(directory) / f"worker_rank{min(rank, _ranks_saved(directory) - 1)}.pt",
-                       weights_only=False)
-    position.check_resume(extra["data"])
-    _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-    _set_rng_state(extra["rng"])
-    stage.load_state_dict(extra["stage"])
-    return int(client_state["step"])
-
-
-def _ranks_saved(directory: str) -> int:
-    return len(list(Path(directory).glob("worker_rank*.pt")))
 
 
 def _mean_over_ranks(values: list[float]) -> float:
@@ -107,11 +65,9 @@ def train_worker(loop_config: dict) -> None:
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, backend, world), lr_scheduler=lr_scheduler(cfg), dist_init_required=False)
 
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            start = load_checkpoint(engine, stage, rank, directory, position)
+    start = restore(engine, stage, rank, position, ray.train.get_checkpoint(),
+                    log=lambda message: print(f"[{cfg.stage}] {message}", flush=True))
+    if start:
         print(f"[{cfg.stage}] rank {rank} resumed at step {start}", flush=True)
 
     out = Path(cfg.output_dir)

@@ -1,0 +1,67 @@
+"""A checkpoint's manifest tells a whole checkpoint from a torn one, and a resume walks back to the newest whole one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import ray.train
+
+from conan.train.checkpoint import MANIFEST, checkpoint_candidates, checkpoint_problem, write_manifest
+
+
+def two_rank_checkpoint(root: Path, step: int = 10) -> Path:
+    """What two ranks upload into one checkpoint directory: each its own files and manifest."""
+    for rank in range(2):
+        part = root / f"rank{rank}"
+        (part / "state").mkdir(parents=True)
+        (part / "state" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes(range(256)) * (rank + 3))
+        (part / f"worker_rank{rank}.pt").write_bytes(b"rng and data position %d" % rank)
+        write_manifest(part, rank, step, world_size=2)
+        shutil.copytree(part, root / "checkpoint", dirs_exist_ok=True)
+    return root / "checkpoint"
+
+
+def test_a_whole_checkpoint_passes(tmp_path):
+    assert checkpoint_problem(two_rank_checkpoint(tmp_path)) is None
+
+
+def test_a_truncated_file_is_found(tmp_path):
+    directory = two_rank_checkpoint(tmp_path)
+    shard = directory / "state" / "zero_pp_rank_1_optim_states.pt"
+    with shard.open("r+b") as f:
+        f.truncate(100)
+    assert checkpoint_problem(directory) == ("state/zero_pp_rank_1_optim_states.pt has 100 bytes, its manifest "
+                                             "says 1024")
+
+
+def test_a_changed_byte_of_the_same_size_is_found(tmp_path):
+    directory = two_rank_checkpoint(tmp_path)
+    path = directory / "worker_rank0.pt"
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    assert checkpoint_problem(directory) == "worker_rank0.pt does not match its manifest's sha256"
+
+
+@pytest.mark.parametrize("removed, reason", [
+    (MANIFEST.format(rank=1), "manifest_rank1.json is missing (the save did not finish)"),
+    (MANIFEST.format(rank=0), "manifest_rank0.json is missing (the save did not finish)"),
+    ("worker_rank1.pt", "worker_rank1.pt is missing"),
+])
+def test_a_missing_part_is_found(tmp_path, removed, reason):
+    directory = two_rank_checkpoint(tmp_path)
+    (directory / removed).unlink()
+    assert checkpoint_problem(directory) == reason
+
+
+def test_candidates_are_the_latest_then_older_ones_newest_first(tmp_path):
+    run = tmp_path / "run"
+    names = ["checkpoint_2026-11-25_10-00-01.000001", "checkpoint_2026-11-25_10-00-02.000002",
+             "checkpoint_2026-11-25_10-00-03.000003", "checkpoint_2026-11-25_10-00-04.000004"]
+    for name in names:
+        (run / name).mkdir(parents=True)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    latest = ray.train.Checkpoint(str(run / names[2]))  # the newest one was never registered (its save died)
+    assert [Path(c.path).name for c in checkpoint_candidates(latest)] == [names[2], names[1], names[0]]
