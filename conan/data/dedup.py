@@ -7,9 +7,11 @@ probability 1 − (1 − J^r)^bands for Jaccard similarity J, a threshold near (
 A row is a near duplicate when one of its band keys was seen before; a colliding band is taken as the match
 (no pairwise check, the usual LSH approximation).
 
-Every key goes to the `DedupShard` actor `key % num_shards`; a shard keeps its keys as sorted uint64 runs
-(8 bytes a key, merged like an LSM tree), so state per actor is bounded by its share of the unique keys and
-shards spread over nodes. Which copy of a duplicate survives depends on arrival order; how many survive does not.
+Every key goes to the `DedupShard` actor `key % num_shards`; a shard keeps its keys as sorted uint64 runs with the id
+of the row that claimed each (16 bytes a key, merged like an LSM tree), so state per actor is bounded by its share of
+the unique keys and shards spread over nodes. A row meeting a key it claimed itself is not its own duplicate: a
+batch that Ray retries after its keys reached the shards loses no row. Which copy of a duplicate survives depends on
+arrival order (input order with curation.deterministic); how many survive does not.
 """
 
 from __future__ import annotations
@@ -108,35 +110,45 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 class HashSet64:
-    """A set of uint64 keys stored as a few sorted arrays (8 bytes a key); add_new answers membership and inserts."""
+    """A set of uint64 keys, each with the uint64 id of the row that first claimed it, stored as a few sorted arrays
+    (16 bytes a key). add_new answers membership and inserts; a key met again from the row that claimed it counts as
+    new, so a batch that a retried task sends twice gets the same answers both times."""
 
     def __init__(self):
-        self.runs: list[np.ndarray] = []
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, their owners)
 
     def __len__(self) -> int:
-        return sum(len(r) for r in self.runs)
+        return sum(len(keys) for keys, _ in self.runs)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the keys."""
-        return sum(r.nbytes for r in self.runs)
+        """Bytes held by the keys and their owners."""
+        return sum(keys.nbytes + owners.nbytes for keys, owners in self.runs)
 
-    def add_new(self, keys: np.ndarray) -> np.ndarray:
-        """True for each key seen neither before nor earlier in `keys`; all keys are in the set afterwards."""
+    def add_new(self, keys: np.ndarray, owners: np.ndarray | None = None) -> np.ndarray:
+        """True for each key seen neither before (unless claimed by the same owner) nor earlier in `keys`; all keys
+        are in the set afterwards. `owners`: the id of each key's row (None: no row claims a key)."""
         keys = np.asarray(keys, dtype=np.uint64)
+        claims = owners is not None
+        owners = np.asarray(owners, dtype=np.uint64) if claims else np.zeros(len(keys), dtype=np.uint64)
         new = np.zeros(len(keys), dtype=bool)
         unique, first = np.unique(keys, return_index=True)
         fresh = np.ones(len(unique), dtype=bool)
-        for run in self.runs:
-            pos = np.searchsorted(run, unique).clip(max=len(run) - 1)
-            fresh &= run[pos] != unique
-        new[first[fresh]] = True
+        mine = np.zeros(len(unique), dtype=bool)
+        for run_keys, run_owners in self.runs:
+            pos = np.searchsorted(run_keys, unique).clip(max=len(run_keys) - 1)
+            found = run_keys[pos] == unique
+            mine |= found & (run_owners[pos] == owners[first]) & claims
+            fresh &= ~found
+        new[first[fresh | mine]] = True
         if fresh.any():
-            self.runs.append(unique[fresh])
+            self.runs.append((unique[fresh], owners[first[fresh]]))
             # merge runs of similar size, so lookups touch O(log n) runs and inserts cost O(log n) amortised
-            while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
-                last = self.runs.pop()
-                self.runs[-1] = np.union1d(self.runs[-1], last)
+            while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+                (a_keys, a_owners), (b_keys, b_owners) = self.runs[-2], self.runs.pop()
+                keys_, owners_ = np.concatenate([a_keys, b_keys]), np.concatenate([a_owners, b_owners])
+                order = np.argsort(keys_, kind="stable")  # the runs hold no key in common
+                self.runs[-1] = (keys_[order], owners_[order])
         return new
 
 
@@ -146,23 +158,24 @@ class DedupShard:
     def __init__(self):
         self.sets = {"exact": HashSet64(), "near": HashSet64()}
 
-    def add_new(self, kind: str, keys: np.ndarray) -> np.ndarray:
+    def add_new(self, kind: str, keys: np.ndarray, owners: np.ndarray) -> np.ndarray:
         """HashSet64.add_new on the `exact` or `near` key set."""
-        return self.sets[kind].add_new(keys)
+        return self.sets[kind].add_new(keys, owners)
 
     def stats(self) -> dict:
         """Keys and bytes held per set."""
         return {kind: {"keys": len(s), "bytes": s.nbytes} for kind, s in self.sets.items()}
 
 
-def first_seen(shards: list, kind: str, keys: np.ndarray) -> np.ndarray:
-    """Route keys to their shard actors (key % shards) and gather which are new, in the keys' order."""
+def first_seen(shards: list, kind: str, keys: np.ndarray, owners: np.ndarray) -> np.ndarray:
+    """Route keys (with their rows' ids) to their shard actors (key % shards) and gather which are new, in the keys'
+    order."""
     import ray
 
-    keys = np.asarray(keys, dtype=np.uint64)
+    keys, owners = np.asarray(keys, dtype=np.uint64), np.asarray(owners, dtype=np.uint64)
     owner = (keys % np.uint64(len(shards))).astype(np.int64)
     parts = {i: np.nonzero(owner == i)[0] for i in range(len(shards))}
-    refs = {i: shards[i].add_new.remote(kind, keys[idx]) for i, idx in parts.items() if len(idx)}
+    refs = {i: shards[i].add_new.remote(kind, keys[idx], owners[idx]) for i, idx in parts.items() if len(idx)}
     new = np.zeros(len(keys), dtype=bool)
     for i, ref in refs.items():
         new[parts[i]] = ray.get(ref)

@@ -164,10 +164,31 @@ def read_records(paths: list[str] | str, kind: str, filesystem=None, lines_per_b
         parts.append(lines.map_batches(validate_lines, fn_args=(kind, convert), batch_format="pyarrow",
                                        num_cpus=cpus))
     if parquet:
-        rows = ray.data.read_parquet(parquet, filesystem=filesystem, include_paths=True, num_cpus=cpus)
-        rows = rows.rename_columns({"path": "origin"})
+        rows = ray.data.read_datasource(ParquetRowsDatasource(parquet, filesystem=filesystem,
+                                                              rows_per_block=lines_per_block), num_cpus=cpus)
         parts.append(rows.map_batches(validate_rows, fn_args=(kind, convert), batch_format="numpy", num_cpus=cpus))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+class ParquetRowsDatasource(FileBasedDatasource):
+    """Ray datasource yielding parquet rows with `path:row` origins (1-based, as JSONL lines are numbered), a block
+    at a time: an origin names one row, so outputs keep input order and dedup tells a retried row from a copy."""
+
+    def __init__(self, paths, rows_per_block: int = 20_000, **kwargs):
+        super().__init__(paths, file_extensions=["parquet"], **kwargs)
+        self.rows_per_block = rows_per_block
+
+    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        return filesystem.open_input_file(path)  # parquet's footer needs random access
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        import pyarrow.parquet as pq
+
+        number = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_block):
+            origins = [f"{path}:{number + i}" for i in range(1, batch.num_rows + 1)]
+            number += batch.num_rows
+            yield pa.Table.from_batches([batch]).append_column("origin", pa.array(origins, S))
 
 
 class JsonLinesDatasource(FileBasedDatasource):

@@ -1,9 +1,9 @@
 """The end of every data step: kept rows and rejects written as parquet shards by the workers, counts to the driver.
 
-Each batch writes one `part-<input file hash>-<first line>.parquet` per input file it holds rows of (JSONL origins
-are `path:line`): the same name if a task is retried, so a retry overwrites instead of duplicating, and names that
-sort into input order whatever the batch boundaries were, so a step fed its input in order (Ray Data's
-preserve_order) writes the same rows in the same order every run. Origins without a line number (parquet rows) name
+Each batch writes one `part-<input file hash>-<first line>.parquet` per input file it holds rows of (origins are
+`path:line` for JSONL, `path:row` for parquet): the same name if a task is retried, so a retry overwrites instead
+of duplicating, and names that sort into input order whatever the batch boundaries were, so a step fed its input in
+order (Ray Data's preserve_order) writes the same rows in the same order every run. Origins without a number name
 the part by the hash of all its origins. Each batch returns one count per outcome; the driver only sums counts, so
 its memory does not grow with the data. Outcomes are also counted in the Ray metric conan_data_rows.
 """

@@ -123,12 +123,14 @@ def drop_duplicates(batch: dict, shards: list, near: bool) -> dict:
     """Ray Data batch function: exact then near duplicates (against every earlier batch, via the shard actors)."""
     reasons = np.asarray(batch["reject_reason"], dtype=object).copy()
     live = np.nonzero(reasons == "")[0]
-    new = first_seen(shards, "exact", batch["exact_key"][live])
+    rows = exact_keys(list(map(str, batch["origin"])))  # a retried batch's rows find their own keys: not duplicates
+    new = first_seen(shards, "exact", batch["exact_key"][live], rows[live])
     reasons[live[~new]] = "exact_duplicate"
     live = live[new]
     if near and len(live):
         bands = batch["band_keys"][live]
-        fresh = first_seen(shards, "near", bands.ravel()).reshape(bands.shape)
+        owners = np.repeat(rows[live], bands.shape[1])
+        fresh = first_seen(shards, "near", bands.ravel(), owners).reshape(bands.shape)
         reasons[live[~fresh.all(axis=1)]] = "near_duplicate"
     out = {k: v for k, v in batch.items() if k not in ("exact_key", "band_keys")}
     return {**out, "reject_reason": reasons}

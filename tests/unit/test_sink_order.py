@@ -37,7 +37,7 @@ def test_parts_sort_into_input_order_for_any_batching(tmp_path):
 
 
 def test_origins_without_line_numbers_name_parts_by_their_rows():
-    """Parquet rows carry the path only: the part's name hashes all its origins, so equal batches from two files differ."""
+    """Origins without a number: the part's name hashes all its origins, so equal batches from two files differ."""
     a, b = part_names(["s3://x/a.parquet"] * 3), part_names(["s3://x/b.parquet"] * 3)
     assert a[0][0] != b[0][0] and a[0][1].all()
     spans = part_names(["/in/a.jsonl:9", "/in/a.jsonl:10", "/in/b.jsonl:1"])
