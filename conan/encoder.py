@@ -35,7 +35,8 @@ class Encoder:
         from conan.model import ConanForEmbedding
         from conan.tokenizer import load_tokenizer
 
-        self.model = ConanForEmbedding.from_pretrained(str(check_model_dir(model_dir))).to(device).eval()
+        self.model = ConanForEmbedding.from_pretrained(str(check_model_dir(model_dir)),
+                                                       use_safetensors=True).to(device).eval()
         self.tokenizer = load_tokenizer(model_dir)
         # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the server counts
         # tokens on its event loop while a worker thread encodes, so counting has its own instance.
@@ -80,7 +81,8 @@ class SentenceTransformerEncoder:
     def __init__(self, model_dir: str | Path, device: str = "cpu", batch_size: int = 32):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+        self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True,
+                                         model_kwargs={"use_safetensors": True})  # never unpickle weights
         self.batch_size = batch_size
 
     def encode(self, texts: list[str], dim: int | None = None) -> np.ndarray:

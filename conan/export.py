@@ -68,8 +68,8 @@ def export_llama(model_dir: str | Path, out_dir: str | Path) -> Path:
                          tie_word_embeddings=True, pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id,
                          eos_token_id=c.eos_token_id)
     llama = LlamaForCausalLM(config)
-    missing, unexpected = llama.load_state_dict(ConanForCausalLM.from_pretrained(str(model_dir)).state_dict(),
-                                                strict=False)
+    conan = ConanForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
+    missing, unexpected = llama.load_state_dict(conan.state_dict(), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embeddings in both
         raise ValueError(f"{model_dir}: weights do not map onto Llama (missing {missing}, unexpected {unexpected})")
     llama.tie_weights()

@@ -101,7 +101,8 @@ class HFBackend:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
+                                                          use_safetensors=True).to(device).eval()
         self.device, self.torch = device, torch
         self.max_new_tokens, self.temperature, self.retry_temperature = max_new_tokens, temperature, retry_temperature
 

@@ -21,5 +21,5 @@ def load_or_init(model_class, spec: ModelSpec, tokenizer):
         path = Path(spec.init_from)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.init_from: no exported model at {path}")
-        return model_class.from_pretrained(str(path))
+        return model_class.from_pretrained(str(path), use_safetensors=True)  # never unpickle weights
     return model_class(model_config_for(spec, tokenizer))
