@@ -108,9 +108,16 @@ def test_stages_report_whether_they_learn(chain):
 
 
 def test_each_stage_exports_a_loadable_model(chain, tokenizer):
+    """Every stage exports fp32 weights: on a CPU with bf16 instructions the stages train in bf16, and the export is
+    the optimizer's fp32 master copy, not the module's bf16-rounded one."""
+    from safetensors.torch import load_file
+
     for stage, cfg in chain.items():
         path = Path(cfg.output_dir) / "model"
         assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file(), stage
+        weights = load_file(path / "model.safetensors")
+        assert all(w.dtype == torch.float32 for w in weights.values()), stage
+        assert any(bool((w.bfloat16().float() != w).any()) for w in weights.values()), stage
     model = ConanForEmbedding.from_pretrained(Path(chain["supervised"].output_dir) / "model").eval()
     batch = tokenizer(["a query", "ein Satz"], padding=True, return_tensors="pt")
     emb = model(batch["input_ids"], batch["attention_mask"], dim=64)
@@ -284,6 +291,7 @@ def dhnm_runs(chain, tmp_path_factory, metrics_recorder):
             "supervised.batch_sizes={retrieval: 8}", "dhnm.pool_size=179"]  # whole corpus: nearly every query managed
     runs = {"dhnm": stage_config("supervised", out / "dhnm", *base, "dhnm.enabled=true", *TINY_SCALE_RULE)}
     run_stage(runs["dhnm"])
+    metrics_recorder.stop()  # test_training_and_pool_metrics_reach_prometheus reads this run's series
     mined = Path(runs["dhnm"].output_dir) / "mined_negatives.parquet"
     runs["faulty"] = stage_config("supervised", out / "faulty", *base, "dhnm.enabled=true", f"dhnm.candidates={mined}",
                                   *TINY_SCALE_RULE, "train.inject_failure_at_step=13")
@@ -357,7 +365,7 @@ def test_dhnm_swaps_negatives_and_a_static_rule_does_not(dhnm_runs):
 
 
 def test_training_and_pool_metrics_reach_prometheus(dhnm_runs, metrics_recorder):
-    """The Ray metrics of the runs above reached the session cluster's Prometheus endpoint while they ran (reported
+    """The Ray metrics of the first DHNM run reached the session cluster's Prometheus endpoint while it ran (reported
     every second): the supervised loss and the pools' replacement counter."""
     loss = [x for x in metrics_recorder.lines("ray_conan_train_loss") if 'stage="supervised"' in x]
     assert loss and all('job="tiny"' in x for x in loss), loss

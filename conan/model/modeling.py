@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
-from .attention import AttentionMask, AttentionMode, ConanAttention, rotary_tables
+from .attention import AttentionMask, AttentionMode, ConanAttention, rotary_tables, sdpa_dtype
 from .configuration import ConanConfig
 from .pooling import matryoshka_truncate, pool
 
@@ -112,7 +112,7 @@ class ConanModel(ConanPreTrainedModel):
         if self.config.attention_backend == "flex":
             mask_args = mask.flex_arguments(b, l, x.device)
         else:
-            mask_args = mask.sdpa_arguments(l, x.dtype, x.device)
+            mask_args = mask.sdpa_arguments(l, sdpa_dtype(x.dtype, x.device), x.device)
         rotary = rotary_tables(l, self.config.head_dim, self.config.rope_theta, x.dtype, x.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -165,7 +165,7 @@ class ConanForEmbedding(ConanWithHead):
             attention_mask = torch.ones_like(input_ids)
         hidden = self.model(input_ids, attention_mask, attention_mode, soft_mask_alpha,
                             soft_mask_rank_reduction).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.config.pooling)
+        pooled = pool(hidden.float(), attention_mask, self.config.pooling)  # fp32 sums and scores under bf16
         return pooled if raw else matryoshka_truncate(pooled, dim)
 
 

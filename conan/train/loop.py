@@ -24,7 +24,8 @@ from conan.data.stream import DataPosition
 from conan.metrics import TrainMetrics
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
-from conan.train.backend import Backend, deepspeed_config, lr_scheduler, skip_unused_deepspeed_ops, worker_device
+from conan.train.backend import (Backend, deepspeed_config, lr_scheduler, master_weights, skip_unused_deepspeed_ops,
+                                 worker_device)
 from conan.train.batching import to_device
 from conan.train.checkpoint import restore, save_checkpoint, save_state
 from conan.train.diagnostics import chance_warning
@@ -118,10 +119,11 @@ def train_worker(loop_config: dict) -> None:
         window_start = time.perf_counter()
 
     final_state = stage.state_dict()  # every rank takes part (the DHNM pool flushes and synchronises)
+    weights = master_weights(engine)  # every rank takes part (a bf16 run's fp32 weights live in ZeRO partitions)
     if rank == 0:
         if final_state:
             save_state(final_state, out / "stage_state.pt")
-        export_model(engine.module, tokenizer, cfg)
+        export_model(engine.module, tokenizer, cfg, weights)
 
 
 def progress_line(cfg: JobConfig, m: dict) -> str:
@@ -166,9 +168,15 @@ def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int, world: int) -> N
     raise RuntimeError(f"injected failure at step {step} on rank {rank} (train.inject_failure_at_step)")
 
 
-def export_model(model, tokenizer, cfg: JobConfig) -> Path:
-    """Save the trained model and tokenizer as a Hugging Face directory, marked with the stage's record."""
+def export_model(model, tokenizer, cfg: JobConfig, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save the trained model (in fp32: `weights`, a bf16 run's master weights, replace its rounded ones) and tokenizer
+    as a Hugging Face directory, marked with the stage's record."""
     path = export_path(cfg)
+    model = model.float()
+    if weights is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(weights[name])
     embedding = cfg.stage in ("weak", "supervised")
     if embedding:
         model.config.attention_mode = "bidirectional"  # what AutoModel users (sentence-transformers) get
