@@ -307,7 +307,7 @@ def test_curation_memory_stays_flat(ray_cluster, data_root, tmp_path):
         thread.join()
         assert stats["rows_in"] == rows == stats["rows_out"] + stats["rejected_total"]
         keys = sum(s["exact"]["keys"] + s["near"]["keys"] for s in stats["dedup_shards"])
-        assert sum(s["exact"]["bytes"] + s["near"]["bytes"] for s in stats["dedup_shards"]) == 8 * keys
+        assert sum(s["exact"]["bytes"] + s["near"]["bytes"] for s in stats["dedup_shards"]) == 16 * keys
         peaks[rows] = peak
     (small_workers, small_driver), (large_workers, large_driver) = peaks[50_000], peaks[500_000]
     print(f"peaks (largest worker private, driver RSS): {peaks}")
@@ -553,7 +553,7 @@ def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_
     from conan.config import JobConfig, from_dict
     from conan.data.dedup import content_keys
     from conan.data.shards import load_manifest, merge_manifests
-    from conan.data.tokenize import encode_texts, tokenize_pairs
+    from conan.data.tokenize import encode_texts, tokenize_shards
     from conan.train.launcher import stage_shards
     from conan.train.stages import WeakStage
 
@@ -569,10 +569,10 @@ def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_
         patch.setattr("conan.data.tokenize.IN_PROCESS_ROWS", 0)  # 240 rows would be tokenized in this process
         token_dirs = stage_shards(cfg, WeakStage, tokenizer_dir)
     tokens = load_manifest(token_dirs[0])
-    here = tokenize_pairs([str(text.directory)], tmp_path / "here", str(tokenizer_dir), 16, ["input", "output"],
-                          ["output"])
+    here = tokenize_shards([str(text.directory)], tmp_path / "here", str(tokenizer_dir), 16, "weak_tokens",
+                           WeakStage.token_columns)
     assert here.groups == tokens.groups and here.schema == tokens.schema  # file for file, same sha256s
-    assert tokens.kind == "pair_tokens" and tokens.group_rows() == text.group_rows() == {"web/en": 120, "web/de": 120}
+    assert tokens.kind == "weak_tokens" and tokens.group_rows() == text.group_rows() == {"web/en": 120, "web/de": 120}
     by_row_id, passages = [], []  # text rows in row-id order (groups sorted, files in manifest order), passage ids
     for g in sorted(text.groups):
         for text_file, token_file in zip(text.groups[g], tokens.groups[g], strict=True):
@@ -595,3 +595,45 @@ def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_
     written = (Path(token_dirs[0]) / "manifest.json").stat().st_mtime_ns
     assert stage_shards(cfg, WeakStage, tokenizer_dir) == token_dirs
     assert (Path(token_dirs[0]) / "manifest.json").stat().st_mtime_ns == written
+
+
+def test_sft_records_are_tokenized_upstream(ray_cluster, tokenizer_dir, tokenizer, tmp_path):
+    """SFT workers read ids: each example assembled from the token shards equals the one tokenized from its texts
+    (instruction and input without <|eos|>, the answer with it), long inputs and answers cut with the markers kept."""
+    from conan.config import JobConfig, from_dict
+    from conan.data.shards import load_manifest, merge_manifests
+    from conan.tokenizer import INPUT, INSTRUCTION, OUTPUT
+    from conan.train.launcher import stage_shards
+    from conan.train.stages import SFTStage, prompt_ids
+
+    words = "an instruction names the task and the answer follows the input it was given".split()
+    rows = [{"instruction": " ".join(words[:1 + i % 4]), "input": " ".join(words * (1 + i % 7)),
+             "output": " ".join(words[i % 5:] * (1 + i % 4))} for i in range(120)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sft.parquet")
+    seq_len = 48
+    cfg = from_dict(JobConfig, {"stage": "sft", "output_dir": str(tmp_path / "sft"),
+                                "data": {"paths": [str(tmp_path / "sft.parquet")], "seq_len": seq_len},
+                                "train": {"micro_batch_size": 8, "steps": 4, "num_workers": 1}})
+    tokens = load_manifest(stage_shards(cfg, SFTStage, tokenizer_dir)[0])
+    assert tokens.kind == "sft_tokens" and list(tokens.schema) == ["instruction_ids", "input_ids", "output_ids"]
+    stage = SFTStage(cfg, tokenizer)
+    stage.prepare(merge_manifests([tokens]), tokens.stats)
+    records = load_manifest(stage_shards(cfg, SFTStage)[0])  # rows in row-id order: groups sorted, files in order
+    by_row_id = [r for g in sorted(records.groups) for f in records.groups[g]
+                 for r in pq.read_table(records.directory / f.path).to_pylist()]
+    markers = tuple(tokenizer.convert_tokens_to_ids([INSTRUCTION, INPUT, OUTPUT]))
+    cut_inputs = cut_answers = 0
+    for index in range(4):
+        batch = stage.batch(index)
+        for row_id, ids, mask, labels in zip(batch["row_ids"], batch["input_ids"], batch["attention_mask"],
+                                             batch["labels"]):
+            r = by_row_id[row_id]
+            text = tokenizer(r["input"], add_special_tokens=False)["input_ids"]
+            prompt = prompt_ids(tokenizer(r["instruction"], add_special_tokens=False)["input_ids"], text,
+                                seq_len // 2, markers)
+            answer = tokenizer(r["output"])["input_ids"][:seq_len - len(prompt)]
+            n = int(mask.sum())
+            assert ids[:n].tolist() == prompt + answer and labels[:n].tolist() == [-100] * len(prompt) + answer
+            cut_inputs += len(prompt) < len(text) + 3
+            cut_answers += answer[-1] != tokenizer.eos_token_id
+    assert cut_inputs and cut_answers  # both cuts were exercised

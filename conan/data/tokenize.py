@@ -6,16 +6,19 @@ so the blocks of the manifest, joined in order, are exactly the tokenized docume
 the vocabulary fits (≤ 65,536 ids), else uint32. The manifest's stats carry the token count and the corpus's unigram
 entropy (what a causal LM's loss must fall below to have learned more than token frequencies).
 
-Pairs (the weak stage): each pairs shard becomes one token shard of the same group and row count, in the same order
-(so row ids do not change): `<column>_ids` for each text column (each text ending with <|eos|>, cut at seq_len keeping
-the <|eos|>, as `encode_texts`), and `<column>_key` (the text's 64-bit content key, for the positive-copies mask) for
-the keyed ones. Workers then read ids, never text.
+Rows (SFT, weak, supervised): each text shard becomes one token shard of the same group and row count, in the same
+order (so row ids do not change), with the columns the stage's `TokenColumns` makes of it: `<column>_ids` for its
+texts (each ending with <|eos|>, cut at seq_len keeping the <|eos|>, as `encode_texts`; a list of texts becomes a list
+of id lists), `<column>_key` (a text's 64-bit content key, for the positive-copies mask), and the non-text columns a
+worker needs. Workers then read ids, never text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +30,6 @@ from conan.data.shards import (Manifest, ShardError, ShardFile, dirs_fingerprint
 from conan.train.diagnostics import unigram_entropy
 
 BLOCKS_KIND = "lm_blocks"
-PAIR_TOKENS_KIND = "pair_tokens"
 
 
 def encode_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
@@ -40,14 +42,19 @@ def encode_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def token_shards_key(dirs: list[str], tokenizer_dir: str | Path, seq_len: int) -> str:
-    """Names token shards by what they are made of: the input shards, the tokenizer's files (not a model's config
-    beside them) and seq_len; equal keys, equal token shards."""
+def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
+    """A hash of the tokenizer's own files (not a model's config beside them)."""
     h = hashlib.sha256()
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).is_file():
             h.update(name.encode() + (Path(tokenizer_dir) / name).read_bytes())
-    return f"{dirs_fingerprint(dirs)}-{h.hexdigest()[:12]}-{seq_len}"
+    return h.hexdigest()[:12]
+
+
+def token_shards_key(dirs: list[str], tokenizer_dir: str | Path, seq_len: int) -> str:
+    """Names token shards by what they are made of: the input shards, the tokenizer and seq_len; equal keys, equal
+    token shards."""
+    return f"{dirs_fingerprint(dirs)}-{tokenizer_fingerprint(tokenizer_dir)}-{seq_len}"
 
 
 def token_type(vocab_size: int) -> pa.DataType:
@@ -129,63 +136,89 @@ def pack_documents(document_dirs: list[str], out_dir: str | Path, tokenizer_dir:
     return manifest
 
 
-class ShardTokenizer:
-    """Ray Data actor: tokenizes the text columns of one pairs shard per call and writes its token shard."""
+class TokenEncoder:
+    """Texts → Arrow token id columns of the narrowest id type: each text ends with <|eos|>, cut at seq_len keeping it
+    (`encode_texts`)."""
 
-    def __init__(self, tokenizer_dir: str, out_dir: str, seq_len: int, columns: list[str], keyed: list[str]):
+    def __init__(self, tokenizer, seq_len: int):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.type = pa.list_(token_type(len(tokenizer)))
+
+    def ids(self, texts: list[str]) -> pa.Array:
+        """One id list per text."""
+        return pa.array(encode_texts(self.tokenizer, texts, self.seq_len), self.type)
+
+    def nested(self, lists: list[list[str]]) -> pa.Array:
+        """One list of id lists per row of a list-of-texts column (a row's hard negatives)."""
+        offsets = np.concatenate([[0], np.cumsum([len(texts) for texts in lists])]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), self.ids([t for texts in lists for t in texts]))
+
+
+# What a stage turns one shard file of a group into: its token columns (the rows, their number and order kept).
+TokenColumns = Callable[[str, pa.Table, TokenEncoder], dict[str, pa.Array]]
+
+
+def text_token_columns(table: pa.Table, encoder: TokenEncoder, texts: Sequence[str],
+                       keyed: Sequence[str] = ()) -> dict[str, pa.Array]:
+    """`<c>_ids` for each text column, `<c>_key` (its 64-bit content key, for the positive-copies mask) for the keyed
+    ones."""
+    columns = {f"{c}_ids": encoder.ids(table[c].to_pylist()) for c in texts}
+    columns.update({f"{c}_key": pa.array(content_keys(table[c].to_pylist()), pa.int64()) for c in keyed})
+    return columns
+
+
+class ShardTokenizer:
+    """Ray Data actor: turns one text shard per call into its token shard with a stage's `TokenColumns` (the tokenizer
+    loads once)."""
+
+    def __init__(self, tokenizer_dir: str, out_dir: str, seq_len: int, token_columns: TokenColumns):
         from conan.tokenizer import load_tokenizer
-        self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.out_dir, self.seq_len, self.columns, self.keyed = Path(out_dir), seq_len, columns, keyed
-        self.dtype = token_type(len(self.tokenizer))
+        self.encoder = TokenEncoder(load_tokenizer(tokenizer_dir), seq_len)
+        self.out_dir, self.token_columns = Path(out_dir), token_columns
 
     def __call__(self, batch: dict) -> dict:
-        """batch: {index, group, path} of pairs shards → {index, group, path, rows, sha256, dtype} of the token
+        """batch: {index, group, path} of text shards → {index, group, path, rows, sha256, schema} of the token
         shards."""
-        out = {"index": [], "group": [], "path": [], "rows": [], "sha256": [], "dtype": []}
+        out = {"index": [], "group": [], "path": [], "rows": [], "sha256": [], "schema": []}
         for index, group, src in zip(batch["index"], batch["group"], batch["path"]):
-            table = pq.read_table(src, columns=sorted({*self.columns, *self.keyed}))
-            columns = {}
-            for c in self.columns:
-                ids = encode_texts(self.tokenizer, table[c].to_pylist(), self.seq_len)
-                columns[f"{c}_ids"] = pa.array(ids, pa.list_(self.dtype))
-            for c in self.keyed:
-                columns[f"{c}_key"] = pa.array(content_keys(table[c].to_pylist()), pa.int64())
+            table = pq.read_table(src)
+            tokens = pa.table(self.token_columns(group, table, self.encoder))
             path = self.out_dir / f"tokens-{int(index):05d}.parquet"
-            pq.write_table(pa.table(columns), path)
+            pq.write_table(tokens, path)
+            schema = json.dumps({field.name: str(field.type) for field in tokens.schema})
             for key, value in (("index", int(index)), ("group", group), ("path", path.name),
-                               ("rows", table.num_rows), ("sha256", file_sha256(path)), ("dtype", str(self.dtype))):
+                               ("rows", table.num_rows), ("sha256", file_sha256(path)), ("schema", schema)):
                 out[key].append(value)
         return out
 
 
-def tokenize_pairs(shard_dirs: list[str], out_dir: str | Path, tokenizer_dir: str, seq_len: int,
-                   columns: list[str], keyed: list[str], concurrency: int = 2, cpus: float = 0.5) -> Manifest:
-    """Pairs shard directories → a token shard directory, file for file (reused when its manifest exists).
+def tokenize_shards(shard_dirs: list[str], out_dir: str | Path, tokenizer_dir: str, seq_len: int, kind: str,
+                    token_columns: TokenColumns, concurrency: int = 2, cpus: float = 0.5) -> Manifest:
+    """Text shard directories → a token shard directory of `kind`, file for file, so groups, row counts and row ids
+    are the input's (reused when its manifest exists). The manifest's schema is every column a group's files hold.
 
     cpus: per tokenizer actor; fractional so that it starts beside a Tune trial's reserved CPUs on a small machine."""
     out_dir = Path(out_dir)
-    expected = [*(f"{c}_ids" for c in columns), *(f"{c}_key" for c in keyed)]
     if (out_dir / "manifest.json").is_file():
         existing = load_manifest(out_dir)
-        if existing.kind != PAIR_TOKENS_KIND or list(existing.schema) != expected:
-            raise ShardError(f"{out_dir} holds {existing.kind} shards with columns {list(existing.schema)}, not token "
-                             f"shards with {expected}: delete it")
+        if existing.kind != kind:
+            raise ShardError(f"{out_dir} holds {existing.kind} shards, not {kind}: delete it")
         return existing
     out_dir.mkdir(parents=True, exist_ok=True)
     manifests = [load_manifest(d) for d in shard_dirs]
     files = [(g, p) for g, parts in merge_manifests(manifests).items() for p, _ in parts]
     if not files:
-        raise ShardError(f"{shard_dirs}: no pairs shards to tokenize")
+        raise ShardError(f"{shard_dirs}: no shards to tokenize")
     written = map_shards(ShardTokenizer, [{"index": i, "group": g, "path": str(p)} for i, (g, p) in enumerate(files)],
                          {"tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir), "seq_len": seq_len,
-                          "columns": columns, "keyed": keyed}, concurrency, cpus,
+                          "token_columns": token_columns}, concurrency, cpus,
                          sum(m.rows for m in manifests) <= IN_PROCESS_ROWS)
     groups: dict[str, list[ShardFile]] = {}
+    schema: dict[str, str] = {}
     for r in sorted(written, key=lambda r: r["index"]):  # each group's files in their input order: same row ids
         groups.setdefault(r["group"], []).append(ShardFile(r["path"], int(r["rows"]), r["sha256"]))
-    dtype = str(pa.list_(pa.type_for_alias(written[0]["dtype"])))
-    schema = {name: dtype if name.endswith("_ids") else "int64" for name in expected}
-    manifest = Manifest(out_dir, PAIR_TOKENS_KIND, schema, groups,
+        schema.update(json.loads(r["schema"]))
+    manifest = Manifest(out_dir, kind, schema, groups,
                         {**manifests[0].stats, "seq_len": seq_len, "inputs": [str(d) for d in shard_dirs]})
     manifest.save()
     return manifest

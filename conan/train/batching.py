@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from conan.data.dedup import content_keys
-
 
 def pad_batch(sequences: list[list[int]], pad_id: int, label_sequences: list[list[int]] | None = None) -> dict:
     """Right-pad token id lists into input_ids / attention_mask (and labels, -100 on padding)."""
@@ -23,11 +21,6 @@ def pad_batch(sequences: list[list[int]], pad_id: int, label_sequences: list[lis
             labels[i, :len(s)] = torch.tensor(s)
         batch["labels"] = labels
     return batch
-
-
-def text_keys(texts: list[str]) -> torch.Tensor:
-    """int64 content keys of passages (equal text, equal key) for the positive-copies mask."""
-    return torch.from_numpy(content_keys(texts))
 
 
 def to_device(batch, device: torch.device):

@@ -174,19 +174,16 @@ def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Pat
     """Mine dhnm.pool_size candidates per query of `rows` with the stage's starting model (model.init_from) in the
     passage corpus (dhnm.passages), unless the parquet exists already; returns its path."""
     from conan.data.mining import MiningConfig, mine_supervised_candidates
-    from conan.data.passages import write_passage_lookup
 
     path = mined_negatives_path(cfg)
     if path.is_file() and not force:
         return path
     if not cfg.model.init_from:
         raise ConfigError("model.init_from: mining needs a trained embedding model")
-    check_passages(cfg)
     # What the stage will train on, in the tasks DHNM manages.
     rows = [r for r in rows if cfg.supervised.task_weights.get(r["task"], 0) > 0 and r["task"] in TASKS
             and TASKS[r["task"]].mined]
-    lookup = write_passage_lookup(cfg.dhnm.passages, stage_class("supervised").passage_lookup_path(cfg))
-    n = mine_supervised_candidates(cfg.model.init_from, rows, lookup, path,
+    n = mine_supervised_candidates(cfg.model.init_from, rows, passage_lookup(cfg), path,
                                    MiningConfig(top_k=cfg.dhnm.pool_size,
                                                 false_negative_ratio=cfg.dhnm.false_negative_ratio,
                                                 index=cfg.dhnm.index))
@@ -204,16 +201,24 @@ def check_passages(cfg: JobConfig) -> None:
         raise ConfigError(f"dhnm.passages: {cfg.dhnm.passages} does not exist")
 
 
+def passage_lookup(cfg: JobConfig) -> Path:
+    """dhnm.passages as the memory-mapped lookup that mining and the workers read: texts, and the token ids and mask
+    keys of the stage's tokenizer and seq_len (written once, reused while they are unchanged)."""
+    from conan.data.passages import write_passage_lookup
+
+    check_passages(cfg)
+    return write_passage_lookup(cfg.dhnm.passages, stage_class("supervised").passage_lookup_path(cfg),
+                                check_inputs(cfg), cfg.data.seq_len)
+
+
 def start_negative_pools(cfg: JobConfig, stage: type[Stage]):
     """Create the pool actors from the mined candidates (mining first when none are given)."""
     from conan.data.mining import read_mined_arrays
-    from conan.data.passages import write_passage_lookup
     from conan.dhnm import ReplacementRule, create_negative_pools
 
     if cfg.dhnm.candidates and not Path(cfg.dhnm.candidates).is_file():
         raise ConfigError(f"dhnm.candidates: {cfg.dhnm.candidates} does not exist")
-    check_passages(cfg)
-    write_passage_lookup(cfg.dhnm.passages, stage.passage_lookup_path(cfg))  # what the workers' negatives read
+    passage_lookup(cfg)  # what the workers' negatives read
     path = mined_negatives_path(cfg)
     if not path.is_file():
         path = mine_negatives(cfg, stage_rows(cfg, stage))

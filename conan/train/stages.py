@@ -9,8 +9,9 @@ supervised task-homogeneous batches: retrieval / clr / classification (InfoNCE w
 
 A stage reads its rows from shard files (conan.data.shards) through a GroupedStream: batches are a pure function
 of (seed, micro-batch index, rank, world size), so a resumed run sees exactly the data an uninterrupted one would.
-Pretraining reads token blocks packed upstream and the weak stage token ids written upstream (conan.data.tokenize:
-`Stage.worker_shards`); SFT and the supervised stage tokenize a micro-batch's rows as they read them.
+Pretraining reads token blocks packed upstream, the other stages token ids written upstream (conan.data.tokenize:
+`Stage.worker_shards`, `Stage.token_columns`), and the DHNM negatives' ids come from the pre-tokenized passage lookup:
+workers never tokenize.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -27,7 +29,7 @@ from conan.config import JobConfig
 from conan.data.passages import PassageLookup
 from conan.data.shards import RowSpec
 from conan.data.stream import GroupedStream
-from conan.data.tokenize import encode_texts, pack_documents, token_shards_key, tokenize_pairs
+from conan.data.tokenize import TokenEncoder, pack_documents, text_token_columns, token_shards_key, tokenize_shards
 from conan.losses import gather_with_grad, infonce_loss, positive_copies_mask
 from conan.model import ConanForCausalLM, ConanForEmbedding
 from conan.model.soft_mask import soft_mask_alpha
@@ -65,9 +67,17 @@ class Stage:
 
     @classmethod
     def worker_shards(cls, dirs: list[str], out: Path, cfg: JobConfig, tokenizer_dir: str) -> list[str]:
-        """The shard directories the workers read, made under `out` from the input's shard directories `dirs`: the
-        input's own unless the stage tokenizes upstream (a Ray Data job, so workers never tokenize)."""
-        return dirs
+        """The shard directories the workers read, made under `out` from the input's shard directories `dirs`: their
+        token shards (`token_columns`, a Ray Data job, so workers never tokenize)."""
+        kind = f"{cls.name}_tokens"
+        key = token_shards_key(dirs, tokenizer_dir, cfg.data.seq_len)
+        return [str(tokenize_shards(dirs, out / f"{kind}-{key}", str(tokenizer_dir), cfg.data.seq_len, kind,
+                                    cls.token_columns, concurrency=max(1, cfg.train.num_workers)).directory)]
+
+    @classmethod
+    def token_columns(cls, group: str, table: pa.Table, encoder: TokenEncoder) -> dict[str, pa.Array]:
+        """The token shard columns of one text shard file of `group` (the rows a worker's batch reads)."""
+        raise NotImplementedError
 
     def prepare(self, files: dict, stats: dict) -> None:
         """Open this worker's stream over the shards' groups (files: group → [(path, rows)]; stats: the manifest's)."""
@@ -124,10 +134,6 @@ class Stage:
         """The tokenizer's padding id."""
         return self.tokenizer.pad_token_id
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of texts (each ending with <|eos|>), truncated to seq_len keeping the <|eos|>."""
-        return encode_texts(self.tokenizer, texts, self.seq_len)
-
 
 class PretrainStage(Stage):
     """Causal LM on token blocks packed upstream (documents joined by <|eos|>; a shard's last block may be shorter)."""
@@ -168,24 +174,26 @@ def prompt_ids(instruction: list[int], text: list[int], budget: int, markers: tu
 
 
 class SFTStage(Stage):
-    """Causal LM on instruction / input / output, loss on the output tokens only."""
+    """Causal LM on instruction / input / output, loss on the output tokens only; the three texts are tokenized
+    upstream and the worker assembles each prompt from their ids."""
 
     name, model_class, columns = "sft", ConanForCausalLM, ("instruction", "input", "output")
     input_kind = "instructions"
 
+    @classmethod
+    def token_columns(cls, group, table, encoder):
+        """instruction_ids, input_ids, output_ids, each ending with <|eos|>."""
+        return text_token_columns(table, encoder, cls.columns)
+
     def batch(self, index):
         _, rows = self.rows(index)
-        tok = self.tokenizer
-        markers = tuple(tok.convert_tokens_to_ids([INSTRUCTION, INPUT, OUTPUT]))
-        instructions = tok([r["instruction"] for r in rows], add_special_tokens=False)["input_ids"]
-        inputs = tok([r["input"] for r in rows], add_special_tokens=False)["input_ids"]
-        outputs = tok([r["output"] for r in rows])["input_ids"]  # ends with <|eos|>
+        markers = tuple(self.tokenizer.convert_tokens_to_ids([INSTRUCTION, INPUT, OUTPUT]))
         examples = []
-        for instruction, text, o in zip(instructions, inputs, outputs):
-            p = prompt_ids(instruction, text, self.seq_len // 2, markers)  # keep room for the answer
-            o = o[:self.seq_len - len(p)]
+        for r in rows:  # the prompt's texts without their <|eos|>; the answer ends with it (unless cut)
+            p = prompt_ids(r["instruction_ids"][:-1], r["input_ids"][:-1], self.seq_len // 2, markers)
+            o = r["output_ids"][:self.seq_len - len(p)]  # keep room for the answer
             examples.append((p + o, [-100] * len(p) + o))
-        return {**pad_batch([e[0] for e in examples], tok.pad_token_id, [e[1] for e in examples]),
+        return {**pad_batch([e[0] for e in examples], self.pad_id, [e[1] for e in examples]),
                 "row_ids": [r["row_id"] for r in rows]}
 
     def loss(self, engine, batch, step):
@@ -205,12 +213,9 @@ class WeakStage(Stage):
     batch_by = ["source", "lang"]
 
     @classmethod
-    def worker_shards(cls, dirs, out, cfg, tokenizer_dir):
-        """Pairs tokenized file for file (input_ids, output_ids, output_key): workers read ids, never text."""
-        key = token_shards_key(dirs, tokenizer_dir, cfg.data.seq_len)
-        return [str(tokenize_pairs(dirs, out / f"tokens-{key}", str(tokenizer_dir), cfg.data.seq_len,
-                                   ["input", "output"], ["output"], concurrency=max(1, cfg.train.num_workers)
-                                   ).directory)]
+    def token_columns(cls, group, table, encoder):
+        """input_ids, output_ids and output_key (the positive-copies mask's key)."""
+        return text_token_columns(table, encoder, ["input", "output"], ["output"])
 
     def batch(self, index):
         _, rows = self.rows(index)
@@ -276,6 +281,15 @@ class SupervisedStage(Stage):
         """Where the launcher writes dhnm.passages as the workers' memory-mapped lookup file."""
         return Path(cfg.output_dir) / "shards" / "passages.arrow"
 
+    @classmethod
+    def token_columns(cls, group, table, encoder):
+        """The token columns of the group's task (conan.train.tasks: each task's `token_columns`)."""
+        task = task_of(group)
+        if task not in TASKS:
+            raise ValueError(f"unknown supervised tasks {[task]} (rows of {group}); known: {sorted(TASKS)} "
+                             "(conan.train.tasks.TASKS)")
+        return TASKS[task].token_columns(table, encoder)
+
     def group_weights(self, rows):
         """A task's weight (supervised.task_weights), shared by its groups in proportion to their rows."""
         sup = self.cfg.supervised
@@ -284,10 +298,6 @@ class SupervisedStage(Stage):
         if not any(w > 0 for w in task_weights.values()):  # e.g. `--set supervised.task_weights.clr=0` replaces the map
             raise ValueError(f"supervised.task_weights {dict(sup.task_weights)}: none of the tasks with rows "
                              f"{sorted(tasks)} has a positive weight")
-        unknown = {t for t, w in task_weights.items() if w > 0} - set(TASKS)
-        if unknown:
-            raise ValueError(f"unknown supervised tasks {sorted(unknown)}; known: {sorted(TASKS)} "
-                             "(conan.train.tasks.TASKS)")
         per_task: dict[str, int] = defaultdict(int)
         for g, n in rows.items():
             per_task[task_of(g)] += n
@@ -329,13 +339,13 @@ class SupervisedStage(Stage):
         for start in range(0, len(rows), self.RESCORE_CHUNK):
             part = rows[start:start + self.RESCORE_CHUNK]
             assigned = self.pool.assign([r["query_id"] for r in part])
-            kept = [(r["query_id"], r["query"], ids) for r, ids in zip(part, assigned) if ids is not None]
+            kept = [(r["query_id"], r["query_ids"], ids) for r, ids in zip(part, assigned) if ids is not None]
             if not kept:
                 continue
+            negatives, _ = self.passages.take_tokens([j for *_, ids in kept for j in ids])
             with torch.no_grad():
-                q = model(**to_device(pad_batch(self.encode([text for _, text, _ in kept]), self.pad_id), device))
-                n = model(**to_device(pad_batch(self.encode(self.passages.take([j for *_, ids in kept for j in ids])),
-                                                self.pad_id), device))
+                q = model(**to_device(pad_batch([query for _, query, _ in kept], self.pad_id), device))
+                n = model(**to_device(pad_batch(negatives, self.pad_id), device))
             scores = torch.einsum("qd,qkd->qk", q, n.view(len(kept), -1, n.shape[-1]))
             self.pool.report([qid for qid, *_ in kept], [ids for *_, ids in kept], scores.tolist())
 

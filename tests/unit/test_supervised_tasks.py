@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conan.config import JobConfig, load_config
-from conan.data.shards import convert, merge_manifests
+from conan.data.shards import convert, load_manifest, merge_manifests
 from conan.losses import matryoshka_loss
 from conan.model import ConanForEmbedding
 from conan.train.batching import pad_batch
@@ -29,8 +29,12 @@ class CosineRegressionTask(SupervisedTask):
     columns = ("s1", "s2", "similarity")
     defaults = {"similarity": 0.0}
 
+    def token_columns(self, table, encoder):
+        return {"s1_ids": encoder.ids(table["s1"].to_pylist()), "s2_ids": encoder.ids(table["s2"].to_pylist()),
+                "similarity": table["similarity"]}
+
     def collate(self, stage, rows):
-        return {"pair": pad_batch(stage.encode([r["s1"] for r in rows] + [r["s2"] for r in rows]), stage.pad_id),
+        return {"pair": pad_batch([r["s1_ids"] for r in rows] + [r["s2_ids"] for r in rows], stage.pad_id),
                 "gold": torch.tensor([r["similarity"] for r in rows])}
 
     def loss(self, stage, engine, batch, dims):
@@ -58,15 +62,19 @@ def task_rows(task: str, n: int) -> list[dict]:
              "lang": "en"} for i in range(n)]
 
 
-def supervised_stage(tmp_path, tokenizer, weights: dict, rows: list[dict]) -> SupervisedStage:
-    """The stage over these rows, prepared as a worker prepares it (single process)."""
+def supervised_stage(tmp_path, tokenizer, weights: dict, rows: list[dict], *overrides: str) -> SupervisedStage:
+    """The stage over these rows, tokenized upstream and prepared as a worker prepares it (single process)."""
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
     cfg = load_config(JobConfig, "jobs/configs/supervised_tiny.yaml", [
         "dhnm.enabled=false", f"supervised.task_weights={weights}", "supervised.num_negatives=1",
-        "supervised.batch_sizes={retrieval: 4, cosine_regression: 4}", "train.steps=20"])
-    manifest = convert([str(tmp_path / "rows.parquet")], tmp_path / "shards", "tasks", SupervisedStage.row_spec(cfg))
+        "supervised.batch_sizes={retrieval: 4, cosine_regression: 4, sts: 4}", "train.steps=20", *overrides])
+    text = convert([str(tmp_path / "rows.parquet")], tmp_path / "shards", "tasks", SupervisedStage.row_spec(cfg))
+    tokens = load_manifest(SupervisedStage.worker_shards([str(text.directory)], tmp_path / "tokens", cfg,
+                                                         str(tmp_path / "tokenizer"))[0])
+    assert tokens.group_rows() == text.group_rows()
     stage = SupervisedStage(cfg, tokenizer)
-    stage.prepare(merge_manifests([manifest]), manifest.stats)
+    stage.prepare(merge_manifests([tokens]), tokens.stats)
     return stage
 
 
@@ -114,3 +122,63 @@ def test_the_shipped_tasks_read_the_columns_in_the_order_shards_were_written_wit
     assert spec.columns == ("task", "query", "positive", "negatives", "s1", "s2", "score", "query_id", "positive_id",
                             "positive_key", "negative_keys", "lang")
     assert spec.group_by == ("task", "lang") and spec.aliases == {"lang": "doc_lang"}
+
+
+def test_supervised_rows_are_tokenized_upstream(tmp_path, small_tokenizer, data_root):
+    """Workers read ids: a retrieval batch's queries, positives and negatives are their texts' ids (cut at seq_len,
+    <|eos|> kept), its mask keys the content keys of the named keys or else the texts; a row the DHNM pool manages gets
+    its negatives' ids and keys from the passage lookup; an STS batch holds its sentences' ids and scores."""
+    from conan.data.dedup import content_keys
+    from conan.data.passages import PassageLookup, write_passage_lookup
+    from conan.data.public_sets import tatoeba_lines
+    from conan.data.tokenize import encode_texts
+
+    lines = tatoeba_lines(data_root / "tatoeba" / "tatoeba.deu-eng.eng", "train")[:200]
+    blank = {"query": "", "positive": "", "negatives": [], "query_id": "", "positive_key": "", "negative_keys": [],
+             "s1": "", "s2": "", "score": 0.0, "lang": "en"}  # every row has every column (one parquet file)
+    rows = [{**blank, "task": "retrieval", "query": lines[i], "positive": lines[50 + i] * (1 + i % 3),
+             "negatives": [lines[100 + i], lines[150 + i]], "query_id": f"q{i}" if i % 2 else "",
+             "positive_key": "label-a" if i % 4 == 1 else "", "negative_keys": ["label-b", ""] if i % 4 == 1 else []}
+            for i in range(40)]
+    rows += [{**blank, "task": "sts", "s1": lines[i], "s2": lines[100 + i], "score": float(i % 6)} for i in range(40)]
+    stage = supervised_stage(tmp_path, small_tokenizer, {"retrieval": 1.0, "sts": 1.0}, rows, "data.seq_len=12")
+    by_text = {(r["task"], r.get("query") or r["s1"]): r for r in rows}
+    pq.write_table(pa.table({"text": lines}), tmp_path / "passages.parquet")
+    stage.passages = PassageLookup(write_passage_lookup(tmp_path / "passages.parquet", tmp_path / "passages.arrow",
+                                                        tmp_path / "tokenizer", 12))
+
+    class Pool:  # what NegativePoolClient.assign answers: passage ids for the queries it manages, None for others
+        def assign(self, query_ids):
+            return [[int(q[1:]) + 3] if q in ("q1", "q5") else None for q in query_ids]
+    stage.pool = Pool()
+
+    def encode(texts):
+        return encode_texts(small_tokenizer, texts, 12)
+
+    def unpadded(padded):
+        return [ids[:n].tolist() for ids, n in zip(padded["input_ids"], padded["attention_mask"].sum(1))]
+    seen = set()
+    for index in range(12):
+        batch = stage.batch(index)
+        seen.add(batch["task"])
+        if batch["task"] == "sts":
+            pairs = unpadded(batch["pair"])
+            chosen = [next(r for r in rows if r["task"] == "sts" and encode([r["s1"]])[0] == ids) for ids in pairs[:4]]
+            assert pairs == encode([r["s1"] for r in chosen] + [r["s2"] for r in chosen])
+            assert batch["score"].tolist() == [r["score"] for r in chosen]
+            continue
+        queries = unpadded(batch["query"])
+        chosen = [next(r for (task, q), r in by_text.items() if task == "retrieval" and encode([q])[0] == ids)
+                  for ids in queries]
+        negatives = [[lines[int(r["query_id"][1:]) + 3]] if r["query_id"] in ("q1", "q5") else r["negatives"][:1]
+                     for r in chosen]
+        assert unpadded(batch["passage"]) == encode([r["positive"] for r in chosen] + [n for ns in negatives for n in ns])
+        expected_keys = [r["positive_key"] or r["positive"] for r in chosen] + [
+            n if r["query_id"] in ("q1", "q5") else ((r["negative_keys"] or [""])[0] or n)
+            for r, ns in zip(chosen, negatives) for n in ns]
+        assert batch["passage_keys"].tolist() == content_keys(expected_keys).tolist()
+        managed = [i for i, r in enumerate(chosen) if r["query_id"] in ("q1", "q5")]
+        assert batch["dhnm"]["rows"] == managed
+        seen |= {"managed"} if managed else set()
+        seen |= {"named keys"} if any(r["positive_key"] for r in chosen) else set()
+    assert seen == {"retrieval", "sts", "managed", "named keys"}  # every path was read

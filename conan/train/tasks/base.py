@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import torch
+
+from conan.data.tokenize import TokenEncoder
 
 if TYPE_CHECKING:  # the stage hands itself to its tasks; typing only, no import cycle
     from conan.train.stages import SupervisedStage
@@ -13,10 +16,10 @@ if TYPE_CHECKING:  # the stage hands itself to its tasks; typing only, no import
 class SupervisedTask:
     """One task of the supervised stage (sentence-transformers' losses/ shape: one file, one call shape).
 
-    The stage draws a task per step from the seed (supervised.task_weights), reads that many rows of the task's shard
-    groups (supervised.batch_sizes[name]) and hands them to `collate`, then the collated batch to `loss`. The stage
-    gives access to what tasks share: the config, `encode`, the pad id, the rank, `note` for report figures and the
-    DHNM pool."""
+    Upstream, `token_columns` turns the task's text rows into token columns. The stage draws a task per step from the
+    seed (supervised.task_weights), reads that many rows of the task's token shards (supervised.batch_sizes[name]) and
+    hands them to `collate`, then the collated batch to `loss`. The stage gives access to what tasks share: the config,
+    the pad id, the rank, `note` for report figures, the DHNM pool and its passages' token ids."""
 
     name: str
     columns: tuple[str, ...] = ()  # columns its rows need beside task and lang
@@ -25,6 +28,11 @@ class SupervisedTask:
     def __init__(self, name: str, mined: bool = False):
         """mined: its rows with a query_id get hard negatives mined for them, and DHNM manages those."""
         self.name, self.mined = name, mined
+
+    def token_columns(self, table: pa.Table, encoder: TokenEncoder) -> dict[str, pa.Array]:
+        """The token shard columns of a text shard file of this task's rows (tokenized upstream, on a Ray Data actor
+        pool: the rows `collate` gets)."""
+        raise NotImplementedError
 
     def collate(self, stage: SupervisedStage, rows: list[dict]) -> dict:
         """Tensors (and ids) of one micro-batch of this task's rows."""

@@ -3,10 +3,12 @@ negatives, Matryoshka over dims, copies of a row's positive masked; DHNM swaps i
 
 from __future__ import annotations
 
+import pyarrow as pa
 import torch
 
+from conan.data.dedup import content_keys
 from conan.losses import gather_with_grad, infonce_loss, matryoshka_loss, positive_copies_mask
-from conan.train.batching import gather_detached, pad_batch, text_keys
+from conan.train.batching import gather_detached, pad_batch
 from conan.train.diagnostics import contrastive_stats
 from conan.train.tasks.base import SupervisedTask
 
@@ -19,25 +21,37 @@ class ContrastiveTask(SupervisedTask):
     columns = ("query", "positive", "negatives", "query_id", "positive_id", "positive_key", "negative_keys")
     defaults = {"query_id": "", "positive_id": -1, "positive_key": "", "negative_keys": []}
 
+    def token_columns(self, table, encoder):
+        """query_ids, positive_ids, negatives_ids (a row's list), the passages' mask keys (the 64-bit content key of
+        positive_key / negative_keys where a row names them, else of the text) and query_id."""
+        positives, negatives = table["positive"].to_pylist(), table["negatives"].to_pylist()
+        negative_keys = [[key or text for key, text in zip(keys or [""] * len(texts), texts)]
+                         for keys, texts in zip(table["negative_keys"].to_pylist(), negatives)]
+        return {"query_ids": encoder.ids(table["query"].to_pylist()), "positive_ids": encoder.ids(positives),
+                "negatives_ids": encoder.nested(negatives),
+                "positive_mask_key": pa.array(content_keys([key or text for key, text in
+                                                            zip(table["positive_key"].to_pylist(), positives)])),
+                "negative_mask_keys": pa.array([content_keys(keys) for keys in negative_keys], pa.list_(pa.int64())),
+                "query_id": table["query_id"]}
+
     def collate(self, stage, rows):
         """Queries; passages = every row's positive, then every row's k negatives (the pool's where it manages the
-        row); their content keys; which rows the pool manages and with which candidate ids."""
-        b, k = len(rows), stage.cfg.supervised.num_negatives
-        negatives = [r["negatives"][:k] for r in rows]
-        keys = [[r["positive_key"] or r["positive"]] for r in rows] + [
-            [key or text for key, text in zip(r["negative_keys"] or [""] * k, negs)]
-            for r, negs in zip(rows, negatives)]
-        candidates = [i for i, r in enumerate(rows) if self.mined and stage.pool is not None and r.get("query_id")]
+        row); their mask keys; which rows the pool manages and with which candidate ids."""
+        k = stage.cfg.supervised.num_negatives
+        negatives = [r["negatives_ids"][:k] for r in rows]
+        negative_keys = [r["negative_mask_keys"][:k] for r in rows]
+        candidates = [i for i, r in enumerate(rows) if self.mined and stage.pool is not None and r["query_id"]]
         assigned = stage.pool.assign([rows[i]["query_id"] for i in candidates]) if candidates else []
         managed = [i for i, ids in zip(candidates, assigned) if ids is not None]
         negative_ids = [ids for ids in assigned if ids is not None]
         for i, ids in zip(managed, negative_ids):
-            negatives[i] = keys[b + i] = stage.passages.take(ids)
-        passages = [r["positive"] for r in rows] + [n for negs in negatives for n in negs]
-        return {"query": pad_batch(stage.encode([r["query"] for r in rows]), stage.pad_id),
-                "passage": pad_batch(stage.encode(passages), stage.pad_id),
-                "passage_keys": text_keys([key for row_keys in keys for key in row_keys]),
-                "query_ids": [r.get("query_id") or "" for r in rows],
+            negatives[i], negative_keys[i] = stage.passages.take_tokens(ids)
+        passages = [r["positive_ids"] for r in rows] + [n for negs in negatives for n in negs]
+        keys = [r["positive_mask_key"] for r in rows] + [key for keys in negative_keys for key in keys]
+        return {"query": pad_batch([r["query_ids"] for r in rows], stage.pad_id),
+                "passage": pad_batch(passages, stage.pad_id),
+                "passage_keys": torch.tensor(keys, dtype=torch.int64),
+                "query_ids": [r["query_id"] for r in rows],
                 "dhnm": {"rows": managed, "negative_ids": negative_ids}}
 
     def loss(self, stage, engine, batch, dims):

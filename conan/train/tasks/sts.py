@@ -15,9 +15,14 @@ class STSTask(SupervisedTask):
     columns = ("s1", "s2", "score")
     defaults = {"s1": "", "s2": "", "score": 0.0}
 
+    def token_columns(self, table, encoder):
+        """s1_ids, s2_ids and the gold score."""
+        return {"s1_ids": encoder.ids(table["s1"].to_pylist()), "s2_ids": encoder.ids(table["s2"].to_pylist()),
+                "score": table["score"]}
+
     def collate(self, stage, rows):
         """Both sides in one padded batch (s1s then s2s) and the gold scores."""
-        return {"pair": pad_batch(stage.encode([r["s1"] for r in rows] + [r["s2"] for r in rows]), stage.pad_id),
+        return {"pair": pad_batch([r["s1_ids"] for r in rows] + [r["s2_ids"] for r in rows], stage.pad_id),
                 "score": torch.tensor([r["score"] for r in rows], dtype=torch.float32)}
 
     def loss(self, stage, engine, batch, dims):
