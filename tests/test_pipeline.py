@@ -43,7 +43,7 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
 
     monkeypatch.delenv("CONAN_DATA_ROOT", raising=False)
     (tmp_path / "eval.yaml").write_text(f"tasks: [{', '.join(HELD_OUT)}]\nlangs: [en, de, zh, ar, ru]\n"
-                                        "max_items: 200\nbm25: false\n")
+                                        "max_items: 500\nbm25: false\n")
     run = tmp_path / "run"
     args = ["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", f"output_dir={run}",
             "--set", f"evaluation={tmp_path / 'eval.yaml'}"]
@@ -67,9 +67,11 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     assert card["xquad-retrieval", "en"] == round(scores["supervised"]["xquad-retrieval"]["en"]["128"]["ndcg@10"], 4)
     score = {(model, task): task_score(scores, model, task, FULL_DIM) for model in ("model_init", "weak", "supervised")
              for task in HELD_OUT}
-    assert score["weak", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score  # demo, full eval: .411 vs .374
-    assert score["supervised", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score  # .398 vs .374
-    assert score["supervised", "banking77"] > score["weak", "banking77"], score  # .230 vs .185
+    assert score["weak", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score  # bf16 demo, test eval: .417 vs .365
+    assert score["supervised", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score  # .406 vs .365
+    assert score["supervised", "stsb"] > score["model_init", "stsb"], score  # bf16 demo: .598 vs .560
+    assert score["supervised", "banking77"] > score["model_init", "banking77"], score  # .410 vs .286
+    assert score["supervised", "banking77"] > score["weak", "banking77"], score  # .410 vs .258
 
     # Far from chance (1.0): retrieval InfoNCE below 0.7 · log N at every Matryoshka dim, and no InfoNCE task left at
     # chance (classification, the hardest, ends at 0.75-0.85). One report is 25 steps of small batches: within one run
@@ -87,7 +89,7 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
 
     # The export loads in sentence-transformers; scored through it, it matches the report.
     model = SentenceTransformer(str(model_dir), device="cpu")
-    subset = xquad_retrieval(data_root, 200, ["en"])["en"]
+    subset = xquad_retrieval(data_root, 500, ["en"])["en"]
     ndcg = score_subset(subset, lambda texts, dim: model.encode(texts, normalize_embeddings=True),
                         model.get_embedding_dimension())["ndcg@10"]
     assert ndcg == pytest.approx(scores["supervised"]["xquad-retrieval"]["en"]["128"]["ndcg@10"], abs=0.005)
