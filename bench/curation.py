@@ -87,8 +87,8 @@ def main() -> None:
         hours = PAPER_PAIRS / (per_core * nodes * cores) / 3600
         print(f"  {nodes:3d} node(s) × {cores} cores: {hours:8.1f} h")
     print("Assumes: throughput scales linearly with cores and nodes (cleaning is per row; dedup shards spread over "
-          "nodes, 8 bytes a key, ~9 keys a row → ~128 GB of keys in all at 1.77B rows), storage keeps up, rows "
-          "are as long as these, and no scoring model (the paper scores with gte-Qwen2-7B on GPUs, which would "
+          "nodes, 16 bytes a key with its row id, ~9 keys a row → ~255 GB in all at 1.77B rows), storage keeps up, "
+          "rows are as long as these, and no scoring model (the paper scores with gte-Qwen2-7B on GPUs, which would "
           "dominate).")
     print(f"curation ratio={cur2 / tok:.3f} deterministic_over_parallel={cur2 / parallel:.3f}")
 
