@@ -3,7 +3,7 @@
 What the supervised stage does with them, timed: `assign` (64 queries a call, the client's round trip), `report`
 (64 queries × 7 scores, then `flush` so the call is timed until the actors applied it; its submission alone, what
 a training step waits for, is printed too), `stats` (what each metrics report asks), the same calls on one shard's
-arrays in this process (the actors' own work, without Ray's round trips), and a checkpoint as the training loop makes one (client.state_dict → torch.save, then torch.load →
+arrays in this process (the actors' own work, without Ray's round trips), and a checkpoint as the training loop makes one (client.state_dict → save_state, then load_state →
 client.load_state_dict). Memory is the 4 actor processes' unique set (USS) after loading, summed (RSS printed too).
 
     python bench/dhnm_pool_scale.py [--queries 10000000] [--candidates 30] [--active 7] [--shards 4] [--calls 500]
@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 import ray
-import torch
 
 from conan.dhnm import NegativePoolState, create_negative_pools, query_keys
-from conan.train.checkpoint import save_state
+from conan.train.checkpoint import load_state, save_state
 
 CHUNK = 1_000_000
 
@@ -107,7 +106,7 @@ def main() -> None:
         del state
         saved = time.perf_counter() - t
         t = time.perf_counter()
-        client.load_state_dict(torch.load(path, weights_only=False))
+        client.load_state_dict(load_state(path))
         loaded = time.perf_counter() - t
         print(f"checkpoint: save {saved:.1f}s ({fetched:.1f}s of it fetching from the actors), load {loaded:.1f}s, "
               f"{path.stat().st_size / 1e9:.2f} GB", flush=True)

@@ -130,6 +130,9 @@ class DHNMConfig:
     false_negative_ratio: float = 0.95
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # faiss index for mining (auto: flat below 100k passages)
     num_shards: int = 1
+    # Ray resources each pool shard asks for, e.g. {memory: 3e9} or a custom resource that places the shards on CPU
+    # nodes with room for their arrays; {} = anywhere (they take no CPU).
+    pool_resources: dict[str, float] = field(default_factory=dict)
     first_sight_min: float = 0.4
     decay_factor: float = 1.2
     stale_max: float = 0.7
@@ -309,6 +312,7 @@ class CurationConfig:
     # Data keeps the input order and one dedup task runs at a time, so the first copy in input order is the one kept.
     # False runs dedup tasks in parallel (faster on many cores); the kept copy of a duplicate then depends on timing.
     deterministic: bool = True
+    inject_failure_at: str | None = None  # chaos test: the dedup task holding this input row (file:line) dies once
 
 
 @dataclass
@@ -331,6 +335,7 @@ class CLRConfig:
     num_negatives: int = 7  # negatives of the default XQuAD triples
     max_rows: int | None = None
     translators: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=16))
+    inject_failure_at: str | None = None  # chaos test: the translator holding this input row (file:line) dies once
 
 
 EVAL_TASKS = ("xquad-retrieval", "xquad-clr", "stsb", "stsb-cross", "banking77", "csl-categories", "tatoeba")

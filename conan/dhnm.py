@@ -88,13 +88,15 @@ class NegativePoolState:
 
     def load_arrays(self, keys: np.ndarray, candidates: np.ndarray) -> None:
         """Hold these queries (keys int64, candidates int32 rows ranked, -1 padded) instead of any held before; the
-        first num_active candidates of each become active."""
-        keys = np.asarray(keys, dtype=np.int64)
-        order = np.argsort(keys, kind="stable")
-        self.keys = keys[order]
+        first num_active candidates of each become active. Arrays already sorted by key are kept, not copied (the
+        candidates are only read: an actor's may be a view of the object store)."""
+        keys, candidates = np.asarray(keys, dtype=np.int64), np.asarray(candidates, dtype=np.int32)
+        if len(keys) > 1 and not bool((keys[1:] >= keys[:-1]).all()):  # sorted arrays are used as they are
+            order = np.argsort(keys, kind="stable")
+            keys, candidates = keys[order], candidates[order]
+        self.keys = keys
         if len(self.keys) > 1 and bool((self.keys[1:] == self.keys[:-1]).any()):
             raise ValueError("two queries of the pool share a 64-bit key: their query ids repeat")
-        candidates = np.asarray(candidates, dtype=np.int32)[order]
         if candidates.shape[1] < self.num_active:
             candidates = np.pad(candidates, ((0, 0), (0, self.num_active - candidates.shape[1])), constant_values=-1)
         self.candidates = np.ascontiguousarray(candidates)
@@ -197,18 +199,30 @@ class NegativePoolState:
         self.scored, self.score_units = state["tally"]
 
 
+class PoolStateLost(RuntimeError):
+    """A pool shard was restarted (its node died) and holds its mined candidates again, not the state training left it
+    in: training resumes from its last checkpoint, which restores it."""
+
+
 def _remote_pool_class():
     import ray
 
-    @ray.remote(num_cpus=0)
+    # Restarted by Ray when its node dies, from the mined arrays it was created with (they live in the driver's object
+    # store); calls made meanwhile wait for the restart and are retried.
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
     class NegativePool(NegativePoolState):
         """Named Ray actor holding one shard of the hard-negative pool; exports its counters as Ray metrics
-        (Prometheus: ray_conan_dhnm_*) tagged with the shard's name."""
+        (Prometheus: ray_conan_dhnm_*) tagged with the shard's name. After a restart it refuses to serve until the
+        run either restores a checkpoint into it (`load_state_dict`) or starts over (`reset`)."""
 
-        def __init__(self, rule: ReplacementRule, num_active: int, name: str):
+        def __init__(self, rule: ReplacementRule, num_active: int, name: str, keys: np.ndarray,
+                     candidates: np.ndarray):
             from ray.util.metrics import Counter, Gauge
 
             super().__init__(rule, num_active)
+            self.mined = (keys, candidates)
+            self.load_arrays(keys, candidates)
+            self.lost = ray.get_runtime_context().was_current_actor_reconstructed
             self.tags = {"pool": name}
             self.metric_counters = {key: Counter(f"conan_dhnm_{key}", f"DHNM {key.replace('_', ' ')}",
                                                  tag_keys=("pool",))
@@ -216,8 +230,19 @@ def _remote_pool_class():
             self.score_gauge = Gauge("conan_dhnm_reported_negative_score",
                                      "mean cosine of the active negatives in the latest report", tag_keys=("pool",))
 
+        def _check(self) -> None:
+            if self.lost:
+                raise PoolStateLost(f"DHNM pool shard {self.tags['pool']} was restarted: its state since the last "
+                                    "checkpoint is gone; resume from that checkpoint")
+
+        def assign(self, keys):
+            """NegativePoolState.assign, unless the shard's state was lost."""
+            self._check()
+            return super().assign(keys)
+
         def report(self, keys, negative_ids, scores) -> None:
             """NegativePoolState.report, then the counter increments and the reported scores' mean as metrics."""
+            self._check()
             before = {k: self.counters[k] for k in self.metric_counters}
             super().report(keys, negative_ids, scores)
             for key, metric in self.metric_counters.items():
@@ -226,6 +251,22 @@ def _remote_pool_class():
             flat = [s for row in scores for s in row]
             if flat:
                 self.score_gauge.set(sum(flat) / len(flat), tags=self.tags)
+
+        def state_dict(self) -> dict:
+            """NegativePoolState.state_dict, unless the shard's state was lost."""
+            self._check()
+            return super().state_dict()
+
+        def load_state_dict(self, state: dict) -> None:
+            """NegativePoolState.load_state_dict; the shard serves again."""
+            super().load_state_dict(state)
+            self.lost = False
+
+        def reset(self) -> None:
+            """Back to the mined candidates (a run starting at step 0, perhaps after a failed attempt); serves again."""
+            if self.lost or self.counters["reports"]:
+                self.load_arrays(*self.mined)
+            self.lost = False
 
         def ping(self) -> bool:
             """Returns once every call submitted before it by the same caller has run."""
@@ -238,8 +279,9 @@ class NegativePoolClient:
     """View of the sharded pool: routes each query (by its key) to its shard's actor. The driver's client holds the
     actors' handles (which keeps them alive); workers connect by name."""
 
-    def __init__(self, names: Sequence[str], actors: Sequence):
+    def __init__(self, names: Sequence[str], actors: Sequence, arrays: Sequence = ()):
         self.names, self.actors = list(names), list(actors)
+        self.arrays = list(arrays)  # the driver's refs to the shards' mined arrays: what a restarted shard reloads
 
     @classmethod
     def connect(cls, names: Sequence[str], namespace: str | None = None) -> "NegativePoolClient":
@@ -296,25 +338,39 @@ class NegativePoolClient:
         import ray
         ray.get([a.load_state_dict.remote(s) for a, s in zip(self.actors, states)])
 
+    def reset(self) -> None:
+        """Every shard back to its mined candidates."""
+        import ray
+        ray.get([a.reset.remote() for a in self.actors])
+
 
 def create_negative_pools(keys: np.ndarray, candidates: np.ndarray, name: str, num_shards: int = 1,
                           rule: ReplacementRule = ReplacementRule(), num_active: int = 7,
-                          namespace: str | None = None) -> NegativePoolClient:
-    """Create (or replace) the named pool actors and load each its share of the queries (keys int64, ranked
-    candidates int32, -1 padded: `pool_arrays`, `read_mined_arrays`); keep the returned client alive."""
+                          namespace: str | None = None, resources: dict[str, float] | None = None
+                          ) -> NegativePoolClient:
+    """Create (or replace) the named pool actors, each with its share of the queries (keys int64, ranked candidates
+    int32, -1 padded: `pool_arrays`, `read_mined_arrays`) put in the object store, where a restarted shard finds them
+    again; keep the returned client alive (it holds the actors and those arrays). `resources`: Ray resources of each
+    shard ("memory" in bytes, or custom ones that place them)."""
     import ray
     actor_class = _remote_pool_class()
+    # Too few candidates after the false-negative guard: the query keeps its static negatives.
+    enough = (np.asarray(candidates) >= 0).sum(axis=1) >= num_active
+    keys, candidates = np.asarray(keys, dtype=np.int64)[enough], np.asarray(candidates, dtype=np.int32)[enough]
+    order = np.argsort(keys, kind="stable")  # sorted: each shard uses its object-store arrays without a copy
+    keys, candidates = keys[order], candidates[order]
+    shards = shards_of(keys, num_shards)
     names = [f"{name}-{s}" for s in range(num_shards)]
+    arrays = [(ray.put(keys[shards == s]), ray.put(candidates[shards == s])) for s in range(num_shards)]
+    custom = dict(resources or {})
+    memory = custom.pop("memory", None)
     actors = []
-    for n in names:
+    for n, (shard_keys, shard_candidates) in zip(names, arrays):
         try:
             ray.kill(ray.get_actor(n, namespace=namespace))
         except ValueError:
             pass
-        actors.append(actor_class.options(name=n, namespace=namespace).remote(rule, num_active, n))
-    # Too few candidates after the false-negative guard: the query keeps its static negatives.
-    enough = (np.asarray(candidates) >= 0).sum(axis=1) >= num_active
-    keys, candidates = np.asarray(keys, dtype=np.int64)[enough], np.asarray(candidates, dtype=np.int32)[enough]
-    shards = shards_of(keys, num_shards)
-    ray.get([actors[s].load_arrays.remote(keys[shards == s], candidates[shards == s]) for s in range(num_shards)])
-    return NegativePoolClient(names, actors)
+        actors.append(actor_class.options(name=n, namespace=namespace, resources=custom, memory=memory)
+                      .remote(rule, num_active, n, shard_keys, shard_candidates))
+    ray.get([a.ping.remote() for a in actors])
+    return NegativePoolClient(names, actors, arrays)

@@ -264,6 +264,42 @@ def test_curation_routes_every_row(ray_cluster, data_root, tmp_path, static_scor
     assert lines and float(lines[0].split()[-1]) >= 1
 
 
+@pytest.mark.parametrize("step", ["curate", "clr"])
+def test_a_worker_killed_mid_step_loses_and_repeats_no_row(ray_cluster, data_root, tmp_path, step):
+    """The worker handling a chosen row mid-step dies once and Ray Data retries its batch: curation's dedup task on the
+    7,000th of the bundled SFT records' 15,429 pairs, once its keys reached the dedup shards (before keys carried their
+    row's id, the retry rejected its own rows as duplicates); the CLR build's translator on the 500th of 894 XQuAD
+    triples. Rows in = kept + rejected, no kept or rejected row is missing or there twice, and the kept rows
+    and the rejects are an undisturbed run's (curation's kept rows in the same order)."""
+    from conan.data.clr import build_clr
+    from conan.data.weak import curate
+
+    def run(name: str, failure: str | None) -> tuple[dict, list[dict], list[dict]]:
+        out = tmp_path / name
+        if step == "curate":
+            stats = curate(CurationConfig(data_root=str(data_root), output_dir=str(out), inject_failure_at=failure))
+        else:
+            stats = build_clr(CLRConfig(data_root=str(data_root), output_dir=str(out), inject_failure_at=failure))
+        assert (out / ".injected_failure").exists() == (failure is not None)
+        return stats, pq.read_table(out / "data").to_pylist(), pq.read_table(out / "rejects").to_pylist()
+
+    chosen = "sft.jsonl:7000" if step == "curate" else "xquad_en.parquet:500"
+    (stats, kept, rejects), (stats_killed, kept_killed, rejects_killed) = run("clean", None), run("killed", chosen)
+    assert stats["rows_in"] == stats_killed["rows_in"] == stats_killed["rows_out"] + stats_killed["rejected_total"]
+    assert stats["rows_in"] > (10_000 if step == "curate" else 800)
+    assert len(kept_killed) == stats_killed["rows_out"] and len(rejects_killed) == stats_killed["rejected_total"]
+    origins = [r["origin"].rsplit("/", 1)[-1] for r in rejects_killed]  # file:line (the runs' folders differ)
+    assert len(set(origins)) == len(origins)  # no reject written twice
+    assert sorted(origins) == sorted(r["origin"].rsplit("/", 1)[-1] for r in rejects)
+    assert stats_killed["rejected"] == stats["rejected"]
+    if step == "curate":
+        pairs = [[(r["query"], r["positive"], r["source"], r["lang"]) for r in rows] for rows in (kept, kept_killed)]
+        assert pairs[1] == pairs[0]  # the same pairs in the same order (unscored: their scores are NaN)
+    else:
+        ids = [r["query_id"] for r in kept_killed]
+        assert len(set(ids)) == len(ids) and sorted(ids) == sorted(r["query_id"] for r in kept)
+
+
 def test_curation_memory_stays_flat(ray_cluster, data_root, tmp_path):
     """10× the rows (50k → 500k synthetic pairs, in 8 → 80 files of 6,250 rows: data grows by files, as users' does):
     the driver's peak RSS grows by < 10%, the largest private memory (RSS − shared object-store pages) of any other

@@ -143,6 +143,31 @@ def test_a_replacement_reported_by_one_worker_is_what_another_worker_gets(ray_cl
     assert ray.get(worker.remote("assign", owner.names)) == [0, 7, 2, 3, 4, 5, 6]
 
 
+def test_a_restarted_shard_refuses_to_serve_until_restored_or_reset(ray_cluster):
+    """A pool shard whose process dies (as with its node) is restarted by Ray from the mined arrays it was created
+    with, and answers PoolStateLost (so training resumes from its last checkpoint) until a checkpoint's state is
+    loaded into it, or the run starts over (reset: the mined candidates again)."""
+    import os
+
+    import ray
+
+    owner = create_negative_pools(*pool_arrays({"q": list(range(20))}), "test-dhnm-restart", num_active=7)
+    owner.report(["q"], [[0, 1]], [[0.9, 0.2]])  # negative 1 replaced by candidate 7
+    saved = owner.state_dict()
+    owner.report(["q"], [[2]], [[0.1]])
+    assert owner.assign(["q"]) == [[0, 7, 8, 3, 4, 5, 6]]
+    pid = ray.get(owner.actors[0].__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, 9)
+    with pytest.raises(ray.exceptions.RayTaskError, match="was restarted"):
+        owner.assign(["q"])  # waits for the restart, then refuses
+    with pytest.raises(ray.exceptions.RayTaskError, match="was restarted"):
+        owner.state_dict()  # a checkpoint of lost state is never written
+    owner.load_state_dict(saved)
+    assert owner.assign(["q"]) == [[0, 7, 2, 3, 4, 5, 6]] and owner.stats()["replacements"] == 1
+    owner.reset()
+    assert owner.assign(["q"]) == [list(range(7))] and owner.stats()["reports"] == 0
+
+
 def _random_embedding_model(tmp_path, tokenizer):
     import torch
 

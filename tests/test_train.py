@@ -15,7 +15,7 @@ import torch
 
 from conan.config import ConfigError, JobConfig, load_config
 from conan.model import ConanForEmbedding
-from conan.train.checkpoint import checkpoint_problem
+from conan.train.checkpoint import checkpoint_problem, load_state
 from conan.train.launcher import run_stage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -336,8 +336,8 @@ def test_dhnm_counters_reach_the_reported_metrics(dhnm_runs):
 def test_pool_state_survives_a_killed_worker_exactly(dhnm_runs):
     """The resumed run restores the pool to its step-10 checkpoint, so no replacement is lost or applied twice."""
     assert (Path(dhnm_runs["faulty"].output_dir) / ".injected_failure").exists()
-    clean = torch.load(Path(dhnm_runs["dhnm"].output_dir) / "stage_state.pt", weights_only=False)["dhnm"]
-    resumed = torch.load(Path(dhnm_runs["faulty"].output_dir) / "stage_state.pt", weights_only=False)["dhnm"]
+    clean = load_state(Path(dhnm_runs["dhnm"].output_dir) / "stage_state.pt")["dhnm"]
+    resumed = load_state(Path(dhnm_runs["faulty"].output_dir) / "stage_state.pt")["dhnm"]
     assert pickle.dumps(clean) == pickle.dumps(resumed)  # every array, bit for bit
     assert_same_rows_trained(dhnm_runs["dhnm"], dhnm_runs["faulty"])
     # Reports of steps 10-12 reached the pool before the crash and were replayed after it: without the

@@ -126,7 +126,8 @@ def build_clr(cfg: CLRConfig, job: str = "build_clr") -> dict:
     backend_args = {"backend": cfg.backend, "data_root": cfg.data_root, "model": cfg.model,
                     "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                     "retry_temperature": cfg.retry_temperature}
-    ds = ds.map_batches(TranslationActor, fn_constructor_args=(backend_args, str(langid_path), cfg.max_retries),
+    ds = ds.map_batches(TranslationActor, fn_constructor_args=(backend_args, str(langid_path), cfg.max_retries,
+                                                               cfg.inject_failure_at, str(out.resolve())),
                         batch_format="pyarrow", batch_size=t.batch_size, num_cpus=t.cpus, num_gpus=t.gpus,
                         compute=ray.data.ActorPoolStrategy(size=t.size))
     ds = ds.map_batches(finish_rows, batch_format="pyarrow", num_cpus=t.cpus)

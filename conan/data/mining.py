@@ -100,7 +100,7 @@ class PassageShardEmbedder:
         """One shard per job (index, start, stop): writes emb-<index>.npy; returns its path and rows."""
         paths = []
         for index, start, stop in zip(batch["index"], batch["start"], batch["stop"]):
-            texts = self.lookup.texts.slice(int(start), int(stop) - int(start)).to_pylist()
+            texts = self.lookup.table.column("text").slice(int(start), int(stop) - int(start)).to_pylist()
             emb = np.concatenate([self.encoder.encode(texts[i:i + self.batch_size])
                                   for i in range(0, len(texts), self.batch_size)]).astype(np.float32)
             path = self.out_dir / f"emb-{int(index):06d}.npy"

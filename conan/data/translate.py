@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from conan.data.faults import die_once_on
 from conan.data.langid import TATOEBA_CODES, LanguageIdentifier, tatoeba_pairs
 from conan.data.schemas import with_columns
 from conan.data.public_sets import XQUAD_LANGS, xquad_rows
@@ -169,16 +170,20 @@ def make_backend(backend: str, data_root: str, model: str | None, max_new_tokens
 class TranslationActor:
     """Ray Data actor: translate the `query` of rows with a `target_lang`, clean, retry, reject with a reason."""
 
-    def __init__(self, backend_args: dict, langid_path: str, max_retries: int):
+    def __init__(self, backend_args: dict, langid_path: str, max_retries: int, inject_failure_at: str | None = None,
+                 output_dir: str = ""):
+        """inject_failure_at, output_dir: the chaos option (conan.data.faults)."""
         import torch
 
         torch.set_num_threads(1)
         self.backend = make_backend(**backend_args)
         self.langid = LanguageIdentifier.load(langid_path)
         self.max_retries = max_retries
+        self.failure = (inject_failure_at, output_dir)
 
     def __call__(self, batch):
         """Adds translated queries (original kept in source_query), attempts, and reject reasons (a pyarrow batch)."""
+        die_once_on(self.failure[0], batch["origin"].to_pylist(), self.failure[1])
         query, sources, targets = (batch[c].to_pylist() for c in ("query", "query_lang", "target_lang"))
         reasons = batch["reject_reason"].to_pylist()
         translated, attempts = list(query), [0] * len(query)

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from conan.config import CurationConfig, from_dict
 from conan.data.dedup import DedupShard, MinHasher, exact_keys, first_seen
+from conan.data.faults import die_once_on
 from conan.data.langid import LanguageIdentifier
 from conan.data.schemas import read_records
 from conan.data.sink import run_and_count, start_step, write_stats
@@ -119,8 +120,9 @@ class PairCleaner:
                 "exact_key": exact, "band_keys": bands}
 
 
-def drop_duplicates(batch: dict, shards: list, near: bool) -> dict:
-    """Ray Data batch function: exact then near duplicates (against every earlier batch, via the shard actors)."""
+def drop_duplicates(batch: dict, shards: list, near: bool, failure: tuple[str | None, str] = (None, "")) -> dict:
+    """Ray Data batch function: exact then near duplicates (against every earlier batch, via the shard actors).
+    failure: the chaos option (inject_failure_at, output_dir), applied once the batch's keys reached the shards."""
     reasons = np.asarray(batch["reject_reason"], dtype=object).copy()
     live = np.nonzero(reasons == "")[0]
     rows = exact_keys(list(map(str, batch["origin"])))  # a retried batch's rows find their own keys: not duplicates
@@ -132,6 +134,7 @@ def drop_duplicates(batch: dict, shards: list, near: bool) -> dict:
         owners = np.repeat(rows[live], bands.shape[1])
         fresh = first_seen(shards, "near", bands.ravel(), owners).reshape(bands.shape)
         reasons[live[~fresh.all(axis=1)]] = "near_duplicate"
+    die_once_on(failure[0], batch["origin"], failure[1])  # the worst moment: its keys are claimed, its rows unwritten
     out = {k: v for k, v in batch.items() if k not in ("exact_key", "band_keys")}
     return {**out, "reject_reason": reasons}
 
@@ -179,7 +182,8 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
         ds = ds.map_batches(PairCleaner, fn_constructor_args=(asdict(cfg), str(langid_path)), batch_format="numpy",
                             batch_size=c.batch_size, num_cpus=c.cpus, num_gpus=c.gpus,
                             compute=ray.data.ActorPoolStrategy(size=c.size))
-        ds = ds.map_batches(drop_duplicates, fn_args=(shards, cfg.near_dedup), batch_format="numpy",
+        ds = ds.map_batches(drop_duplicates, fn_args=(shards, cfg.near_dedup, (cfg.inject_failure_at,
+                                                                             str(out.resolve()))), batch_format="numpy",
                             batch_size=c.batch_size, num_cpus=c.cpus,
                             compute=ray.data.TaskPoolStrategy(size=1) if cfg.deterministic else None)
         if cfg.score_model:

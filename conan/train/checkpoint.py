@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,9 +27,37 @@ MANIFEST = "manifest_rank{rank}.json"
 
 
 def save_state(state, path: str | Path) -> None:
-    """torch.save with pickle protocol 5: numpy arrays (the DHNM pool's, GBs at 10M queries) are written from their
-    own buffers instead of being copied into bytes first (about 2× faster to save and to load)."""
-    torch.save(state, path, pickle_protocol=5)
+    """torch.save of `state` with its numpy arrays (the DHNM pool's, GBs at 10M queries; numpy's RNG key) as tensors
+    sharing their buffers, so that `load_state` reads it back with weights_only=True: no pickled code runs."""
+    torch.save(_as_tensors(state), path)
+
+
+def load_state(path: str | Path):
+    """What save_state wrote (weights_only=True), its arrays numpy arrays again."""
+    return _as_arrays(torch.load(path, weights_only=True))
+
+
+NUMPY = "__numpy__"  # marks a tensor that was a numpy array
+
+
+def _as_tensors(x):
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():  # arrays returned by a Ray actor are read-only views; nothing writes them
+            warnings.simplefilter("ignore", UserWarning)
+            return {NUMPY: torch.from_numpy(np.ascontiguousarray(x))}
+    if isinstance(x, dict):
+        return {k: _as_tensors(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_as_tensors(v) for v in x)
+    return x
+
+
+def _as_arrays(x):
+    if isinstance(x, dict):
+        return x[NUMPY].numpy() if set(x) == {NUMPY} else {k: _as_arrays(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_as_arrays(v) for v in x)
+    return x
 
 
 def save_checkpoint(engine, stage, step: int, rank: int, directory: str, position: DataPosition) -> None:
@@ -73,8 +102,8 @@ def checkpoint_problem(directory: str | Path) -> str | None:
 
 def restore(engine, stage, rank: int, position: DataPosition, latest, log) -> int:
     """Load the newest complete checkpoint at or before `latest` (a ray.train.Checkpoint, or None) into the engine,
-    the stage and the RNG; returns the step to continue from (0 when none is complete). Rank 0 checks the candidates
-    and every rank loads the one it chose."""
+    the stage and the RNG; returns the step to continue from (0 when none is complete, the stage then starting over).
+    Rank 0 checks the candidates and every rank loads the one it chose."""
     chosen = [None]
     if rank == 0 and latest is not None:
         for checkpoint in checkpoint_candidates(latest):
@@ -89,6 +118,7 @@ def restore(engine, stage, rank: int, position: DataPosition, latest, log) -> in
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
     if chosen[0] is None:
+        stage.start_over()  # e.g. the DHNM pool, which a failed attempt before any checkpoint may have changed
         return 0
     import ray.train
     with ray.train.Checkpoint(chosen[0], filesystem=latest.filesystem).as_directory() as directory:
@@ -99,8 +129,7 @@ def _load(engine, stage, rank: int, directory: str, position: DataPosition) -> i
     """Restore what save_checkpoint wrote (after checking this run reads the same rows); returns the step."""
     saved_world = json.loads((Path(directory) / MANIFEST.format(rank=0)).read_text())["world_size"]
     # Another world size is refused by check_resume; read a file that exists so that it can say so.
-    extra = torch.load(Path(directory) / f"worker_rank{min(rank, saved_world - 1)}.pt",
-                       weights_only=False)  # Python's and numpy's RNG states are not tensors
+    extra = load_state(Path(directory) / f"worker_rank{min(rank, saved_world - 1)}.pt")
     position.check_resume(extra["data"])
     _, client_state = engine.load_checkpoint(directory, tag=ENGINE_TAG)
     _set_rng_state(extra["rng"])

@@ -224,4 +224,4 @@ def start_negative_pools(cfg: JobConfig, stage: type[Stage]):
         path = mine_negatives(cfg, stage_rows(cfg, stage))
     rule = ReplacementRule(cfg.dhnm.first_sight_min, cfg.dhnm.decay_factor, cfg.dhnm.stale_max)
     return create_negative_pools(*read_mined_arrays(path), f"{cfg.name}-dhnm", cfg.dhnm.num_shards, rule,
-                                 cfg.supervised.num_negatives)
+                                 cfg.supervised.num_negatives, resources=cfg.dhnm.pool_resources)

@@ -129,6 +129,10 @@ class Stage:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
 
+    def start_over(self) -> None:
+        """Put what state_dict saves back to its start (a run from step 0, perhaps after an attempt that failed before
+        its first checkpoint)."""
+
     @property
     def pad_id(self) -> int:
         """The tokenizer's padding id."""
@@ -369,6 +373,13 @@ class SupervisedStage(Stage):
         """Put the pool back to the checkpoint's state before any worker asks it for negatives."""
         if self.pool is not None and self.rank == 0:
             self.pool.load_state_dict(state["dhnm"])
+        if self.pool is not None and dist.is_initialized():
+            dist.barrier()
+
+    def start_over(self) -> None:
+        """Put the pool back to its mined candidates before any worker asks it for negatives."""
+        if self.pool is not None and self.rank == 0:
+            self.pool.reset()
         if self.pool is not None and dist.is_initialized():
             dist.barrier()
 

@@ -65,3 +65,36 @@ def test_candidates_are_the_latest_then_older_ones_newest_first(tmp_path):
     (run / "checkpoint_manager_snapshot.json").write_text("{}")
     latest = ray.train.Checkpoint(str(run / names[2]))  # the newest one was never registered (its save died)
     assert [Path(c.path).name for c in checkpoint_candidates(latest)] == [names[2], names[1], names[0]]
+
+
+def test_stage_state_round_trips_without_unpickling_code(tmp_path):
+    """save_state / load_state: the RNG states and a DHNM pool's arrays (read-only, as an actor returns them) come back
+    equal, read with weights_only=True; a file that would run pickled code on load is refused."""
+    import pickle
+    import random
+
+    import numpy as np
+    import torch
+
+    from conan.train.checkpoint import _rng_state, load_state, save_state
+
+    candidates = np.arange(12, dtype=np.int32).reshape(3, 4)
+    candidates.flags.writeable = False
+    state = {"rng": _rng_state(), "stage": {"dhnm": [{"candidates": candidates, "s0": np.full((3, 2), np.nan, np.float32),
+                                                      "counters": {"reports": 3}, "tally": (2, 1_500_000)}]},
+             "data": {"seed": 0, "world_size": 2, "fingerprints": ["ab"]}}
+    save_state(state, tmp_path / "state.pt")
+    back = load_state(tmp_path / "state.pt")
+    pool = back["stage"]["dhnm"][0]
+    assert isinstance(pool["candidates"], np.ndarray) and np.array_equal(pool["candidates"], candidates)
+    assert np.isnan(pool["s0"]).all() and pool["counters"] == {"reports": 3} and pool["tally"] == (2, 1_500_000)
+    assert back["data"] == state["data"] and back["rng"]["python"] == random.getstate()
+    assert np.array_equal(back["rng"]["numpy"][1], np.random.get_state()[1])
+    assert torch.equal(back["rng"]["torch"], torch.get_rng_state())
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+    torch.save({"stage": Payload()}, tmp_path / "hostile.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_state(tmp_path / "hostile.pt")
