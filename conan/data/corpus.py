@@ -14,7 +14,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conan.data.public_sets import XQUAD_LANGS, csl_title_pairs, tatoeba_lines, xquad_rows
+from conan.data.public_sets import (XQUAD_LANGS, csl_title_pairs, held_out_texts, stsb_rows, tatoeba_lines,
+                                   xquad_rows)
 
 CORPUS_SCHEMA = pa.schema([("text", pa.string()), ("lang", pa.string()), ("source", pa.string())])
 
@@ -38,13 +39,9 @@ def _xquad(root: Path) -> Iterator[tuple[str, str, str]]:
 
 
 def _stsb(root: Path) -> Iterator[tuple[str, str, str]]:
-    for path in sorted((root / "stsb_multi_mt" / "data").glob("stsb-*-train.csv")):
-        lang = path.name.split("-")[1]
-        with path.open(encoding="utf-8", newline="") as f:
-            for row in csv.reader(f):
-                if len(row) == 3:
-                    yield row[0], lang, "stsb_multi_mt"
-                    yield row[1], lang, "stsb_multi_mt"
+    for s1, s2, _, lang in stsb_rows(root, "train"):
+        yield s1, lang, "stsb_multi_mt"
+        yield s2, lang, "stsb_multi_mt"
 
 
 def _csl(root: Path) -> Iterator[tuple[str, str, str]]:
@@ -64,16 +61,18 @@ SOURCES = {"tatoeba": _tatoeba, "xquad": _xquad, "stsb_multi_mt": _stsb, "csl": 
 
 def iter_corpus(root: str | Path, sources: list[str] | None = None,
                 max_per_source: int | None = None) -> Iterator[tuple[str, str, str]]:
-    """Yield (text, lang, source) from the named datasets under `root`, skipping empty lines."""
+    """Yield (text, lang, source) from the named datasets under `root`, skipping empty lines and every copy of a
+    held-out text (conan.data.public_sets.held_out_texts)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (set data.root or $CONAN_DATA_ROOT)")
+    held_out = held_out_texts(root)
     for name in sources or list(SOURCES):
         if name not in SOURCES:
             raise ValueError(f"unknown corpus source {name!r}; known: {sorted(SOURCES)}")
         count = 0
         for text, lang, source in SOURCES[name](root):
-            if text:
+            if text and text.strip() not in held_out:
                 yield text, lang, source
                 count += 1
                 if max_per_source is not None and count >= max_per_source:

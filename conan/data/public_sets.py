@@ -49,6 +49,23 @@ def tatoeba_lines(path: Path, split: Split) -> list[str]:
     return [line for i, line in enumerate(lines) if in_split(i < TATOEBA_DEV_LINES, split)]
 
 
+def stsb_rows(root: Path, split: str, lang: str | None = None) -> list[tuple[str, str, float, str]]:
+    """(sentence1, sentence2, score 0-5, lang) of the STS-B multi-MT file(s) of a split (its files: train, dev, test),
+    every language in file-name order or only `lang`; rows are aligned across languages."""
+    rows = []
+    for path in sorted((root / "stsb_multi_mt" / "data").glob(f"stsb-{lang or '*'}-{split}.csv")):
+        with path.open(encoding="utf-8", newline="") as f:
+            rows += [(r[0], r[1], float(r[2]), path.name.split("-")[1]) for r in csv.reader(f) if len(r) == 3]
+    return rows
+
+
+def stsb_train_rows(root: Path) -> list[tuple[str, str, float, str]]:
+    """The STS-B train rows of every language, without the sentence pairs its test files repeat (131 of 63,239 in
+    stsb_multi_mt): a pair the evaluation scores is never trained on."""
+    scored = {(s1, s2) for s1, s2, _, _ in stsb_rows(root, "test")}
+    return [row for row in stsb_rows(root, "train") if row[:2] not in scored]
+
+
 def csl_rows(root: Path, task: str, split: str) -> list[tuple[str, str]]:
     """(input, target) rows of a CSL benchmark task file (ts, cls_ctg, …; split = its file: train, dev, test)."""
     with (root / "csl_zh" / "benchmark" / task / f"{split}.tsv").open(encoding="utf-8", newline="") as f:
@@ -71,3 +88,12 @@ def csl_keyword_pairs(root: Path) -> list[tuple[str, str]]:
     dev = csl_dev_titles(root)
     dev_abstracts = {a for split in ("dev", "test") for a, t in csl_rows(root, "ts", split) if t in dev}
     return [(a, k) for a, k in csl_rows(root, "kg", "dev") if a not in dev_abstracts]
+
+
+def held_out_texts(root: Path) -> set[str]:
+    """Every text of the dev split that is ours to keep out (stripped): XQuAD's dev questions and paragraphs in every
+    language, both sides of every Tatoeba pair's dev lines and CSL's dev titles. A sentence can recur elsewhere (an
+    English Tatoeba line in another pair's train lines, a title in another file): inputs drop every copy."""
+    texts = {t for lang in XQUAD_LANGS for r in xquad_rows(root, lang, "dev") for t in (r["question"], r["context"])}
+    texts |= {line for path in (root / "tatoeba").glob("tatoeba.*-eng.*") for line in tatoeba_lines(path, "dev")}
+    return {t.strip() for t in texts | csl_dev_titles(root)}

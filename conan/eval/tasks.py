@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from conan.data.public_sets import TATOEBA_DEV_LINES, XQUAD_LANGS, tatoeba_lines, xquad_rows
+from conan.data.public_sets import TATOEBA_DEV_LINES, XQUAD_LANGS, stsb_rows, tatoeba_lines, xquad_rows
 
 
 @dataclass
@@ -75,11 +75,6 @@ def xquad_clr(root: Path, limit: int | None, langs: list[str] | None) -> dict[st
             if lang != "en" and _keep(lang, langs)}
 
 
-def _stsb_rows(root: Path, lang: str) -> list[list[str]]:
-    with (root / "stsb_multi_mt" / "data" / f"stsb-{lang}-test.csv").open(encoding="utf-8", newline="") as f:
-        return [r for r in csv.reader(f) if len(r) == 3]
-
-
 def _stsb_langs(root: Path) -> list[str]:
     return sorted(p.name.split("-")[1] for p in (root / "stsb_multi_mt" / "data").glob("stsb-*-test.csv"))
 
@@ -89,23 +84,23 @@ def stsb(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, ST
     out = {}
     for lang in _stsb_langs(root):
         if _keep(lang, langs):
-            rows = _stsb_rows(root, lang)[:limit]
-            out[lang] = STS([r[0] for r in rows], [r[1] for r in rows], [float(r[2]) for r in rows])
+            rows = stsb_rows(root, "test", lang)[:limit]
+            out[lang] = STS([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
     return out
 
 
 def stsb_cross(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, STS]:
     """Cross-lingual STS: the English first sentence against the translated second one (rows are aligned)."""
-    english = _stsb_rows(root, "en")
+    english = stsb_rows(root, "test", "en")
     out = {}
     for lang in _stsb_langs(root):
         if lang == "en" or not _keep(lang, langs):
             continue
-        rows = _stsb_rows(root, lang)
+        rows = stsb_rows(root, "test", lang)
         if len(rows) != len(english):
             continue  # not aligned with the English file
         n = min(len(rows), limit or len(rows))
-        out[f"en-{lang}"] = STS([r[0] for r in english[:n]], [r[1] for r in rows[:n]], [float(r[2]) for r in english[:n]])
+        out[f"en-{lang}"] = STS([r[0] for r in english[:n]], [r[1] for r in rows[:n]], [r[2] for r in english[:n]])
     return out
 
 
