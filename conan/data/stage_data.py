@@ -21,10 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conan.data.corpus import iter_corpus
-from conan.data.public_sets import XQUAD_LANGS, csl_keyword_pairs, csl_title_pairs, xquad_rows
+from conan.data.public_sets import XQUAD_LANGS, csl_keyword_pairs, csl_title_pairs, stsb_train_rows, xquad_rows
 
 
 DEMO_RECORDS, DEMO_PASSAGES = "records.parquet", "passages.parquet"
+PARAPHRASE_SCORE = 4.0  # STS-B pairs scored at least this (of 5) are weak pairs: same meaning, other words
 
 
 def demo_records(kind: str, cfg, clr: list[dict] | None = None) -> list[dict]:
@@ -73,9 +74,10 @@ def pretrain_records(root: str | Path, max_rows: int | None = None) -> list[dict
 
 def pair_records(root: str | Path, max_rows: int | None = None, seed: int = 0) -> list[dict]:
     """(instruction, input, output, lang, source) pairs of the train split: XQuAD question→paragraph (12 languages),
-    CSL abstract→title and abstract→keywords, zh query→positive (bge). `lang` is the output's language (the
-    candidates a query is told apart from). (Tatoeba translation pairs were tried as a fourth source: at the tiny
-    preset they cost more monolingual retrieval than they gave bitext mining; see README.)"""
+    CSL abstract→title and abstract→keywords, zh query→positive (bge), and STS-B train paraphrases (score ≥ 4 of 5,
+    in each of its 11 languages). `lang` is the output's language (the candidates a query is told apart from).
+    (Tatoeba translation pairs were tried as another source: at the tiny preset they cost more monolingual retrieval
+    and STS than they gave bitext mining; see README.)"""
     root = Path(root)
     rows = []
     for lang in XQUAD_LANGS:
@@ -90,6 +92,8 @@ def pair_records(root: str | Path, max_rows: int | None = None, seed: int = 0) -
         r = json.loads(line)
         rows.append({"instruction": "Find a sentence with the same meaning.", "input": r["query"], "output": r["pos"][0],
                      "lang": "zh", "source": "bge"})
+    rows += [{"instruction": "Find a sentence with the same meaning.", "input": s1, "output": s2, "lang": lang,
+              "source": "stsb"} for s1, s2, score, lang in stsb_train_rows(root) if score >= PARAPHRASE_SCORE]
     random.Random(seed).shuffle(rows)
     return list(_take(iter(rows), max_rows))
 
@@ -163,13 +167,10 @@ def supervised_records(root: str | Path, num_negatives: int = 7, max_per_task: i
             [rng.choice(by_label[o]) for o in others], positive_key=label, negative_keys=others, lang="en")
     # STS: the STS-B multi-MT train pairs with 0-5 scores in each of its languages (monolingual pairs: cross-lingual
     # ones cost monolingual STS at small scale, see README).
-    pairs = []
-    for path in sorted((root / "stsb_multi_mt" / "data").glob("stsb-*-train.csv")):
-        with path.open(encoding="utf-8", newline="") as f:
-            pairs += [(r[0], r[1], r[2], path.name.split("-")[1]) for r in csv.reader(f) if len(r) == 3]
+    pairs = stsb_train_rows(root)
     rng.shuffle(pairs)
     for s1, s2, score, lang in _take(iter(pairs), max_per_task):
-        add("sts", s1=s1, s2=s2, score=float(score), lang=lang)
+        add("sts", s1=s1, s2=s2, score=score, lang=lang)
     return rows
 
 
