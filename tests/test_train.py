@@ -28,12 +28,13 @@ def stage_config(stage: str, out: Path, *overrides: str) -> JobConfig:
                        [*FAST, f"output_dir={out / stage}", *overrides])
 
 
-def losses(cfg: JobConfig) -> list[float]:
-    """Reported loss per logged step (the last report of a step wins, as after a resume)."""
+def losses(cfg: JobConfig, metric: str = "loss") -> list[float]:
+    """Reported `metric` per logged step that has it (the last report of a step wins, as after a resume)."""
     by_step = {}
     for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        by_step[row["step"]] = row["loss"]
+        if metric in row:
+            by_step[row["step"]] = row[metric]
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -68,10 +69,13 @@ def chain(tmp_path_factory, ray_cluster, tokenizer_dir, tokenizer, data_root):
 
 # SFT's loss is over long multilingual answers the 30-step pretrained model has barely seen: it falls slowly. The weak
 # stage, from the untrained model, leaves chance within 20 steps (measured 4.18 → 2.30 and 4.66 → 2.21 on two seeds: 0.55
-# and 0.47 of the first report). The supervised loss sums a different task mix in each report window.
-@pytest.mark.parametrize("stage,ratio", [("pretrain", 0.9), ("sft", 0.95), ("weak", 0.75), ("supervised", 0.95)])
-def test_stage_loss_falls(chain, stage, ratio):
-    history = losses(chain[stage])
+# and 0.47 of the first report). The supervised loss sums a different task mix in each report window, so its test
+# follows one task's loss (retrieval at full size: 2.38 → 1.93 measured), which each of the run's four windows draws
+# (the task draw is seeded).
+@pytest.mark.parametrize("stage,metric,ratio", [("pretrain", "loss", 0.9), ("sft", "loss", 0.95), ("weak", "loss", 0.75),
+                                                ("supervised", "retrieval_infonce_loss_d128", 0.95)])
+def test_stage_loss_falls(chain, stage, metric, ratio):
+    history = losses(chain[stage], metric)
     assert len(history) == chain[stage].train.steps // 5
     first, last = history[0], min(history[-2:])
     assert last < ratio * first, (stage, history)
@@ -103,7 +107,8 @@ def test_stages_report_whether_they_learn(chain):
     assert supervised, "no retrieval step reported"
     r = supervised[-1]
     assert {f"retrieval_infonce_loss_d{d}" for d in (32, 64, 128)} <= set(r)
-    assert r["retrieval_log_candidates"] == pytest.approx(math.log(2 * 4 * 8), abs=0.2)  # 2 × 4 queries × (1 + 7)
+    negatives = chain["supervised"].supervised.num_negatives
+    assert r["retrieval_log_candidates"] == pytest.approx(math.log(2 * 4 * (1 + negatives)), abs=0.2)  # 2 × 4 queries
     assert -1 <= r["retrieval_hard_negative_cos"] <= 1 and -1 <= r["retrieval_random_pair_cos"] <= 1
 
 
@@ -315,7 +320,7 @@ def test_dhnm_adds_no_forward_pass(dhnm_runs):
 
 
 def test_v1_rescoring_baseline_adds_forward_passes(dhnm_runs):
-    """The v1 comparison point: at steps 0 and 10 each worker re-embeds its managed queries and their 7 active
+    """The v1 comparison point: at steps 0 and 10 each worker re-embeds its managed queries and their active
     negatives (16 queries per chunk, 2 forwards each), in the first and third 5-step windows only."""
     forwards = _metric(dhnm_runs["v1"], "forwards_per_step")
     extra = (forwards[0] - 2.0) * 5  # forwards added in the window of step 0
