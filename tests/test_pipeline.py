@@ -1,16 +1,14 @@
 """The README's main job end to end, on the session's head: every step in order, a model that sentence-transformers
 loads, and stages that measurably learn on held-out data (XQuAD articles no stage saw, STS-B test, Banking77 test).
 
-What it asserts on 2 cores with the tiny preset (README, Training quality): the weak
-and the supervised model beat the random init on held-out XQuAD retrieval, the supervised stage beats the weak model
-on Banking77, and its retrieval InfoNCE ends near 0.5-0.65 · log N. The XQuAD margins are thin and depend on the
-weak stage's row order: from the same SFT model and the same 15,095 curated rows, the two orders curation wrote
-before its output was put in input order (its part names hashed each batch's rows, and batches were cut differently
-on the tests' head than in a standalone run) scored weak / supervised .4174 / .4061 and .3820 / .3813 against init
-.3832. Tokenizer, init, pretraining, SFT, curation (now) and the weak stage reproduce bit for bit; earlier runs:
-weak .388-.445, supervised .3748-.436; in input order .4362 / .4246. Not met (issue 13's goal, reported, not
-asserted): the final model beating its random init on every task (Tatoeba, cross-lingual STS-B) and the classification
-InfoNCE below 0.6 · log N (it ends near 0.78-0.85)."""
+What it asserts on 2 cores with the tiny preset (issue 13; README, Training quality): pretraining ends more than a nat
+below its corpus's unigram entropy; the weak model beats the random init on held-out XQuAD; the supervised model beats
+the random init and the weak model on the three supervised tasks (XQuAD retrieval, STS-B, Banking77); every
+contrastive loss of the supervised stage ends below 0.6 · log N at every Matryoshka dimension and random pairs of
+passages end below cosine 0.6 in both embedding stages. The demo measured (5 languages here, 500 items; see README)
+margins of about +0.1 over the init on XQuAD and STS-B and +0.3 on Banking77, and over the weak model about +0.01 on
+XQuAD, +0.02 on STS-B and +0.3 on Banking77; loss ratios 0.36-0.48 (retrieval) and 0.55 (classification). Not
+asserted, because at this scale they are noise (README): cross-lingual STS-B and Tatoeba against the random init."""
 
 from __future__ import annotations
 
@@ -67,25 +65,31 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     assert card["xquad-retrieval", "en"] == round(scores["supervised"]["xquad-retrieval"]["en"]["128"]["ndcg@10"], 4)
     score = {(model, task): task_score(scores, model, task, FULL_DIM) for model in ("model_init", "weak", "supervised")
              for task in HELD_OUT}
-    assert score["weak", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score  # bf16 demo, test eval: .417 vs .365
-    assert score["supervised", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score  # .406 vs .365
-    assert score["supervised", "stsb"] > score["model_init", "stsb"], score  # bf16 demo: .598 vs .560
-    assert score["supervised", "banking77"] > score["model_init", "banking77"], score  # .410 vs .286
-    assert score["supervised", "banking77"] > score["weak", "banking77"], score  # .410 vs .258
+    assert score["weak", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score
+    for task in HELD_OUT:
+        assert score["supervised", task] > max(score["model_init", task], score["weak", task]), (task, score)
 
-    # Far from chance (1.0): retrieval InfoNCE below 0.7 · log N at every Matryoshka dim, and no InfoNCE task left at
-    # chance (classification, the hardest, ends at 0.75-0.85). One report is 25 steps of small batches: within one run
-    # its 32-dim retrieval ratio moves between 0.57 and 0.73, and a fresh clone's last report ended at 0.653, so the
-    # mean of each key's last three reports is asserted (0.63 there; 128 dims 0.47-0.58). Issue 13's 0.6 is not met
-    # at 32 dims in every run.
-    reports = [json.loads(line) for line in (run / "supervised" / "metrics.jsonl").read_text().splitlines()]
-    ratios = {}
-    for key in {key for report in reports for key in report if "_infonce_loss_d" in key}:
-        last = [report for report in reports if key in report][-3:]
-        ratios[key] = sum(r[key] / r[key.split("infonce_loss")[0] + "log_candidates"] for r in last) / len(last)
-    assert {key.rsplit("_d", 1)[1] for key in ratios} == {"32", "64", "128"}
-    assert all(ratio < 0.7 for key, ratio in ratios.items() if key.startswith("retrieval")), ratios
-    assert all(ratio < 0.95 for ratio in ratios.values()), ratios
+    # Learned rather than collapsed: pretraining well below the unigram entropy; every InfoNCE task well below chance
+    # (1.0 · log N) at every Matryoshka dim; random pairs of passages spread. One report is 25 steps of small batches
+    # (within one run a 32-dim retrieval ratio moved by ±0.08 from report to report), so each key's last three reports
+    # are averaged.
+    pretrain = [json.loads(line) for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert pretrain["loss"] < pretrain["unigram_entropy"] - 1.0, pretrain
+    ratios, cosines = {}, {}
+    for stage in ("weak", "supervised"):
+        reports = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        for key in {key for report in reports for key in report if "infonce_loss" in key or "random_pair" in key}:
+            last = [report for report in reports if key in report][-3:]
+            if "random_pair" in key:
+                cosines[stage, key] = sum(r[key] for r in last) / len(last)
+            else:
+                log_n = key.split("infonce_loss")[0] + "log_candidates"
+                ratios[stage, key] = sum(r[key] / r[log_n] for r in last) / len(last)
+    assert {key.rsplit("_d", 1)[1] for stage, key in ratios if stage == "supervised"} == {"32", "64", "128"}
+    assert {key.split("_infonce")[0] for stage, key in ratios if stage == "supervised"} == {"retrieval",
+                                                                                            "classification"}
+    assert all(ratio < 0.6 for ratio in ratios.values()), ratios
+    assert all(cos < 0.6 for cos in cosines.values()) and len(cosines) == 3, cosines
 
     # The export loads in sentence-transformers; scored through it, it matches the report.
     model = SentenceTransformer(str(model_dir), device="cpu")
