@@ -63,3 +63,16 @@ def test_training_job_submitted_to_local_head_reports_metrics(head_env, embeddin
     assert all('stage="weak"' in x for x in seen["loss"]) and all(float(x.split()[-1]) > 0 for x in seen["loss"])
     alphas = [float(x.split()[-1]) for x in seen["alpha"]]
     assert all(0.0 <= a <= 1.0 for a in alphas) and len(set(alphas)) > 1  # α(t) moves along the schedule
+
+
+def test_the_head_refuses_a_job_without_its_token(head_env):
+    """The head cluster/local.sh starts runs Ray 2.60's token auth: `ray job submit` with a wrong token, or without
+    token auth on the client, is refused before anything runs."""
+    command = ["ray", "job", "submit", "--", "python", "-c", "print('ran')"]
+    for change in ({"RAY_AUTH_TOKEN": "not-the-token"}, {"RAY_AUTH_MODE": None}):
+        env = {**os.environ, **head_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        for key, value in change.items():
+            env.pop(key, None) if value is None else env.update({key: value})
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0 and "succeeded" not in output and "ran" not in done.stdout.split(), (change, output)
