@@ -267,7 +267,7 @@ def test_curation_routes_every_row(ray_cluster, data_root, tmp_path, static_scor
 @pytest.mark.parametrize("step", ["curate", "clr"])
 def test_a_worker_killed_mid_step_loses_and_repeats_no_row(ray_cluster, data_root, tmp_path, step):
     """The worker handling a chosen row mid-step dies once and Ray Data retries its batch: curation's dedup task on the
-    7,000th of the bundled SFT records' 15,429 pairs, once its keys reached the dedup shards (before keys carried their
+    7,000th of the bundled SFT records' pairs, once its keys reached the dedup shards (before keys carried their
     row's id, the retry rejected its own rows as duplicates); the CLR build's translator on the 500th of 894 XQuAD
     triples. Rows in = kept + rejected, no kept or rejected row is missing or there twice, and the kept rows
     and the rejects are an undisturbed run's (curation's kept rows in the same order)."""
@@ -285,6 +285,8 @@ def test_a_worker_killed_mid_step_loses_and_repeats_no_row(ray_cluster, data_roo
 
     chosen = "sft.jsonl:7000" if step == "curate" else "xquad_en.parquet:500"
     (stats, kept, rejects), (stats_killed, kept_killed, rejects_killed) = run("clean", None), run("killed", chosen)
+    print(f"{step}: rows in {stats_killed['rows_in']} = kept {stats_killed['rows_out']} + rejected "
+          f"{stats_killed['rejected_total']} {stats_killed['rejected']} (undisturbed: kept {stats['rows_out']})")
     assert stats["rows_in"] == stats_killed["rows_in"] == stats_killed["rows_out"] + stats_killed["rejected_total"]
     assert stats["rows_in"] > (10_000 if step == "curate" else 800)
     assert len(kept_killed) == stats_killed["rows_out"] and len(rejects_killed) == stats_killed["rejected_total"]

@@ -4,6 +4,7 @@ requests in flight."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -128,6 +129,8 @@ def test_a_mixed_load_gets_no_5xx_and_leaves_the_server_alive_with_bounded_memor
     statuses = _load(url, 1300)
     elapsed = time.perf_counter() - start
     rss_growth = server.memory_info().rss - rss_before
+    print(f"load: {json.dumps({kind: len(got) for kind, got in statuses.items()})} in {elapsed:.1f} s, "
+          f"RSS growth {rss_growth / 2**20:.1f} MiB")
 
     assert sum(map(len, statuses.values())) == 1300 and set(statuses) == set(MIX)
     assert not [s for got in statuses.values() for s in got if s >= 500]
