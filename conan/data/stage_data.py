@@ -26,6 +26,7 @@ from conan.data.public_sets import XQUAD_LANGS, csl_keyword_pairs, csl_title_pai
 
 DEMO_RECORDS, DEMO_PASSAGES = "records.parquet", "passages.parquet"
 PARAPHRASE_SCORE = 4.0  # STS-B pairs scored at least this (of 5) are weak pairs: same meaning, other words
+SAME_MEANING = "Find a sentence with the same meaning."  # the SFT instruction of every paraphrase pair
 
 
 def demo_records(kind: str, cfg, clr: list[dict] | None = None) -> list[dict]:
@@ -90,9 +91,9 @@ def pair_records(root: str | Path, max_rows: int | None = None, seed: int = 0) -
               "lang": "zh", "source": "csl"} for abstract, keywords in csl_keyword_pairs(root)]
     for line in (root / "text2vec_zh" / "examples" / "data" / "bge_finetune_data.jsonl").open(encoding="utf-8"):
         r = json.loads(line)
-        rows.append({"instruction": "Find a sentence with the same meaning.", "input": r["query"], "output": r["pos"][0],
+        rows.append({"instruction": SAME_MEANING, "input": r["query"], "output": r["pos"][0],
                      "lang": "zh", "source": "bge"})
-    rows += [{"instruction": "Find a sentence with the same meaning.", "input": s1, "output": s2, "lang": lang,
+    rows += [{"instruction": SAME_MEANING, "input": s1, "output": s2, "lang": lang,
               "source": "stsb"} for s1, s2, score, lang in stsb_train_rows(root) if score >= PARAPHRASE_SCORE]
     random.Random(seed).shuffle(rows)
     return list(_take(iter(rows), max_rows))
