@@ -17,7 +17,18 @@ def _config_command(sub, name: str, func, what: str, **texts) -> argparse.Argume
     parser.add_argument("--config", help=f"YAML file of the {what} (defaults apply when omitted)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value by dotted key, e.g. --set optim.lr=2e-5 (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print Ray's, DeepSpeed's and the workers' own output here instead of to "
+                             "<output_dir>/logs/<command>.log")
     return parser
+
+
+def _quiet(args, output_dir: str):
+    """The command's console: its own lines here, the internals in <output_dir>/logs/<command>.log (unless
+    --verbose)."""
+    from conan.console import log_file, quiet
+
+    return quiet(log_file(output_dir, args.command), args.verbose)
 
 
 def cmd_pipeline(args) -> int:
@@ -30,7 +41,8 @@ def cmd_pipeline(args) -> int:
         for path in reset_from(cfg.output_dir, args.from_step):
             print(f"[pipeline] --from {args.from_step}: removed {path}", flush=True)
     start = time.perf_counter()
-    paths = run_pipeline(cfg)
+    with _quiet(args, cfg.output_dir):
+        paths = run_pipeline(cfg)
     print(json.dumps(paths, indent=2))
     print(f"[pipeline] done in {time.perf_counter() - start:.0f}s\n  model:  {paths['model']}"
           + (f"\n  report: {paths['report']}\n  plots:  {', '.join(paths['plots'])}" if "report" in paths else ""),
@@ -47,7 +59,8 @@ def cmd_train(args) -> int:
     if args.config and cfg.stage != args.stage:
         raise ConfigError(f"stage: {args.config} configures stage {cfg.stage!r}, not {args.stage!r}")
     cfg = load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"])
-    result = run_stage(cfg)
+    with _quiet(args, cfg.output_dir):
+        result = run_stage(cfg)
     print(json.dumps({"stage": cfg.stage, "model": str(result.model_dir), "skipped": result.skipped,
                       "metrics": result.metrics}, indent=2))
     return 0
@@ -62,9 +75,11 @@ def cmd_shard(args) -> int:
 
     cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"]))
     tokenizer_dir = check_inputs(cfg)  # what `conan train` checks first; the upstream tokenization needs it
-    init_ray(cfg.ray_address)
-    stage = stage_class(args.stage)
-    print(json.dumps({"shards": stage_shards(with_demo_data(cfg, stage), stage, tokenizer_dir)}))
+    with _quiet(args, cfg.output_dir):
+        init_ray(cfg.ray_address)
+        stage = stage_class(args.stage)
+        shards = stage_shards(with_demo_data(cfg, stage), stage, tokenizer_dir)
+    print(json.dumps({"shards": shards}))
     return 0
 
 
@@ -92,9 +107,10 @@ def cmd_mine(args) -> int:
 
     cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, "stage=supervised"]))
     check_inputs(cfg)
-    init_ray(cfg.ray_address)
-    cfg = with_demo_data(cfg, stage_class("supervised"))
-    path = mine_negatives(cfg, stage_rows(cfg, stage_class("supervised")), force=True)
+    with _quiet(args, cfg.output_dir):
+        init_ray(cfg.ray_address)
+        cfg = with_demo_data(cfg, stage_class("supervised"))
+        path = mine_negatives(cfg, stage_rows(cfg, stage_class("supervised")), force=True)
     print(json.dumps({"candidates": str(path)}))
     return 0
 
@@ -105,7 +121,8 @@ def cmd_curate(args) -> int:
     from conan.data.weak import curate
 
     cfg = load_config(CurationConfig, args.config, args.overrides)
-    stats = curate(cfg)
+    with _quiet(args, cfg.output_dir):
+        stats = curate(cfg)
     print(json.dumps({k: stats[k] for k in ("rows_in", "rows_out", "rejected", "seconds")} |
                      {"pairs": f"{cfg.output_dir}/data", "rejects": f"{cfg.output_dir}/rejects",
                       "stats": f"{cfg.output_dir}/stats.json"}, indent=2))
@@ -118,7 +135,8 @@ def cmd_clr(args) -> int:
     from conan.data.clr import build_clr
 
     cfg = load_config(CLRConfig, args.config, args.overrides)
-    stats = build_clr(cfg)
+    with _quiet(args, cfg.output_dir):
+        stats = build_clr(cfg)
     print(json.dumps({k: stats[k] for k in ("rows_in", "rows_out", "rejected", "languages", "seconds")} |
                      {"clr": f"{cfg.output_dir}/data", "rejects": f"{cfg.output_dir}/rejects",
                       "stats": f"{cfg.output_dir}/stats.json"}, indent=2))
@@ -127,7 +145,9 @@ def cmd_clr(args) -> int:
 
 def _experiment(config_cls, run, args) -> int:
     """Run a Ray Tune experiment from its config and print its results table."""
-    path = run(load_config(config_cls, args.config, args.overrides))
+    cfg = load_config(config_cls, args.config, args.overrides)
+    with _quiet(args, cfg.output_dir):
+        path = run(cfg)
     print(path.read_text())
     print(f"results: {path}")
     return 0

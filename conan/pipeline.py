@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from conan.config import CLRConfig, CurationConfig, EvalConfig, JobConfig, PipelineConfig, load_config, to_dict
+from conan.console import say
 from conan.data.corpus import write_corpus
 from conan.encoder import model_name
 from conan.model import ConanConfig, ConanForCausalLM, count_parameters
@@ -43,7 +44,7 @@ def reset_from(output_dir: str | Path, step: str) -> list[Path]:
 
 
 def _step(name: str, done: bool):
-    print(f"[pipeline] {name}: {'exists, skipped' if done else 'running'}", flush=True)
+    say(f"[pipeline] {name}: {'exists, skipped' if done else 'running'}")
     return time.perf_counter()
 
 
@@ -58,8 +59,8 @@ def _data_step(name: str, config_cls, yaml_path: str, out: Path, cfg: PipelineCo
         step_cfg = load_config(config_cls, yaml_path, [f"output_dir={step_dir}", f"data_root={cfg.data_root}",
                                                        f"ray_address={cfg.ray_address or 'null'}"])
         stats = run(step_cfg)
-        print(f"[pipeline] {name}: {stats['rows_in']} rows in, {stats['rows_out']} kept, rejected "
-              f"{stats['rejected']} ({time.perf_counter() - t:.0f}s)", flush=True)
+        say(f"[pipeline] {name}: {stats['rows_in']} rows in, {stats['rows_out']} kept, rejected "
+              f"{stats['rejected']} ({time.perf_counter() - t:.0f}s)")
     return step_dir / "data"
 
 
@@ -95,7 +96,7 @@ def _mine_step(stage_cfg: JobConfig, path: Path) -> JobConfig:
     if not path.is_file():
         init_ray(stage_cfg.ray_address)
         mine_negatives(stage_cfg, stage_rows(stage_cfg, stage_class("supervised")))
-        print(f"[pipeline] mine: {time.perf_counter() - t:.0f}s", flush=True)
+        say(f"[pipeline] mine: {time.perf_counter() - t:.0f}s")
     return stage_cfg
 
 
@@ -106,7 +107,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
     t = _step("corpus", corpus.is_file())
     if not corpus.is_file():
         rows = write_corpus(cfg.data_root, corpus, cfg.corpus_sources, cfg.corpus_max_per_source)
-        print(f"[pipeline] corpus: {rows} texts → {corpus} ({time.perf_counter() - t:.1f}s)", flush=True)
+        say(f"[pipeline] corpus: {rows} texts → {corpus} ({time.perf_counter() - t:.1f}s)")
 
     tok_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else out / "tokenizer"
     t = _step("tokenizer", (tok_dir / "tokenizer.json").is_file())
@@ -114,7 +115,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         init_ray(cfg.ray_address)
         train_tokenizer([str(corpus)], tok_dir, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
                         cfg.tokenizer.max_texts)
-        print(f"[pipeline] tokenizer: trained in {time.perf_counter() - t:.1f}s → {tok_dir}", flush=True)
+        say(f"[pipeline] tokenizer: trained in {time.perf_counter() - t:.1f}s → {tok_dir}")
     tokenizer = load_tokenizer(tok_dir)
 
     model_dir = out / "model_init"
@@ -127,9 +128,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         model.save_pretrained(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
     config = ConanConfig.from_pretrained(str(model_dir))
-    print(f"[pipeline] model: preset {cfg.model.preset}, {count_parameters(config):,} parameters, "
+    say(f"[pipeline] model: preset {cfg.model.preset}, {count_parameters(config):,} parameters, "
           f"vocab {config.vocab_size}, hidden {config.hidden_size}, layers {config.num_hidden_layers} "
-          f"→ {model_dir}", flush=True)
+          f"→ {model_dir}")
     paths = {"corpus": str(corpus), "tokenizer": str(tok_dir), "model_init": str(model_dir)}
     previous = model_dir
     for stage_yaml in cfg.stages:
@@ -143,8 +144,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         t = _step(stage_cfg.stage, is_finished(stage_cfg))
         result = run_stage(stage_cfg)
         loss = result.metrics.get("loss")
-        print(f"[pipeline] {stage_cfg.stage}: → {result.model_dir}"
-              + (f" (final loss {loss:.3f}, {time.perf_counter() - t:.0f}s)" if loss is not None else ""), flush=True)
+        say(f"[pipeline] {stage_cfg.stage}: → {result.model_dir}"
+              + (f" (final loss {loss:.3f}, {time.perf_counter() - t:.0f}s)" if loss is not None else ""))
         previous = result.model_dir
         paths[stage_cfg.stage] = str(result.model_dir)
     paths["model"] = str(previous)
@@ -162,7 +163,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
             if (Path(previous) / "README.md").is_file():  # an embedding export's card gains its dev results
                 from conan.model_card import write_model_card
                 write_model_card(previous, to_dict(stage_cfg), result, model_name(previous))
-            print(f"[pipeline] evaluate: {time.perf_counter() - t:.0f}s", flush=True)
+            say(f"[pipeline] evaluate: {time.perf_counter() - t:.0f}s")
         paths["report"] = str(report)
         paths["plots"] = [str(p) for p in sorted(report.parent.glob("*.png"))]
     return paths

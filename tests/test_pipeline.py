@@ -55,6 +55,11 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     # The demo data source wrote the SFT and supervised inputs (and DHNM's passages) inside the run, as any input.
     assert (run / "sft" / "demo" / "records.parquet").is_file()
     assert (run / "supervised" / "demo" / "passages.parquet").is_file()
+    # A quiet console: the platform's lines and one progress line per training report, with its ETA; Ray's, Ray
+    # Data's and the workers' own output in the run's log.
+    assert any(line.startswith("[weak] step 600/600 loss") and "ETA 0m00s" in line for line in out.splitlines())
+    assert not any(internal in out for internal in ("RayTrainWorker", "core_worker", "streaming_executor")), out
+    assert "RayTrainWorker" in (run / "logs" / "pipeline.log").read_text()
 
     # Better than where each stage started, on data no stage trained on.
     scores = json.loads((run / "eval" / "scores.json").read_text())["scores"]

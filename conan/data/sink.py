@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conan.console import LOG_DIR
 from conan.metrics import data_rows_counter
 
 KEPT = "kept"
@@ -32,7 +33,7 @@ def start_step(output_dir: str | Path, step: str, ray_address: str | None, data_
     from conan.runtime import init_ray
 
     out = Path(output_dir).resolve()
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOG_DIR for p in out.iterdir()):
         raise FileExistsError(f"{step}: {out} is not empty; choose a new output_dir (outputs are never mixed)")
     out.mkdir(parents=True, exist_ok=True)
     init_ray(ray_address)

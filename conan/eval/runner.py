@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from conan.config import EvalConfig
+from conan.console import say
 from conan.encoder import Encoder, model_name
 from conan.eval import metrics, tasks
 from conan.eval.bm25 import BM25
@@ -104,8 +105,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 for dim in model_dims:
                     scores.setdefault(label, {}).setdefault(task, {}).setdefault(subset, {})[str(dim)] = \
                         score_subset(data, embed, dim)
-            print(f"[eval] {label} {task}: {summary(scores[label][task], kind_of(next(iter(subsets.values()))))}",
-                  flush=True)
+            say(f"[eval] {label} {task}: {summary(scores[label][task], kind_of(next(iter(subsets.values()))))}")
     if cfg.bm25:
         for task, subsets in loaded.items():
             if all(isinstance(d, tasks.Retrieval) for d in subsets.values()):

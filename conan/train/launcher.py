@@ -15,10 +15,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from conan.config import ConfigError, JobConfig, to_dict
+from conan.console import ReportFollower, say
 from conan.data.shards import ShardError, convert, input_files, is_shard_dir, load_manifest, merge_manifests
 from conan.runtime import init_ray
 from conan.train.backend import resolve_backend
-from conan.train.loop import STAGE_MARKER, train_worker
+from conan.train.loop import STAGE_MARKER, progress_line, train_worker
 from conan.train.stages import Stage, export_path, stage_class
 from conan.train.tasks import TASKS
 
@@ -138,7 +139,7 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
     cfg = absolute_paths(cfg)
     tokenizer_dir = check_inputs(cfg)
     if is_finished(cfg):
-        print(f"[{cfg.stage}] already finished: {export_path(cfg)} (nothing to do)", flush=True)
+        say(f"[{cfg.stage}] already finished: {export_path(cfg)} (nothing to do)")
         return StageResult(export_path(cfg), {}, skipped=True)
     init_ray(cfg.ray_address)
     backend = resolve_backend(cfg.train.device, cfg.train.precision, ray.cluster_resources())
@@ -161,7 +162,8 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
         # No Ray dataset: every worker streams its own slice of the shard files (conan.data.stream), a pure function
         # of (seed, step, world size) that a resume continues exactly (Ray 2.60 keeps no ingest position).
     )
-    result = trainer.fit()  # `pools` stays referenced until here: the actors live as long as the run
+    with ReportFollower(Path(cfg.output_dir) / "metrics.jsonl", lambda m: progress_line(cfg, m)):
+        result = trainer.fit()  # `pools` stays referenced until here: the actors live as long as the run
     return StageResult(export_path(cfg), dict(result.metrics or {}))
 
 
@@ -187,7 +189,7 @@ def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Pat
                                    MiningConfig(top_k=cfg.dhnm.pool_size,
                                                 false_negative_ratio=cfg.dhnm.false_negative_ratio,
                                                 index=cfg.dhnm.index))
-    print(f"[{cfg.stage}] mined {cfg.dhnm.pool_size} candidates for {n} queries → {path}", flush=True)
+    say(f"[{cfg.stage}] mined {cfg.dhnm.pool_size} candidates for {n} queries → {path}")
     return path
 
 

@@ -128,8 +128,8 @@ def train_worker(loop_config: dict) -> None:
 
 def progress_line(cfg: JobConfig, m: dict) -> str:
     """One log line per report: step, loss beside what tells whether it learns (the corpus's unigram entropy for a
-    causal LM; log N and the cosines for a contrastive stage), lr and throughput; a warning when a contrastive loss is
-    still near chance after a fifth of the steps."""
+    causal LM; log N and the cosines for a contrastive stage), lr, throughput and the time left at the report's step
+    time; a warning when a contrastive loss is still near chance after a fifth of the steps."""
     parts = [f"[{cfg.stage}] step {m['step']}/{cfg.train.steps} loss {m['loss']:.3f}"]
     if "unigram_entropy" in m:
         parts.append(f"(unigram entropy {m['unigram_entropy']:.3f})")
@@ -137,6 +137,9 @@ def progress_line(cfg: JobConfig, m: dict) -> str:
         parts.append(f"{prefix}cos pos/neg/random {m[prefix + 'positive_cos']:.2f}/{m[prefix + 'negative_cos']:.2f}/"
                      f"{m[prefix + 'random_pair_cos']:.2f} logN {m[prefix + 'log_candidates']:.2f}")
     parts.append(f"lr {m['lr']:.2e} {m['samples_per_s']:.0f} samples/s")
+    if "step_time_s" in m:
+        left = round((cfg.train.steps - m["step"]) * m["step_time_s"])
+        parts.append(f"ETA {left // 60}m{left % 60:02d}s")
     warning = chance_warning(cfg.stage, m["step"], cfg.train.steps, m.get("chance_ratio", 0.0))
     return " ".join(parts) + (f"\n{warning}" if warning else "")
 
