@@ -358,7 +358,7 @@ class EvalConfig:
     max_items: int | None = 500  # cap per task and language: queries, pairs, test texts, sentences
     langs: list[str] | None = None  # languages of the multilingual tasks (default: all the data holds)
     bm25: bool = True  # BM25 on the retrieval tasks
-    mteb: bool = False  # also score the STS / classification / bitext subsets through mteb's evaluators
+    mteb: bool = False  # also score every subset (retrieval, STS, classification, bitext) through mteb's evaluators
     plots: bool = True
     batch_size: int = 64
     max_length: int | None = None  # tokens per text; None = the length the model was trained at (its export says)

@@ -116,7 +116,8 @@ def test_beir_folder_is_a_task(tmp_path, embedding_model_dir, data_root):
 
 
 def test_mteb_custom_tasks_agree_with_our_metrics(embedding_model_dir, data_root):
-    """The same STS-B and Tatoeba rows through mteb's evaluators give our Spearman and bitext accuracy."""
+    """The same XQuAD, STS-B and Tatoeba rows through mteb's evaluators give our nDCG@10, Spearman and bitext
+    accuracy."""
     from pathlib import Path
 
     from conan.encoder import Encoder
@@ -128,9 +129,13 @@ def test_mteb_custom_tasks_agree_with_our_metrics(embedding_model_dir, data_root
     sts = tasks.stsb(root, 60, ["de"])["de"]
     bitext = tasks.tatoeba(root, 60, ["deu"])["deu-eng"]
     clf = tasks.banking77(root, 40, None)["en"]
+    retrieval = tasks.xquad_retrieval(root, 60, ["de"])["de"]
     for dim in (64, 128):
         ours = EmbeddingCache(Encoder(embedding_model_dir))
-        theirs = run_mteb(str(embedding_model_dir), {"LocalSTS": sts, "LocalBitext": bitext, "LocalBanking": clf}, dim)
+        theirs = run_mteb(str(embedding_model_dir), {"LocalSTS": sts, "LocalBitext": bitext, "LocalBanking": clf,
+                                                     "LocalRetrieval": retrieval}, dim)
+        assert theirs["LocalRetrieval"]["ndcg_at_10"] == pytest.approx(
+            score_subset(retrieval, ours, dim)["ndcg@10"], abs=1e-3)
         # Embeddings agree to ~1e-6; the untrained model's cosines are so close together that such differences
         # swap a few ranks, hence a Spearman tolerance of 2e-3 rather than float precision.
         assert theirs["LocalSTS"]["cosine_spearman"] == pytest.approx(score_subset(sts, ours, dim)["spearman"], abs=2e-3)

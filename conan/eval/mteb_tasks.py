@@ -1,9 +1,8 @@
 """The local tasks as `mteb` custom tasks: the same data scored by mteb's own evaluators, offline.
 
-Each loaded subset (tasks.STS / Classification / Bitext) becomes an mteb task whose `load_data` hands
+Each loaded subset (tasks.Retrieval / STS / Classification / Bitext) becomes an mteb task whose `load_data` hands
 mteb the in-memory rows instead of a hub dataset, and a model directory is scored through
 `sentence_transformers.SentenceTransformer(path, truncate_dim=dim)`, the way an mteb user would run it.
-Retrieval stays with conan.eval.metrics (same nDCG / Recall definitions as mteb).
 """
 
 from __future__ import annotations
@@ -27,15 +26,23 @@ def _metadata(name: str, kind: str, main_score: str, langs: list[str]):
 
 
 def mteb_task(name: str, data, lang: str = "en"):
-    """An mteb task instance serving `data` (a tasks.STS, tasks.Classification or tasks.Bitext); `lang` is the subset
+    """An mteb task instance serving `data` (a tasks.Retrieval, STS, Classification or Bitext); `lang` is the subset
     ("de", "en-de", "deu-eng") and only labels the task's languages."""
     from datasets import Dataset
     from mteb.abstasks.classification import AbsTaskClassification
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
     from mteb.abstasks.sts import AbsTaskSTS
     from mteb.abstasks.text.bitext_mining import AbsTaskBitextMining
 
     langs = [MTEB_LANG.get(x, "eng-Latn") for x in lang.split("-")]
-    if isinstance(data, tasks.STS):
+    if isinstance(data, tasks.Retrieval):
+        base, kind, main = AbsTaskRetrieval, "Retrieval", "ndcg_at_10"
+        splits = {"test": {"corpus": Dataset.from_dict({"id": list(data.corpus), "text": list(data.corpus.values())}),
+                           "queries": Dataset.from_dict({"id": list(data.queries),
+                                                         "text": list(data.queries.values())}),
+                           "relevant_docs": {q: {d: int(g) for d, g in docs.items()} for q, docs in data.qrels.items()},
+                           "top_ranked": None}}
+    elif isinstance(data, tasks.STS):
         base, kind, main = AbsTaskSTS, "STS", "cosine_spearman"
         splits = {"test": Dataset.from_dict({"sentence1": data.left, "sentence2": data.right, "score": data.scores})}
     elif isinstance(data, tasks.Classification):
@@ -48,7 +55,7 @@ def mteb_task(name: str, data, lang: str = "en"):
         base, kind, main = AbsTaskBitextMining, "BitextMining", "accuracy"
         splits = {"test": Dataset.from_dict({"sentence1": data.source, "sentence2": data.target})}
     else:
-        raise TypeError(f"no mteb task for {type(data).__name__} (retrieval is scored by conan.eval.metrics)")
+        raise TypeError(f"no mteb task for {type(data).__name__}")
 
     def load_data(self, **_):
         self.dataset = {"default": splits}

@@ -113,8 +113,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.mteb:
         from conan.eval.mteb_tasks import run_mteb
 
-        named = {f"{task}/{subset}": data for task, subsets in loaded.items() for subset, data in subsets.items()
-                 if not isinstance(data, tasks.Retrieval)}
+        named = {f"{task}/{subset}": data for task, subsets in loaded.items() for subset, data in subsets.items()}
         for dim in dims:
             for key, values in run_mteb(cfg.model_dir, named, dim).items():
                 task, subset = key.split("/", 1)
