@@ -14,7 +14,8 @@ from conan.eval.bm25 import BM25, tokenize
 
 
 def test_bm25_matches_the_formula():
-    docs = ["the cat sat on the mat", "the dog sat", "cats and dogs", "猫坐在垫子上"]
+    """bm25s's scores are Okapi BM25's (written out here) divided by the constant k1 + 1, as in Lucene."""
+    docs = ["the cat sat on the mat", "the dog sat", "cats and dogs", "猫坐在垫子上", "the the the cat"]
     index = BM25(docs, k1=1.2, b=0.75)
     tokens = [tokenize(d) for d in docs]
     avgdl = sum(map(len, tokens)) / len(tokens)
@@ -29,9 +30,11 @@ def test_bm25_matches_the_formula():
                 total += idf * tf * 2.2 / (tf + 1.2 * (1 - 0.75 + 0.75 * len(tokens[d]) / avgdl))
         return total
 
-    for query in ("the cat", "sat dog", "垫子", "nothing"):
-        assert index.scores(query) == pytest.approx([direct(query, d) for d in range(len(docs))])
-    assert index.search("the cat", 2)[0] == 0 and index.search("垫子", 1) == [3]
+    for query in ("the cat", "sat dog", "垫子", "nothing", "cat cat mat"):
+        assert list(index.scores(query) * 2.2) == pytest.approx([direct(query, d) for d in range(len(docs))],
+                                                                rel=1e-6, abs=1e-6)
+    ranked = sorted(range(len(docs)), key=lambda d: (-direct("the cat", d), d))
+    assert index.search("the cat", 2) == ranked[:2] and index.search("垫子", 1) == [3]
 
 
 def test_retrieval_metrics_by_hand():
