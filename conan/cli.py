@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from conan.config import STAGES, ConfigError, PipelineConfig, load_config
+from conan.config import STAGES, USER_ERRORS, ConfigError, PipelineConfig, load_config
 
 
 def _config_command(sub, name: str, func, what: str, **texts) -> argparse.ArgumentParser:
@@ -181,8 +181,10 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     """Add sentence-transformers files to an exported embedding model, or write the model as Llama."""
+    from conan.encoder import check_model_dir
     from conan.export import add_sentence_transformers_files, export_llama
 
+    check_model_dir(args.model_dir)
     if args.format == "llama":
         if not args.out:
             raise ConfigError("conan export --format llama needs --out DIR")
@@ -215,9 +217,11 @@ def cmd_corpus(args) -> int:
 
 def cmd_tokenizer(args) -> int:
     """Train a byte-level BPE tokenizer."""
+    from conan.config import require_paths
     from conan.runtime import init_ray
     from conan.tokenizer import train_tokenizer
 
+    require_paths(args.inputs, "conan tokenizer inputs")
     init_ray(args.ray_address)
     tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.max_texts)
     print(f"tokenizer with {len(tok)} tokens → {args.out}")
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f"conan {args.command}: error: {err}", file=sys.stderr)
         return 2
 

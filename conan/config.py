@@ -27,6 +27,18 @@ class ConfigError(ValueError):
     """A configuration value is unknown, missing or of the wrong type."""
 
 
+# What the user can fix from the message alone: the CLI prints these as one line, no traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
+
+
+def require_paths(paths: list[str], key: str) -> None:
+    """Fail with one line naming `key` and the first local path in `paths` that does not exist (URIs are left to
+    their filesystem)."""
+    for p in paths:
+        if "://" not in str(p) and not Path(p).exists():
+            raise ConfigError(f"{key}: {p} does not exist")
+
+
 BUNDLED_DATA = Path(__file__).resolve().parent / "data" / "bundled"  # the shippable sets, with licences
 
 

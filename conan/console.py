@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from conan.config import USER_ERRORS
+
 LOG_DIR = "logs"  # under a command's output_dir; may precede the outputs of a step that wants an empty directory
 _console: TextIO | None = None  # the terminal while `quiet` routes everything else to its log file
 
@@ -63,6 +65,8 @@ def quiet(path: str | Path, verbose: bool = False) -> Iterator[Path | None]:
     say(f"logs: {path} (Ray, DeepSpeed and worker output; --verbose prints them here)")
     try:
         yield path
+    except USER_ERRORS:
+        raise  # one line the user acts on; the log adds nothing
     except BaseException:
         say(f"failed: the error follows; what led to it is in {path}")
         raise

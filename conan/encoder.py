@@ -16,8 +16,8 @@ def check_model_dir(model_dir: str | Path) -> Path:
     """The model directory, or a FileNotFoundError that names it and what writes one."""
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no exported model here (no config.json); `make demo` writes "
-                                "runs/pipeline_tiny/supervised/model, `conan train <stage>` writes <output_dir>/model")
+        raise FileNotFoundError(f"{path}: no exported model here (no config.json); `make demo` writes every stage's "
+                                "as runs/pipeline_tiny/<stage>/model, `conan train <stage>` writes <output_dir>/model")
     return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from conan.config import CLRConfig
+from conan.config import CLRConfig, require_paths
 from conan.data.langid import LanguageIdentifier
 from conan.data.schemas import SCHEMAS, read_records, with_columns
 from conan.data.sink import run_and_count, start_step, write_stats
@@ -111,6 +111,7 @@ def build_clr(cfg: CLRConfig, job: str = "build_clr") -> dict:
     from conan.data.translate import LookupBackend
 
     started = time.perf_counter()
+    require_paths(cfg.inputs, "inputs")
     out, langid_path = start_step(cfg.output_dir, "build_clr", cfg.ray_address, cfg.data_root)
     inputs = cfg.inputs or [str(xquad_triples(cfg.data_root, cfg.num_negatives, out / "source" / "xquad_en.parquet"))]
     languages = cfg.languages

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from conan.config import CurationConfig, from_dict
+from conan.config import CurationConfig, from_dict, require_paths
 from conan.data.dedup import DedupShard, MinHasher, exact_keys, first_seen
 from conan.data.faults import die_once_on
 from conan.data.langid import LanguageIdentifier
@@ -170,6 +170,7 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
     import ray.data
 
     started = time.perf_counter()
+    require_paths(cfg.inputs, "inputs")
     out, langid_path = start_step(cfg.output_dir, "curation", cfg.ray_address, cfg.data_root)
     inputs = cfg.inputs or [str(sft_records_file(cfg.data_root, out / "source" / "sft.jsonl"))]
     shards = [ray.remote(DedupShard).options(num_cpus=0).remote() for _ in range(cfg.dedup_shards)]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from conan.config import EvalConfig, ExperimentConfig, JobConfig, from_dict, load_config, to_dict
-from conan.train.launcher import absolute_paths
+from conan.train.launcher import absolute_paths, check_inputs
 
 GROUPS = ("Multi", "Eng", "Zh")
 
@@ -60,6 +60,8 @@ def run_trials(name: str, trials: dict[str, dict], exp: ExperimentConfig) -> dic
 
     from conan.runtime import init_ray
 
+    for stage in trials.values():  # a missing model or input is one line now, not a failed trial per grid point
+        check_inputs(from_dict(JobConfig, stage))
     init_ray(exp.ray_address)
     evaluation = to_dict(load_config(EvalConfig, exp.evaluation, [
         "baselines=[]", "bm25=false", "plots=false", f"data_root={Path(exp.data_root).resolve()}"]))

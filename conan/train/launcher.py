@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from conan.config import ConfigError, JobConfig, to_dict
+from conan.config import ConfigError, JobConfig, require_paths, to_dict
 from conan.console import ReportFollower, say
 from conan.data.shards import ShardError, convert, input_files, is_shard_dir, load_manifest, merge_manifests
+from conan.encoder import check_model_dir
 from conan.runtime import init_ray
 from conan.train.backend import resolve_backend
 from conan.train.loop import STAGE_MARKER, progress_line, train_worker
@@ -36,16 +37,16 @@ class StageResult:
 def check_inputs(cfg: JobConfig) -> Path:
     """Fail before any worker starts when the previous stage's model or the tokenizer is missing; return the tokenizer dir."""
     if cfg.model.init_from:
-        path = Path(cfg.model.init_from)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.init_from: no exported model at {path} (run the previous stage first)")
+        try:
+            check_model_dir(cfg.model.init_from)
+        except FileNotFoundError as err:
+            raise ConfigError(f"model.init_from: {err}") from None
     tokenizer_dir = Path(cfg.tokenizer.path or cfg.model.init_from or "")
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise ConfigError(f"tokenizer.path: no tokenizer at {tokenizer_dir or '(unset)'}; set tokenizer.path "
-                          "or model.init_from")
-    for p in cfg.data.paths:
-        if not Path(p).exists():
-            raise ConfigError(f"data.paths: {p} does not exist")
+                          "or model.init_from (`make demo` writes runs/pipeline_tiny/tokenizer, `conan tokenizer "
+                          "FILES --out DIR` trains one)")
+    require_paths(cfg.data.paths, "data.paths")
     return tokenizer_dir
 
 

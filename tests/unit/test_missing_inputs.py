@@ -1,4 +1,5 @@
-"""A missing model directory is one clear line naming it and what writes one, from every command that loads a model."""
+"""A missing model, tokenizer or input is one clear line naming it (and what writes a model or tokenizer), from every
+command, before any Ray or training work starts."""
 
 from __future__ import annotations
 
@@ -16,6 +17,51 @@ def test_missing_model_is_one_line_naming_it(command, config, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"conan {command}: error: {missing}: no exported model here"), err
     assert "make demo" in err[0]
+
+
+NOPE = "/nonexistent/conan"
+MISSING_MODEL = f"{NOPE}/model: no exported model here (no config.json); `make demo` writes"
+# (command line, the line's start, what else it names); every input is missing, so `make demo` need not have run.
+MISSING = [
+    *[(["train", stage, "--config", f"jobs/configs/{stage}_tiny.yaml", "--set", f"model.init_from={NOPE}/model"],
+       f"conan train: error: model.init_from: {MISSING_MODEL}", "conan train <stage>") for stage in
+      ("pretrain", "sft", "weak", "supervised")],
+    (["train", "pretrain", "--config", "jobs/configs/pretrain_tiny.yaml", "--set", "model.init_from=null",
+      "--set", f"tokenizer.path={NOPE}/tok"], f"conan train: error: tokenizer.path: no tokenizer at {NOPE}/tok",
+     "conan tokenizer"),
+    (["shard", "weak", "--config", "jobs/configs/weak_tiny.yaml", "--set", f"model.init_from={NOPE}/model"],
+     f"conan shard: error: model.init_from: {MISSING_MODEL}", "make demo"),
+    (["mine", "--config", "jobs/configs/supervised_tiny.yaml", "--set", f"model.init_from={NOPE}/model"],
+     f"conan mine: error: model.init_from: {MISSING_MODEL}", "make demo"),
+    (["sweep", "--config", "jobs/configs/sweep_mask_tiny.yaml", "--set", f"overrides=[model.init_from={NOPE}/model]"],
+     f"conan sweep: error: model.init_from: {MISSING_MODEL}", "make demo"),
+    (["ablation", "--config", "jobs/configs/ablation_tiny.yaml", "--set",
+      f"overrides=[model.init_from={NOPE}/model]"], f"conan ablation: error: model.init_from: {MISSING_MODEL}",
+     "make demo"),
+    (["export", f"{NOPE}/model", "--format", "llama", "--out", "x"], f"conan export: error: {MISSING_MODEL}",
+     "make demo"),
+    (["curate", "--config", "jobs/configs/curate_tiny.yaml", "--set", f"inputs=[{NOPE}/pairs.jsonl]"],
+     f"conan curate: error: inputs: {NOPE}/pairs.jsonl does not exist", ""),
+    (["clr", "--config", "jobs/configs/clr_tiny.yaml", "--set", f"inputs=[{NOPE}/triples.parquet]"],
+     f"conan clr: error: inputs: {NOPE}/triples.parquet does not exist", ""),
+    (["tokenizer", f"{NOPE}/corpus.parquet", "--out", "tok"],
+     f"conan tokenizer: error: conan tokenizer inputs: {NOPE}/corpus.parquet does not exist", ""),
+]
+
+
+@pytest.mark.parametrize("argv, start, names", MISSING, ids=lambda x: " ".join(x[:2]) if isinstance(x, list) else "")
+def test_every_command_names_a_missing_input_in_one_line(argv, start, names, tmp_path, capsys):
+    import ray
+
+    args = list(argv)
+    if argv[0] in ("train", "shard", "mine", "sweep", "ablation", "curate", "clr"):
+        args += ["--set", f"output_dir={tmp_path / 'out'}"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(start) and names in err[0], err
+    assert "failed:" not in captured.out  # no pointer to a log for an error the line says in full
+    assert not ray.is_initialized()  # nothing started
 
 
 def test_configs_after_the_demo_point_at_what_it_writes():
