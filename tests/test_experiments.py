@@ -13,7 +13,7 @@ from conan.config import AblationConfig, SweepConfig, load_config
 from conan.experiments.trials import GROUPS
 
 # Short runs from the session's random tiny embedding model: the point is the machinery, not the scores.
-SHORT = ["train.num_workers=1", "train.cpus_per_worker=0.4", "train.steps=8", "train.log_every=2", "train.checkpoint_every=8",
+SHORT = ["train.num_workers=1", "train.steps=8", "train.log_every=2", "train.checkpoint_every=8",
          "data.max_rows=400", "supervised.max_per_task=40", "supervised.retrieval_langs=[en]", "dhnm.pool_size=20"]
 DEV = ["max_items=30", "langs=[en, zh, de]"]
 
