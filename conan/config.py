@@ -347,6 +347,13 @@ class CLRConfig:
     num_negatives: int = 7  # negatives of the default XQuAD triples
     max_rows: int | None = None
     translators: ActorPoolConfig = field(default_factory=lambda: ActorPoolConfig(batch_size=16))
+    # The Python of the environment the translation actors run in (Ray runtime_env `py_executable`): vLLM pins its own
+    # torch / transformers, so it lives in an environment of its own (`make vllm-env` builds .venv-vllm/bin/python,
+    # with Ray at this cluster's version). None = this process's environment (a GPU image with vLLM installed).
+    translator_python: str | None = None
+    # vllm.LLM(...) keyword arguments, e.g. {gpu_memory_utilization: 0.05} on CPU, where that fraction of host memory
+    # is the KV cache; {tensor_parallel_size: 2} on GPUs.
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
     inject_failure_at: str | None = None  # chaos test: the translator holding this input row (file:line) dies once
 
 

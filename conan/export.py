@@ -56,7 +56,7 @@ def export_llama(model_dir: str | Path, out_dir: str | Path) -> Path:
 
     from conan.encoder import check_model_dir
     from conan.model import ConanConfig, ConanForCausalLM
-    from conan.tokenizer import load_tokenizer
+    from conan.tokenizer import CHAT_TEMPLATE, load_tokenizer
 
     model_dir, out_dir = check_model_dir(model_dir), Path(out_dir)
     c = ConanConfig.from_pretrained(str(model_dir))
@@ -74,5 +74,7 @@ def export_llama(model_dir: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(f"{model_dir}: weights do not map onto Llama (missing {missing}, unexpected {unexpected})")
     llama.tie_weights()
     llama.save_pretrained(str(out_dir))
-    load_tokenizer(model_dir).save_pretrained(str(out_dir))
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE  # chat APIs (vLLM's LLM.chat) prompt it in the SFT format
+    tokenizer.save_pretrained(str(out_dir))
     return out_dir

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from conan.config import CLRConfig, require_paths
+from conan.config import CLRConfig, ConfigError, require_paths
 from conan.data.langid import LanguageIdentifier
 from conan.data.schemas import SCHEMAS, read_records, with_columns
 from conan.data.sink import run_and_count, start_step, write_stats
@@ -126,15 +126,26 @@ def build_clr(cfg: CLRConfig, job: str = "build_clr") -> dict:
                         batch_format="pyarrow", num_cpus=t.cpus, compute=ray.data.ActorPoolStrategy(size=1))
     backend_args = {"backend": cfg.backend, "data_root": cfg.data_root, "model": cfg.model,
                     "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                    "retry_temperature": cfg.retry_temperature}
+                    "retry_temperature": cfg.retry_temperature, "engine_kwargs": cfg.engine_kwargs}
     ds = ds.map_batches(TranslationActor, fn_constructor_args=(backend_args, str(langid_path), cfg.max_retries,
                                                                cfg.inject_failure_at, str(out.resolve())),
                         batch_format="pyarrow", batch_size=t.batch_size, num_cpus=t.cpus, num_gpus=t.gpus,
-                        compute=ray.data.ActorPoolStrategy(size=t.size))
+                        compute=ray.data.ActorPoolStrategy(size=t.size),
+                        **({"runtime_env": translator_env(cfg.translator_python)} if cfg.translator_python else {}))
     ds = ds.map_batches(finish_rows, batch_format="pyarrow", num_cpus=t.cpus)
     totals = run_and_count(ds, out, CLR_SCHEMA, "build_clr", job, t.cpus)
     return write_stats(out, totals, started, {"proportions": proportions, "languages": kept_languages(out),
                                               "config": asdict(cfg)})
+
+
+def translator_env(python: str) -> dict:
+    """The Ray runtime_env of translation actors in another Python environment: its interpreter, this checkout on
+    its path (the actor runs conan.data.translate), and vLLM's engine in the actor's process (it would otherwise
+    spawn its engine core as a child process, which a Ray worker's entry point does not allow)."""
+    if not Path(python).is_file():
+        raise ConfigError(f"translator_python: {python} does not exist (`make vllm-env` builds .venv-vllm/bin/python)")
+    return {"py_executable": str(Path(python).absolute()),
+            "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
 
 
 def kept_languages(out: Path) -> dict[str, int]:

