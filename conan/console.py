@@ -41,9 +41,9 @@ def is_quiet() -> bool:
 
 @contextmanager
 def quiet(path: str | Path, verbose: bool = False) -> Iterator[Path | None]:
-    """Send everything this process (and what it starts) writes to stdout and stderr into `log_file`, appending, while
-    `say` keeps writing to the terminal; an error leaving the block still reaches the terminal in full, after the
-    streams are restored. `verbose`: change nothing (the internals stay on the console)."""
+    """Send everything this process (and what it starts) writes to stdout and stderr into the file `path`, appending,
+    while `say` keeps writing to the terminal; an error leaving the block still reaches the terminal in full, after
+    the streams are restored. `verbose`: change nothing (the internals stay on the console)."""
     global _console
     if verbose or _console is not None:
         yield None
@@ -80,7 +80,8 @@ def quiet(path: str | Path, verbose: bool = False) -> Iterator[Path | None]:
         _console = None
         if console is not saved[2]:
             console.close()
-        log.close()
+        # `log` stays open: loggers created inside the block (transformers', Ray Data's) hold it as their stream and
+        # may still write, e.g. at exit; it closes when the last of them lets go.
 
 
 class ReportFollower:

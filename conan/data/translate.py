@@ -141,8 +141,8 @@ class VLLMBackend:
         try:
             import vllm
         except ImportError as e:
-            raise ImportError("the vllm translation backend needs vLLM: pip install 'conan[gpu]' (vLLM) on a GPU image, "
-                              "or `make vllm-env` and translator_python=.venv-vllm/bin/python on CPU") from e
+            raise ImportError("the vllm translation backend needs vLLM: pip install 'conan[gpu]' (vLLM) on a GPU "
+                              "image, or `make vllm-env` and translator_python=.venv-vllm/bin/python on CPU") from e
         self.vllm = vllm
         self.llm = vllm.LLM(model=model, **(engine_kwargs or {}))
         self.max_new_tokens, self.temperature, self.retry_temperature = max_new_tokens, temperature, retry_temperature
