@@ -19,7 +19,8 @@ INSTRUCTION, INPUT, OUTPUT = "<|instruction|>", "<|input|>", "<|output|>"
 QUERY, DOCUMENT = "<|query|>", "<|document|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, INSTRUCTION, INPUT, OUTPUT, QUERY, DOCUMENT]  # ids 0..7, pad=0 bos=1 eos=2
 # The SFT stage's prompt as a chat template (system → instruction, user → input, then the output marker), so that
-# `apply_chat_template`, transformers' and vLLM's chat APIs prompt an SFT model the way it was trained.
+# transformers' and vLLM's chat APIs prompt an SFT model the way it was trained. Only the Llama export (the causal LM
+# for generation) carries it: sentence-transformers would wrap every text of an embedding model in it.
 CHAT_TEMPLATE = ("{%- for m in messages -%}"
                  "{%- if m['role'] == 'system' -%}" + INSTRUCTION + "{{ m['content'] }}"
                  "{%- elif m['role'] == 'user' -%}" + INPUT + "{{ m['content'] }}"
@@ -46,7 +47,7 @@ def train_tokenizer_from_iterator(texts: Iterable[str], vocab_size: int,
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
         additional_special_tokens=SPECIAL_TOKENS[3:], padding_side="right",
-        clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE)
+        clean_up_tokenization_spaces=False)
 
 
 def _stream_texts(paths: list[str], max_texts: int | None, batch_size: int = 4096) -> Iterator[str]:
