@@ -184,10 +184,10 @@ def cmd_export(args) -> int:
     from conan.encoder import check_model_dir
     from conan.export import add_sentence_transformers_files, export_llama
 
+    if args.format == "llama" and not args.out:
+        raise ConfigError("conan export --format llama needs --out DIR")
     check_model_dir(args.model_dir)
     if args.format == "llama":
-        if not args.out:
-            raise ConfigError("conan export --format llama needs --out DIR")
         print(export_llama(args.model_dir, args.out))
     else:
         print(add_sentence_transformers_files(args.model_dir))
