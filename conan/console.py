@@ -56,6 +56,7 @@ def quiet(path: str | Path, verbose: bool = False) -> Iterator[Path | None]:
         console = open(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8", closefd=True)
     except (AttributeError, io.UnsupportedOperation, ValueError):  # an in-memory stream (pytest's capsys)
         console = sys.stdout
+    joined_before = _ray_joined()
     saved = os.dup(1), os.dup(2), sys.stdout, sys.stderr
     log = open(path, "a", buffering=1, encoding="utf-8")
     os.dup2(log.fileno(), 1)
@@ -71,6 +72,11 @@ def quiet(path: str | Path, verbose: bool = False) -> Iterator[Path | None]:
         say(f"failed: the error follows; what led to it is in {path}")
         raise
     finally:
+        if _ray_joined() and not joined_before:
+            # Leave the Ray this command joined while its output still goes to the log: Ray's log monitor would
+            # otherwise print the workers' last lines on the terminal after the command's own.
+            import ray
+            ray.shutdown()
         log.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
@@ -82,6 +88,11 @@ def quiet(path: str | Path, verbose: bool = False) -> Iterator[Path | None]:
             console.close()
         # `log` stays open: loggers created inside the block (transformers', Ray Data's) hold it as their stream and
         # may still write, e.g. at exit; it closes when the last of them lets go.
+
+
+def _ray_joined() -> bool:
+    """Whether this process is connected to Ray (without importing Ray when nothing did)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 class ReportFollower:
