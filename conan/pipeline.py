@@ -60,7 +60,7 @@ def _data_step(name: str, config_cls, yaml_path: str, out: Path, cfg: PipelineCo
                                                        f"ray_address={cfg.ray_address or 'null'}"])
         stats = run(step_cfg)
         say(f"[pipeline] {name}: {stats['rows_in']} rows in, {stats['rows_out']} kept, rejected "
-              f"{stats['rejected']} ({time.perf_counter() - t:.0f}s)")
+            f"{stats['rejected']} ({time.perf_counter() - t:.0f}s)")
     return step_dir / "data"
 
 
@@ -129,8 +129,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         tokenizer.save_pretrained(str(model_dir))
     config = ConanConfig.from_pretrained(str(model_dir))
     say(f"[pipeline] model: preset {cfg.model.preset}, {count_parameters(config):,} parameters, "
-          f"vocab {config.vocab_size}, hidden {config.hidden_size}, layers {config.num_hidden_layers} "
-          f"→ {model_dir}")
+        f"vocab {config.vocab_size}, hidden {config.hidden_size}, layers {config.num_hidden_layers} "
+        f"→ {model_dir}")
     paths = {"corpus": str(corpus), "tokenizer": str(tok_dir), "model_init": str(model_dir)}
     previous = model_dir
     for stage_yaml in cfg.stages:
@@ -145,7 +145,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         result = run_stage(stage_cfg)
         loss = result.metrics.get("loss")
         say(f"[pipeline] {stage_cfg.stage}: → {result.model_dir}"
-              + (f" (final loss {loss:.3f}, {time.perf_counter() - t:.0f}s)" if loss is not None else ""))
+            + (f" (final loss {loss:.3f}, {time.perf_counter() - t:.0f}s)" if loss is not None else ""))
         previous = result.model_dir
         paths[stage_cfg.stage] = str(result.model_dir)
     paths["model"] = str(previous)
