@@ -24,7 +24,7 @@ from pathlib import Path
 from conan.config import JobConfig, default_data_root, load_config
 from conan.data.stage_data import pair_records
 from conan.runtime import init_ray
-from conan.train.launcher import mine_negatives, run_stage, stage_rows, with_demo_data
+from conan.train.launcher import mine_negatives, run_stage, with_demo_data
 from conan.train.stages import stage_class
 
 from _tiny import tiny_embedding_model
@@ -64,7 +64,7 @@ def main() -> None:
             "stage=supervised", f"output_dir={tmp}", f"model.init_from={tmp / 'model'}", "dhnm.pool_size=60",
             f"dhnm.candidates={tmp / 'mined.parquet'}", "supervised.max_per_task=400"]), stage_class("supervised"))
         start = time.perf_counter()
-        mine_negatives(mining_cfg, stage_rows(mining_cfg, stage_class("supervised")))
+        mine_negatives(mining_cfg)
         mining_s = time.perf_counter() - start
 
         static = run("static", tmp, args.steps, args.batch)

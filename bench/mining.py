@@ -1,10 +1,10 @@
 """Mining at the issue's scale on this machine: 1M passages × 100k queries at dim 256, through the sharded search.
 
 Passage embeddings are synthetic: seeded unit vectors written as the float32 .npy shards that `embed_passages`
-writes (262,144 passages each). Each query is its positive passage plus noise (cosine 0.8 to it), so the positives
+writes (`shard_bytes`, 256 MB: 262,144 passages at dim 256). Each query is its positive passage plus noise (cosine 0.8 to it), so the positives
 rank first and the false-negative guard applies as on real data. `mine_candidates` then does what a supervised
-run's mining does after embedding: it loads one shard at a time, builds that shard's faiss index (IVF, as
-`index: auto` picks above 100k passages), searches the queries in batches, merges each query's running top-k by
+run's mining does after embedding: it loads one shard file at a time, builds that shard's faiss index (IVF, as
+`index: auto` picks above 100k passages; written beside the shard for later query chunks), searches the queries in batches, merges each query's running top-k by
 score, applies the guard (and the deeper re-search for queries left short), and `write_mined` writes the parquet.
 Seconds and peak RSS (this process's ru_maxrss, shard generation included) cover that search.
 
@@ -87,25 +87,25 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--embed-texts", type=int, default=20_000)
     args = parser.parse_args()
-    cfg = MiningConfig(top_k=30)
+    cfg, top_k = MiningConfig(), 30
+    shard_rows = cfg.shard_bytes // (4 * args.dim)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = write_shards(tmp / "shards", args.passages, args.dim, cfg.shard_rows)
-        shards = [np.load(p, mmap_mode="r") for p in paths]
-        query_emb, positives = planted_queries(shards, args.queries)
+        paths = write_shards(tmp / "shards", args.passages, args.dim, shard_rows)
+        query_emb, positives = planted_queries([np.load(p, mmap_mode="r") for p in paths], args.queries)
         start = time.perf_counter()
-        mined = mine_candidates(query_emb, shards, positives, cfg)
+        mined = mine_candidates(query_emb, paths, positives, top_k, 0.95, cfg)
         write_mined(tmp / "mined.parquet", [f"q{i}" for i in range(args.queries)], mined)
         seconds = time.perf_counter() - start
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        full = sum(len(ids) == cfg.top_k for ids, _ in mined)
+        full = sum(len(ids) == top_k for ids, _ in mined)
         leaked = sum(bool(positives[q] & set(ids)) for q, (ids, _) in enumerate(mined))
         rate, model_dim = embedding_rate(args.embed_texts, tmp) if args.embed_texts else (float("nan"), 0)
     corpus_gb = args.passages * args.dim * 4 / 2**30
-    print(f"search: {args.passages:,} passages in {len(paths)} shards of {cfg.shard_rows:,} (corpus {corpus_gb:.2f} GB "
-          f"as float32), {args.queries:,} queries, dim {args.dim}, top_k {cfg.top_k}, index auto "
+    print(f"search: {args.passages:,} passages in {len(paths)} shards of {shard_rows:,} (corpus {corpus_gb:.2f} GB "
+          f"as float32), {args.queries:,} queries, dim {args.dim}, top_k {top_k}, index auto "
           f"({'IVF' if args.passages >= cfg.ivf_threshold else 'flat'} per shard)")
-    print(f"  {seconds:.1f} s, peak RSS {peak_gb:.2f} GB; {full:,} queries with {cfg.top_k} candidates, "
+    print(f"  {seconds:.1f} s, peak RSS {peak_gb:.2f} GB; {full:,} queries with {top_k} candidates, "
           f"{leaked} with their positive among them")
     if args.embed_texts:
         print(f"embedding: {rate:,.0f} passages/s (tiny model, dim {model_dim}, 2 threads, in this process) → "

@@ -102,7 +102,7 @@ def cmd_mine(args) -> int:
     """Mine hard-negative candidates for the supervised stage's queries."""
     from conan.config import JobConfig
     from conan.runtime import init_ray
-    from conan.train.launcher import absolute_paths, check_inputs, mine_negatives, stage_rows, with_demo_data
+    from conan.train.launcher import absolute_paths, check_inputs, mine_negatives, with_demo_data
     from conan.train.stages import stage_class
 
     cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, "stage=supervised"]))
@@ -110,7 +110,7 @@ def cmd_mine(args) -> int:
     with _quiet(args, cfg.output_dir):
         init_ray(cfg.ray_address)
         cfg = with_demo_data(cfg, stage_class("supervised"))
-        path = mine_negatives(cfg, stage_rows(cfg, stage_class("supervised")), force=True)
+        path = mine_negatives(cfg, force=True)
     print(json.dumps({"candidates": str(path)}))
     return 0
 
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=list(STAGES), help="which stage")
 
     _config_command(sub, "mine", cmd_mine,
-                    "supervised stage (JobConfig; dhnm.pool_size, dhnm.false_negative_ratio, dhnm.index)",
+                    "supervised stage (JobConfig; dhnm.pool_size, dhnm.false_negative_ratio, dhnm.mining.*)",
                     help="mine hard-negative candidates (faiss) for the supervised stage's DHNM pool",
                     description="Embed the supervised stage's queries and the passage corpus with model.init_from "
                                 "on a Ray Data actor pool, search a faiss index, drop positives, apply the "

@@ -130,6 +130,37 @@ class SupervisedConfig:
 
 
 @dataclass
+class ActorPoolConfig:
+    """Resources of one Ray Data actor pool: fractional CPUs on small machines (2 CPUs starve otherwise), GPUs on
+    clusters."""
+
+    size: int = 1
+    cpus: float = 0.5
+    gpus: float = 0.0
+    batch_size: int = 64
+
+
+@dataclass
+class MiningConfig:
+    """How mining embeds the passage corpus and the queries and searches them (jobs/mine_negatives.py); memory is
+    bounded by byte budgets, whatever the corpus and query counts."""
+
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # faiss index (auto: exact below ivf_threshold passages)
+    ivf_threshold: int = 100_000
+    # Matryoshka prefix mining embeds and searches at (None = the model's full width): at the 1.4B's 3584 a 256-dim
+    # prefix makes the search 14× cheaper and the embedding shards 14× smaller.
+    dim: int | None = None
+    max_length: int = 256  # tokens a passage or query is embedded with
+    actors: ActorPoolConfig = field(default_factory=ActorPoolConfig)  # the embedding pool: one GPU an actor on a cluster
+    # texts × max_length × model bytes up to which the launching process embeds them itself: an actor pool's start-up
+    # (~7 s) outweighs the work (the tiny demo's 2,000 queries at 5 MB of weights: about 3e12, 1 s).
+    in_process_work: float = 1e13
+    shard_bytes: int = 256 << 20  # an embedding shard's float32 bytes: the search holds one shard (and its index)
+    query_chunk_bytes: int = 1 << 30  # the query embeddings embedded and searched at a time
+    query_batch: int = 8192  # queries searched at once: bounds the score and merge buffers
+
+
+@dataclass
 class DHNMConfig:
     """Dynamic hard-negative mining of the supervised stage (§3.4, eq. 6); thresholds default to the paper's."""
 
@@ -140,7 +171,7 @@ class DHNMConfig:
     passages: str | None = None
     pool_size: int = 30  # candidates per query
     false_negative_ratio: float = 0.95
-    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"  # faiss index for mining (auto: flat below 100k passages)
+    mining: MiningConfig = field(default_factory=MiningConfig)
     num_shards: int = 1
     # Ray resources each pool shard asks for, e.g. {memory: 3e9} or a custom resource that places the shards on CPU
     # nodes with room for their arrays; {} = anywhere (they take no CPU).
@@ -280,17 +311,6 @@ class AblationConfig(ExperimentConfig):
         default_factory=lambda: ["linear", "accelerating", "decelerating"])  # Table 12's rows
     clr_weight: float = 1.0  # the CLR task's weight in the rows with CLR on
     dhnm_overrides: list[str] = field(default_factory=list)  # when DHNM is on (e.g. thresholds for a small model)
-
-
-@dataclass
-class ActorPoolConfig:
-    """Resources of one Ray Data actor pool: fractional CPUs on small machines (2 CPUs starve otherwise), GPUs on
-    clusters."""
-
-    size: int = 1
-    cpus: float = 0.5
-    gpus: float = 0.0
-    batch_size: int = 64
 
 
 @dataclass

@@ -87,7 +87,7 @@ def _mine_step(stage_cfg: JobConfig, path: Path) -> JobConfig:
     into `path` unless it exists; return the stage config reading them."""
     from dataclasses import replace
 
-    from conan.train.launcher import absolute_paths, mine_negatives, stage_rows, with_demo_data
+    from conan.train.launcher import absolute_paths, mine_negatives, with_demo_data
     from conan.train.stages import stage_class
 
     stage_cfg = with_demo_data(absolute_paths(replace(stage_cfg, dhnm=replace(stage_cfg.dhnm, candidates=str(path)))),
@@ -95,7 +95,7 @@ def _mine_step(stage_cfg: JobConfig, path: Path) -> JobConfig:
     t = _step("mine", path.is_file())
     if not path.is_file():
         init_ray(stage_cfg.ray_address)
-        mine_negatives(stage_cfg, stage_rows(stage_cfg, stage_class("supervised")))
+        mine_negatives(stage_cfg)
         say(f"[pipeline] mine: {time.perf_counter() - t:.0f}s")
     return stage_cfg
 

@@ -1,6 +1,7 @@
 """Dynamic hard-negative mining: eq. 6 on hand-made score sequences, pool exhaustion, the shared actor."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,8 +189,8 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
     import pyarrow.parquet as pq
 
     from conan.data import stage_data
-    from conan.data.mining import (MiningConfig, embed_passages, embed_texts, mine_candidates, mine_supervised_candidates,
-                                   read_mined)
+    from conan.data.mining import (MiningConfig, embed_passages, embed_texts, embedding_width, mine_candidates,
+                                   mine_supervised_candidates, read_mined)
     from conan.data.passages import write_passage_lookup
 
     model_dir = _random_embedding_model(tmp_path, tokenizer)
@@ -198,29 +199,39 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
     assert len(corpus) == 180  # the 36 training articles' paragraphs: the 12 held-out articles are never mined
     pq.write_table(pa.table({"text": corpus}), tmp_path / "passages.parquet")
     lookup = write_passage_lookup(tmp_path / "passages.parquet", tmp_path / "passages.arrow")
-    # Embedded into 3 shards (64 + 64 + 52 passages) and searched shard by shard, 16 queries at a time, the queries
-    # embedded and mined 50 at a time: the same candidates as one chunk, one batch and one shard.
-    n = mine_supervised_candidates(model_dir, rows, lookup, tmp_path / "mined.parquet",
-                                   MiningConfig(top_k=20, shard_rows=64, query_batch=16, query_chunk=50))
+    # The rows in two files, as a stage's shards are; a classification row with a query_id is not mined.
+    files = [tmp_path / "rows-0.parquet", tmp_path / "rows-1.parquet"]
+    pq.write_table(pa.Table.from_pylist(rows[:70]), files[0])
+    pq.write_table(pa.Table.from_pylist([*rows[70:], {**rows[0], "task": "classification", "query_id": "c:0"}]),
+                   files[1])
+    width = embedding_width(model_dir, MiningConfig())
+    # Embedded into 3 shards of 64 passages' bytes (64 + 64 + 52) and searched shard by shard, 16 queries at a time,
+    # the queries embedded and mined 50 at a time: the same candidates as one chunk, one batch and one shard.
+    n = mine_supervised_candidates(model_dir, files, ["retrieval", "clr"], lookup, tmp_path / "mined.parquet", 20,
+                                   0.95, MiningConfig(shard_bytes=64 * 4 * width, query_batch=16,
+                                                      query_chunk_bytes=50 * 4 * width))
     shards = sorted((tmp_path / "mined_embeddings").glob("emb-*.npy"))
     assert [len(np.load(p)) for p in shards] == [64, 64, 52]
     mined = read_mined(tmp_path / "mined.parquet")
-    mine_supervised_candidates(model_dir, rows, lookup, tmp_path / "whole.parquet", MiningConfig(top_k=20))
+    mine_supervised_candidates(model_dir, files, ["retrieval", "clr"], lookup, tmp_path / "whole.parquet", 20, 0.95,
+                               MiningConfig())
     assert read_mined(tmp_path / "whole.parquet") == mined
     assert n == len(mined) == len({r["query_id"] for r in rows}) == 120  # 60 English + 60 cross-lingual queries
+    assert list(mined) == [r["query_id"] for r in rows]  # in the files' order
     by_query = {r["query_id"]: r for r in rows}
     assert all(by_query[q]["positive_id"] not in c for q, c in mined.items())
     # The guard, checked against exact cosines: no kept candidate scores above 0.95 × its positive, and mining went
     # deep enough that each query has k = 20 candidates or every passage under the guard.
-    cfg = MiningConfig(top_k=20, false_negative_ratio=0.95)
-    ids, corpus_emb = embed_texts(model_dir, list(range(len(corpus))), corpus, cfg)  # small: in this process
-    pool_ids, pool_emb = embed_texts(model_dir, list(range(len(corpus))), corpus, replace(cfg, in_process_work=0))
-    assert pool_ids == ids and np.allclose(pool_emb, corpus_emb, atol=1e-6)  # the actor pool embeds the same
+    cfg = MiningConfig()
+    corpus_emb = embed_texts(model_dir, corpus, cfg)  # small: in this process
+    pool_emb = embed_texts(model_dir, corpus, replace(cfg, in_process_work=0))
+    assert np.allclose(pool_emb, corpus_emb, atol=1e-6)  # the actor pool embeds the same
     assert np.allclose(np.concatenate([np.load(p) for p in shards]), corpus_emb, atol=1e-6)  # so do the shards,
-    pool_shards = embed_passages(model_dir, lookup, tmp_path / "pool", replace(cfg, in_process_work=0, shard_rows=64))
+    pool_shards = embed_passages(model_dir, lookup, tmp_path / "pool",
+                                 replace(cfg, in_process_work=0, shard_bytes=64 * 4 * width))
     assert np.allclose(np.concatenate([np.load(p) for p in pool_shards]), corpus_emb, atol=1e-6)  # on a pool too
     qids = list(by_query)[:30]
-    _, q_emb = embed_texts(model_dir, qids, [by_query[q]["query"] for q in qids], cfg)
+    q_emb = embed_texts(model_dir, [by_query[q]["query"] for q in qids], cfg)
     for q, e in zip(qids, q_emb):
         pos = float(e @ corpus_emb[by_query[q]["positive_id"]])
         limit = pos - 0.05 * abs(pos)
@@ -228,10 +239,20 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
         under_guard = sum(float(e @ row) <= limit - 1e-5 for row in corpus_emb) - (pos <= limit - 1e-5)
         assert min(20, under_guard) <= len(mined[q]) <= 20, (q, len(mined[q]), under_guard)
     # Without the guard, the ranking is the plain top-k minus the positive (exact flat index).
-    loose = mine_candidates(q_emb[:1], [corpus_emb], [{by_query[qids[0]]["positive_id"]}],
-                            MiningConfig(top_k=5, false_negative_ratio=10.0))[0]
+    loose = mine_candidates(q_emb[:1], [corpus_emb], [{by_query[qids[0]]["positive_id"]}], 5, 10.0)[0]
     order = [i for i in np.argsort(-(corpus_emb @ q_emb[0])) if i != by_query[qids[0]]["positive_id"]][:5]
     assert loose[0] == [int(i) for i in order] and len(loose[0]) == 5
+    # At a Matryoshka prefix: the shards hold 32 dims, the renormalised prefix of the full embeddings, and the
+    # candidates are those of a search over that prefix.
+    prefix = corpus_emb[:, :32] / np.linalg.norm(corpus_emb[:, :32], axis=1, keepdims=True)
+    mine_supervised_candidates(model_dir, files, ["retrieval", "clr"], lookup, tmp_path / "d32.parquet", 20, 0.95,
+                               replace(cfg, dim=32))
+    d32 = np.concatenate([np.load(p) for p in sorted((tmp_path / "d32_embeddings").glob("emb-*.npy"))])
+    assert d32.shape == (180, 32) and np.allclose(d32, prefix, atol=1e-5)
+    q32 = embed_texts(model_dir, [by_query[q]["query"] for q in qids], replace(cfg, dim=32))
+    expected = mine_candidates(q32, [prefix], [{by_query[q]["positive_id"]} for q in qids], 20, 0.95)
+    assert [read_mined(tmp_path / "d32.parquet")[q] for q in qids] == [ids for ids, _ in expected]
+    assert [read_mined(tmp_path / "d32.parquet")[q] for q in qids] != [mined[q] for q in qids]
 
 
 def test_mined_candidates_are_read_as_pool_arrays_batch_by_batch(tmp_path):
@@ -249,3 +270,51 @@ def test_mined_candidates_are_read_as_pool_arrays_batch_by_batch(tmp_path):
     write_mined(tmp_path / "big.parquet", ["en:0"], [([1, 1 << 31], [0.5, 0.4])])
     with pytest.raises(ValueError, match="big.parquet: candidate ids must lie in"):
         read_mined_arrays(tmp_path / "big.parquet")
+
+
+def test_a_supervised_run_mines_the_users_own_corpus(ray_cluster, tmp_path, tokenizer, data_root):
+    """A user's retrieval rows over their own corpus (CSL titles → abstracts, ids into a 320-abstract corpus; no
+    XQuAD): the run mines that corpus only, drops the positives, keeps every candidate under the false-negative
+    guard, and its pool manages exactly the queries left with at least num_negatives candidates."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conan.config import JobConfig, load_config
+    from conan.data.mining import MiningConfig, embed_texts, read_mined
+    from conan.data.public_sets import csl_title_pairs
+    from conan.train.launcher import run_stage
+
+    pairs = csl_title_pairs(data_root)[:320]
+    corpus = [abstract for abstract, _ in pairs]
+    pq.write_table(pa.table({"text": corpus}), tmp_path / "abstracts.parquet")
+    queries = {f"csl:{i}": (title, i) for i, (_, title) in enumerate(pairs[:240])}  # 80 abstracts are distractors
+    pq.write_table(pa.Table.from_pylist([{"task": "retrieval", "lang": "zh", "query_id": q, "query": title,
+                                          "positive": corpus[i], "positive_id": i, "negatives": []}
+                                         for q, (title, i) in queries.items()]), tmp_path / "rows.parquet")
+    model_dir = _random_embedding_model(tmp_path, tokenizer)
+    cfg = load_config(JobConfig, Path(__file__).resolve().parents[1] / "jobs" / "configs" / "supervised_tiny.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"model.init_from={model_dir}", f"data.paths=[{tmp_path / 'rows.parquet'}]",
+        f"dhnm.passages={tmp_path / 'abstracts.parquet'}", "dhnm.pool_size=20", "train.steps=4", "train.log_every=2",
+        "train.checkpoint_every=100", "supervised.task_weights={retrieval: 1.0}", "supervised.batch_sizes={retrieval: 8}"])
+    run_stage(cfg)
+    assert not (tmp_path / "run" / "demo").exists()  # the demo data source was never written
+    mined = read_mined(tmp_path / "run" / "mined_negatives.parquet")
+    assert set(mined) == set(queries)
+    embedded = sorted((tmp_path / "run" / "mined_negatives_embeddings").glob("emb-*.npy"))
+    assert sum(len(np.load(p)) for p in embedded) == len(corpus)  # the user's corpus, all of it, nothing else
+    corpus_emb = embed_texts(model_dir, corpus, MiningConfig())
+    query_emb = embed_texts(model_dir, [title for title, _ in queries.values()], MiningConfig())
+    enough = 0
+    for (q, (_, pos)), e in zip(queries.items(), query_emb):
+        scores = corpus_emb @ e
+        limit = scores[pos] - 0.05 * abs(scores[pos])
+        assert pos not in mined[q] and all(0 <= c < len(corpus) for c in mined[q])
+        assert all(scores[c] <= limit + 1e-5 for c in mined[q])
+        under_guard = int((scores <= limit - 1e-5).sum()) - int(scores[pos] <= limit - 1e-5)
+        assert min(20, under_guard) <= len(mined[q]) <= 20
+        enough += len(mined[q]) >= cfg.supervised.num_negatives
+    reports = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert reports[-1]["dhnm_queries"] == enough > 200  # every query with enough candidates is managed
+    assert reports[-1]["dhnm_reports"] > 0

@@ -72,10 +72,10 @@ IN_PROCESS_ROWS = 50_000  # one default shard: below it, a Ray Data pool's start
 
 
 def map_shards(actor: type, jobs: list[dict], actor_kwargs: dict, concurrency: int, cpus: float,
-               in_process: bool) -> list[dict]:
+               in_process: bool, gpus: float = 0.0) -> list[dict]:
     """One call of a Ray Data actor per job (a shard to turn into another), on a pool of `concurrency` actors of
-    `cpus` each; the rows the calls return. Small inputs (`in_process`: a test's, a Tune trial's) are done by one
-    instance of the actor in this process: same calls, same outputs, no pool to start."""
+    `cpus` (and `gpus`) each; the rows the calls return. Small inputs (`in_process`: a test's, a Tune trial's) are
+    done by one instance of the actor in this process: same calls, same outputs, no pool to start."""
     if in_process:
         out = actor(**actor_kwargs)({key: [job[key] for job in jobs] for key in jobs[0]})
         return [dict(zip(out, values)) for values in zip(*out.values())]
@@ -83,7 +83,7 @@ def map_shards(actor: type, jobs: list[dict], actor_kwargs: dict, concurrency: i
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray.data.from_items(jobs).map_batches(
-        actor, batch_size=1, concurrency=max(1, min(concurrency, len(jobs))), num_cpus=cpus,
+        actor, batch_size=1, concurrency=max(1, min(concurrency, len(jobs))), num_cpus=cpus, num_gpus=gpus or None,
         fn_constructor_kwargs=actor_kwargs).take_all()
 
 

@@ -105,7 +105,8 @@ def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path |
 
 
 def stage_rows(cfg: JobConfig, stage: type[Stage]) -> list[dict]:
-    """Every row of the stage's shards in one list (mining reads the whole query set)."""
+    """Every row of the stage's shards in one list: for small inputs (tests, the peer benchmark); training and mining
+    stream the shards."""
     files = merge_manifests([load_manifest(d) for d in stage_shards(cfg, stage)])
     return [row for parts in files.values() for path, _ in parts for row in pq.read_table(path).to_pylist()]
 
@@ -147,7 +148,7 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
     stage = stage_class(cfg.stage)
     cfg = with_demo_data(cfg, stage)
     shards = stage_shards(cfg, stage, tokenizer_dir)
-    pools = start_negative_pools(cfg, stage) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
+    pools = start_negative_pools(cfg) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": to_dict(cfg), "backend": asdict(backend),
@@ -173,10 +174,11 @@ def mined_negatives_path(cfg: JobConfig) -> Path:
     return Path(cfg.dhnm.candidates) if cfg.dhnm.candidates else Path(cfg.output_dir) / "mined_negatives.parquet"
 
 
-def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Path:
-    """Mine dhnm.pool_size candidates per query of `rows` with the stage's starting model (model.init_from) in the
-    passage corpus (dhnm.passages), unless the parquet exists already; returns its path."""
-    from conan.data.mining import MiningConfig, mine_supervised_candidates
+def mine_negatives(cfg: JobConfig, force: bool = False) -> Path:
+    """Mine dhnm.pool_size candidates per query of the stage's shards with the stage's starting model
+    (model.init_from) in the passage corpus (dhnm.passages), unless the parquet exists already; returns its path.
+    The queries stream from the shard files (the driver holds arrays of 24 bytes a row, not the rows)."""
+    from conan.data.mining import mine_supervised_candidates
 
     path = mined_negatives_path(cfg)
     if path.is_file() and not force:
@@ -184,12 +186,14 @@ def mine_negatives(cfg: JobConfig, rows: list[dict], force: bool = False) -> Pat
     if not cfg.model.init_from:
         raise ConfigError("model.init_from: mining needs a trained embedding model")
     # What the stage will train on, in the tasks DHNM manages.
-    rows = [r for r in rows if cfg.supervised.task_weights.get(r["task"], 0) > 0 and r["task"] in TASKS
-            and TASKS[r["task"]].mined]
-    n = mine_supervised_candidates(cfg.model.init_from, rows, passage_lookup(cfg), path,
-                                   MiningConfig(top_k=cfg.dhnm.pool_size,
-                                                false_negative_ratio=cfg.dhnm.false_negative_ratio,
-                                                index=cfg.dhnm.index))
+    tasks = [t for t, w in cfg.supervised.task_weights.items() if w > 0 and t in TASKS and TASKS[t].mined]
+    files = [p for parts in merge_manifests([load_manifest(d) for d in stage_shards(cfg, stage_class("supervised"))])
+             .values() for p, _ in parts]
+    try:
+        n = mine_supervised_candidates(cfg.model.init_from, files, tasks, passage_lookup(cfg), path,
+                                       cfg.dhnm.pool_size, cfg.dhnm.false_negative_ratio, cfg.dhnm.mining)
+    except ValueError as e:
+        raise ConfigError(f"dhnm: {e}") from e
     say(f"[{cfg.stage}] mined {cfg.dhnm.pool_size} candidates for {n} queries → {path}")
     return path
 
@@ -214,7 +218,7 @@ def passage_lookup(cfg: JobConfig) -> Path:
                                 check_inputs(cfg), cfg.data.seq_len)
 
 
-def start_negative_pools(cfg: JobConfig, stage: type[Stage]):
+def start_negative_pools(cfg: JobConfig):
     """Create the pool actors from the mined candidates (mining first when none are given)."""
     from conan.data.mining import read_mined_arrays
     from conan.dhnm import ReplacementRule, create_negative_pools
@@ -224,7 +228,7 @@ def start_negative_pools(cfg: JobConfig, stage: type[Stage]):
     passage_lookup(cfg)  # what the workers' negatives read
     path = mined_negatives_path(cfg)
     if not path.is_file():
-        path = mine_negatives(cfg, stage_rows(cfg, stage))
+        path = mine_negatives(cfg)
     rule = ReplacementRule(cfg.dhnm.first_sight_min, cfg.dhnm.decay_factor, cfg.dhnm.stale_max)
     return create_negative_pools(*read_mined_arrays(path), f"{cfg.name}-dhnm", cfg.dhnm.num_shards, rule,
                                  cfg.supervised.num_negatives, resources=cfg.dhnm.pool_resources)

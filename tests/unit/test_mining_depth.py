@@ -1,8 +1,10 @@
 """Mining searches deep enough: the false-negative guard drops the best passages, and a query must still get k."""
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from conan.data.mining import MiningConfig, mine_candidates
+from conan.data.mining import MiningConfig, mine_candidates, query_chunks, scan_queries
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int = 16) -> np.ndarray:
@@ -16,8 +18,7 @@ def test_every_query_with_enough_candidates_under_the_guard_gets_k():
     corpus, queries = unit_rows(rng, 400), unit_rows(rng, 50)
     # Positives are random passages: their median rank is deep, so most of the top passages sit above the guard.
     positives = [{int(p)} for p in rng.integers(0, 400, size=50)]
-    cfg = MiningConfig(top_k=10, false_negative_ratio=0.95, index="flat")
-    mined = mine_candidates(queries, [corpus], positives, cfg)
+    mined = mine_candidates(queries, [corpus], positives, 10, 0.95, MiningConfig(index="flat"))
     scores = queries @ corpus.T
     short = 0
     for q, (ids, s) in enumerate(mined):
@@ -36,10 +37,50 @@ def test_shards_searched_one_at_a_time_merge_into_the_single_index_result():
     rng = np.random.default_rng(1)
     corpus, queries = unit_rows(rng, 300), unit_rows(rng, 40)
     positives = [{int(p)} for p in rng.integers(0, 300, size=40)]
-    cfg = MiningConfig(top_k=12, false_negative_ratio=0.95, index="flat")
-    whole = mine_candidates(queries, [corpus], positives, cfg)
-    sharded = mine_candidates(queries, [corpus[:70], corpus[70:250], corpus[250:]], positives,
-                              MiningConfig(top_k=12, false_negative_ratio=0.95, index="flat", query_batch=7))
+    whole = mine_candidates(queries, [corpus], positives, 12, 0.95, MiningConfig(index="flat"))
+    sharded = mine_candidates(queries, [corpus[:70], corpus[70:250], corpus[250:]], positives, 12, 0.95,
+                              MiningConfig(index="flat", query_batch=7))
     assert [ids for ids, _ in sharded] == [ids for ids, _ in whole]
     assert all(np.allclose(a, b, atol=1e-6) for (_, a), (_, b) in zip(sharded, whole))
     assert any(max(ids) >= 250 for ids, _ in sharded) and any(min(ids) < 70 for ids, _ in sharded)
+
+
+def test_shard_files_index_is_built_once_and_read_back(tmp_path):
+    """Shards given as .npy files with an IVF index: the first search writes each shard's index beside it, later
+    searches (another query chunk, a deeper pass) read it, and the candidates equal those of in-memory shards."""
+    rng = np.random.default_rng(2)
+    corpus, queries = unit_rows(rng, 600, 32), unit_rows(rng, 30, 32)
+    paths = [tmp_path / "emb-000000.npy", tmp_path / "emb-000001.npy"]
+    np.save(paths[0], corpus[:350])
+    np.save(paths[1], corpus[350:])
+    positives = [{int(p)} for p in rng.integers(0, 600, size=30)]
+    cfg = MiningConfig(index="ivf")
+    in_memory = mine_candidates(queries, [corpus[:350], corpus[350:]], positives, 8, 0.95, cfg)
+    first = mine_candidates(queries, paths, positives, 8, 0.95, cfg)
+    indexes = sorted(tmp_path.glob("*.faiss"))
+    assert [p.name.split(".")[0] for p in indexes] == ["emb-000000", "emb-000001"]
+    stamps = [p.stat().st_mtime_ns for p in indexes]
+    again = mine_candidates(queries[:10], paths, positives[:10], 8, 0.95, cfg)
+    assert [p.stat().st_mtime_ns for p in sorted(tmp_path.glob("*.faiss"))] == stamps  # read, not rebuilt
+    assert [ids for ids, _ in first] == [ids for ids, _ in in_memory]
+    assert [ids for ids, _ in again] == [ids for ids, _ in first[:10]]
+
+
+def test_queries_stream_from_shard_files_as_arrays(tmp_path):
+    """Mining's queries read from shard files: rows of the mined tasks with a query_id, one entry per query id (its
+    first row, in file order) with every positive of its rows, texts read back `chunk` at a time."""
+    def rows(*spec):
+        return pa.Table.from_pylist([{"task": t, "query_id": q, "query": f"text {q}", "positive_id": p}
+                                     for t, q, p in spec])
+    pq.write_table(rows(("retrieval", "a", 1), ("sts", "", -1), ("clr", "b", 2), ("retrieval", "", 3)),
+                   tmp_path / "0.parquet")
+    pq.write_table(rows(("classification", "k", 4), ("retrieval", "c", 5), ("retrieval", "a", 6),
+                        ("clr", "d", 7), ("retrieval", "e", 8)), tmp_path / "1.parquet")
+    files = [tmp_path / "0.parquet", tmp_path / "1.parquet"]
+    queries = scan_queries(files, ["retrieval", "clr"], batch_rows=2)
+    assert len(queries) == 5 and queries.file.tolist() == [0, 0, 1, 1, 1] and queries.row.tolist() == [0, 2, 1, 3, 4]
+    chunks = list(query_chunks(queries, 2, batch_rows=2))
+    assert [ids for ids, _, _ in chunks] == [["a", "b"], ["c", "d"], ["e"]]
+    assert chunks[0][1] == ["text a", "text b"]
+    assert [p for _, _, ps in chunks for p in ps] == [{1, 6}, {2}, {5}, {7}, {8}]
+    assert len(scan_queries(files, ["sts"])) == 0
