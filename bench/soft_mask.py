@@ -3,7 +3,7 @@
 Same model, same batch, same process; paths interleaved so drift affects both. Goal: ≤ 1.25 on CPU
 at seq 512; with a GPU, FlexAttention at seq 2048 ≤ 1.10.
 
-    python bench/soft_mask.py [--seq 512] [--batch 4] [--steps 10] [--device cpu|cuda] [--backend sdpa|flex]
+    python bench/soft_mask.py [--seq 512] [--batch 4] [--steps 10] [--device cpu|cuda] [--backend auto|sdpa|flex]
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=0.3, help="soft-mask alpha (mid-schedule)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", choices=["sdpa", "flex"], default="sdpa")
+    parser.add_argument("--backend", choices=["auto", "sdpa", "flex"], default="auto",
+                        help="auto (the platform's default): compiled FlexAttention for the soft mask on CUDA, SDPA else")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()

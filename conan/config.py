@@ -54,6 +54,9 @@ class ModelSpec:
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # ConanConfig fields, e.g. {num_hidden_layers: 4}
     init_from: str | None = None  # exported model directory of the previous stage; None = random init
+    # Recompute each decoder layer in the backward pass instead of keeping its activations: a layer's input is all
+    # a step keeps of it, for one more forward pass of compute (long sequences on big presets).
+    activation_checkpointing: bool = False
 
 
 @dataclass

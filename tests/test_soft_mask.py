@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conan.model import ConanConfig, ConanForEmbedding
-from conan.model.attention import AttentionMask, flex_attention_available
+from conan.model.attention import AttentionMask, attention_kernel, flex_attention_available
 from conan.model.soft_mask import (SCHEDULES, is_fully_open, soft_mask_alpha, soft_mask_bias,
                                    soft_mask_matrix)
 
@@ -154,6 +154,19 @@ def test_flex_and_sdpa_paths_agree(mode, alpha):
         a, b = _states(sdpa, ids, mask, mode, alpha), _states(flex, ids, mask, mode, alpha)
     real = mask.bool()
     torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=0)
+
+
+def test_auto_backend_runs_the_soft_mask_in_flex_on_cuda_only():
+    """'auto' (the default) compiles FlexAttention for the soft mask on CUDA; SDPA's flash kernels keep the rest, and
+    CPU and NPU keep SDPA (eager FlexAttention is the slow reference there)."""
+    cuda, cpu, npu = torch.device("cuda", 0), torch.device("cpu"), torch.device("privateuseone", 0)  # torch_npu's
+    assert ConanConfig().attention_backend == "auto"
+    assert attention_kernel("auto", "soft", cuda) == "flex"
+    assert [attention_kernel("auto", m, cuda) for m in ("causal", "bidirectional")] == ["sdpa", "sdpa"]
+    assert [attention_kernel("auto", "soft", d) for d in (cpu, npu)] == ["sdpa", "sdpa"]
+    assert attention_kernel("flex", "causal", cpu) == "flex" and attention_kernel("sdpa", "soft", cuda) == "sdpa"
+    # A fully open soft mask is plain bidirectional attention, so auto hands it to SDPA's flash kernel.
+    assert AttentionMask("soft", None, alpha=1.0).effective_mode(64) == "bidirectional"
 
 
 def test_soft_mask_gradients_flow():

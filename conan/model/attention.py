@@ -39,6 +39,15 @@ def flex_kernel(device_type: str):
     return flex_attention if device_type == "cpu" else torch.compile(flex_attention, dynamic=False)
 
 
+def attention_kernel(backend: str, mode: AttentionMode, device: torch.device) -> str:
+    """The kernel for a forward pass: the configured one, or for 'auto' compiled FlexAttention when the soft mask runs
+    on CUDA (its bias computed in the kernel: no (l, l) tensor, no unfused SDPA path) and SDPA otherwise (flash for
+    causal and bidirectional; on CPU and NPU eager FlexAttention is the slower reference)."""
+    if backend != "auto":
+        return backend
+    return "flex" if mode == "soft" and device.type == "cuda" else "sdpa"
+
+
 def sdpa_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype SDPA runs in: fp32 for a bf16 model on CPU (PyTorch's CPU flash kernel is 2-3× slower in bf16 than in
     fp32 at these head sizes, masked or not), else the model's."""
@@ -124,7 +133,6 @@ class ConanAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.backend = config.attention_backend
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -138,7 +146,7 @@ class ConanAttention(nn.Module):
         k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if self.backend == "flex":
+        if "block_mask" in mask_args:  # FlexAttention's arguments: attention_kernel chose it for this pass
             out = flex_kernel(q.device.type)(q, k, v, enable_gqa=True, **mask_args)
         else:
             dtype = sdpa_dtype(q.dtype, q.device)

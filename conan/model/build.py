@@ -16,10 +16,15 @@ def model_config_for(spec: ModelSpec, tokenizer) -> ConanConfig:
 
 
 def load_or_init(model_class, spec: ModelSpec, tokenizer):
-    """`model_class` loaded from spec.init_from (any Conan head's export), else randomly initialised."""
+    """`model_class` loaded from spec.init_from (any Conan head's export), else randomly initialised; with
+    spec.activation_checkpointing its layers recompute their activations in the backward pass."""
     if spec.init_from:
         path = Path(spec.init_from)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.init_from: no exported model at {path}")
-        return model_class.from_pretrained(str(path), use_safetensors=True)  # never unpickle weights
-    return model_class(model_config_for(spec, tokenizer))
+        model = model_class.from_pretrained(str(path), use_safetensors=True)  # never unpickle weights
+    else:
+        model = model_class(model_config_for(spec, tokenizer))
+    if spec.activation_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    return model

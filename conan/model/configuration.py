@@ -15,6 +15,10 @@ PRESETS: dict[str, dict] = {
     "small-20m": dict(vocab_size=32_000, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                       num_key_value_heads=2, intermediate_size=1024, max_position_embeddings=512,
                       matryoshka_dims=[64, 128, 256, 384]),
+    # Mid-size (8 layers × 512, ~42M parameters): matmuls wide enough to measure a device's MFU on (bench/mfu.py).
+    "medium-40m": dict(vocab_size=32_000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=4, intermediate_size=1536, max_position_embeddings=2048,
+                       matryoshka_dims=[64, 128, 256, 512]),
     # Small enough to train on 2 CPU cores in seconds, large enough to learn something.
     "tiny": dict(vocab_size=8192, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=256, max_position_embeddings=512,
@@ -31,7 +35,7 @@ class ConanConfig(PretrainedConfig):
                  num_attention_heads: int = 4, num_key_value_heads: int = 2,
                  intermediate_size: int = 256, max_position_embeddings: int = 512,
                  rope_theta: float = 10_000.0, rms_norm_eps: float = 1e-6,
-                 initializer_range: float = 0.02, attention_backend: str = "sdpa",
+                 initializer_range: float = 0.02, attention_backend: str = "auto",
                  pooling: str = "mean", matryoshka_dims: list[int] | None = None,
                  attention_mode: str = "causal", max_seq_length: int | None = None,
                  pad_token_id: int = 0, bos_token_id: int = 1, eos_token_id: int = 2,
@@ -41,8 +45,8 @@ class ConanConfig(PretrainedConfig):
         if num_attention_heads % num_key_value_heads:
             raise ValueError(f"num_attention_heads {num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {num_key_value_heads}")
-        if attention_backend not in ("sdpa", "flex"):
-            raise ValueError(f"attention_backend must be 'sdpa' or 'flex', got {attention_backend!r}")
+        if attention_backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention_backend must be 'auto', 'sdpa' or 'flex', got {attention_backend!r}")
         if attention_mode not in ("causal", "bidirectional"):
             raise ValueError(f"attention_mode must be 'causal' or 'bidirectional', got {attention_mode!r}")
         if pooling not in ("mean", "last"):
@@ -57,6 +61,7 @@ class ConanConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
+        # auto: compiled FlexAttention for the soft mask on CUDA, SDPA otherwise (attention.attention_kernel).
         self.attention_backend = attention_backend
         self.pooling = pooling
         # The mask ConanModel uses when a caller (e.g. AutoModel in sentence-transformers) names none;

