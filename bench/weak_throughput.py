@@ -1,15 +1,31 @@
 """Weak-stage throughput: the platform vs sentence-transformers (MNRL) vs a bare PyTorch loop, one run.
 
-Same tiny model weights, same (query, positive) pairs from ../shared/data, same batch size, same
-thread count. Prints samples/s of each, platform ÷ sentence-transformers (goal ≥ 1.0) and the
-platform's overhead over the bare loop (goal ≤ 10%).
+Data: real mixed-length pairs, the curated weak pairs (`conan curate` with jobs/configs/curate_tiny.yaml over the bundled
+SFT records: XQuAD question → paragraph in 12 languages, CSL, bge zh pairs; ~30k pairs, a few tokens to 192), run
+here first. Same tiny model weights, same pairs, same batch size and thread count, fp32 everywhere unless said. Rates
+are total samples ÷ total time over the steps after the warm-up.
 
-    python bench/weak_throughput.py [--steps 40] [--batch 32] [--threads 2]
+- bare: a plain PyTorch loop (tokenize, a forward for queries and one for positives, InfoNCE, torch's fused AdamW as
+  the Trainer and the platform use), the pairs in file order (mixed batches);
+- st: SentenceTransformerTrainer + MultipleNegativesRankingLoss, the same pairs (its default batch sampler);
+- conan plain: `conan train weak` (1 Ray Train worker, DeepSpeed) with mixed batches and no length buckets, the bare
+  loop's work: bare ÷ this - 1 is the platform's overhead;
+- conan groups: batches by source and language (the shipped default), no length buckets;
+- conan: the weak stage as shipped (batches by source and language, length buckets of 16 micro-batches);
+- conan bf16: the same in bf16, where this CPU multiplies it natively (the precision the backend picks here).
+
+The loss of both conan runs is printed per report so length bucketing's effect on training shows beside the speed.
+
+    python bench/weak_throughput.py [--steps 64] [--batch 32] [--threads 2]
+
+Last line: `weak_throughput conan_over_st=<conan ÷ st> overhead_vs_bare=<bare ÷ conan plain - 1>` (goals ≥ 1.10,
+≤ +5%).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -19,11 +35,11 @@ from pathlib import Path
 import torch
 
 from conan.config import JobConfig, load_config
-from conan.data.stage_data import pair_records
 from conan.losses import infonce_loss
 from conan.model import ConanForEmbedding
 from conan.runtime import init_ray
 from conan.tokenizer import load_tokenizer
+from conan.train.backend import cpu_multiplies_bf16
 from conan.train.launcher import run_stage
 
 from _tiny import tiny_embedding_model
@@ -34,7 +50,7 @@ WARMUP = 5
 def bare_loop(model_dir: Path, tokenizer, pairs: list[dict], batch: int, steps: int, seq_len: int) -> float:
     """samples/s of a plain PyTorch loop: tokenize, one forward for the bare queries (the stage's own query form) and one for positives, InfoNCE, AdamW."""
     model = ConanForEmbedding.from_pretrained(str(model_dir)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the Trainer and the platform step
     times = []
     for step in range(steps + WARMUP):
         chunk = [pairs[(step * batch + i) % len(pairs)] for i in range(batch)]
@@ -47,7 +63,7 @@ def bare_loop(model_dir: Path, tokenizer, pairs: list[dict], batch: int, steps: 
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - start)
-    return batch / statistics.median(times[WARMUP:])
+    return batch * len(times[WARMUP:]) / sum(times[WARMUP:])
 
 
 def sentence_transformers_trainer(model_dir: Path, pairs: list[dict], batch: int, steps: int, seq_len: int) -> float:
@@ -81,51 +97,80 @@ def sentence_transformers_trainer(model_dir: Path, pairs: list[dict], batch: int
         SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
                                    loss=MultipleNegativesRankingLoss(model, scale=20.0),
                                    callbacks=[StepTimer()]).train()
-    return batch / statistics.median(b - a for a, b in zip(ends[WARMUP - 1:], ends[WARMUP:]))
+    return batch * (len(ends) - WARMUP) / (ends[-1] - ends[WARMUP - 1])
 
 
-def platform(model_dir: Path, tokenizer_dir: Path, batch: int, steps: int, seq_len: int, threads: int,
-             out: Path) -> float:
-    """samples/s of `conan train weak`: one Ray Train worker with `threads` CPUs, DeepSpeed ZeRO-1."""
+def platform(model_dir: Path, pairs_dir: Path, batch: int, steps: int, seq_len: int, threads: int, out: Path,
+             *overrides: str) -> tuple[float, list[tuple[int, float]]]:
+    """(samples/s, [(step, loss)]) of `conan train weak` on the curated pairs: one Ray Train worker with `threads`
+    CPUs, DeepSpeed."""
     cfg = load_config(JobConfig, None, [
-        "stage=weak", f"output_dir={out}", f"model.init_from={model_dir}", f"tokenizer.path={tokenizer_dir}",
-        f"train.steps={steps + WARMUP}", f"train.micro_batch_size={batch}", "train.num_workers=1",
-        f"train.cpus_per_worker={threads}", "train.log_every=5", f"train.checkpoint_every={steps + WARMUP}",
-        f"data.seq_len={seq_len}", "data.max_rows=4000", "soft_mask.enabled=false", "optim.lr=1e-4"])
+        "stage=weak", f"output_dir={out}", f"model.init_from={model_dir}", f"tokenizer.path={model_dir}",
+        f"data.paths=[{pairs_dir}]", f"train.steps={steps + WARMUP}", f"train.micro_batch_size={batch}",
+        "train.num_workers=1", f"train.cpus_per_worker={threads}", "train.log_every=1",
+        f"train.checkpoint_every={steps + WARMUP}", f"data.seq_len={seq_len}", "soft_mask.enabled=false",
+        "optim.lr=1e-4", *overrides])
     run_stage(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["samples_per_s"] for r in rows if r["step"] > WARMUP)
+    timed = [r for r in rows if r["step"] > WARMUP]
+    return (sum(r["samples_per_s"] * r["step_time_s"] for r in timed) / sum(r["step_time_s"] for r in timed),
+            [(r["step"], r["loss"]) for r in rows])
+
+
+def curated_pairs(out: Path, threads: int) -> tuple[Path, list[dict]]:
+    """Curate the bundled SFT records (curate_tiny.yaml) into out; returns its data folder and its pairs in file
+    order, as {input, output}."""
+    import pyarrow.parquet as pq
+
+    from conan.config import CurationConfig
+    from conan.data.weak import curate
+
+    curate(load_config(CurationConfig, "jobs/configs/curate_tiny.yaml", [f"output_dir={out}"]))
+    rows = pq.read_table(sorted((out / "data").glob("*.parquet")), columns=["query", "positive"]).to_pylist()
+    return out / "data", [{"input": r["query"], "output": r["positive"]} for r in rows]
 
 
 def main() -> None:
-    """Run the three trainers and print their ratios."""
+    """Run the trainers and print their rates and ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=192, help="the weak stage's training length in the demo")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from conan.config import default_data_root
-    pairs = pair_records(default_data_root(), max_rows=4000)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tiny_embedding_model((t for p in pairs for t in (p["input"], p["output"])), tmp / "model")
+        init_ray(num_cpus=args.threads)
+        pairs_dir, pairs = curated_pairs(tmp / "curated", args.threads)
+        tiny_embedding_model((t for p in pairs[:8000] for t in (p["input"], p["output"])), tmp / "model")
         tokenizer = load_tokenizer(tmp / "model")
-
         bare = bare_loop(tmp / "model", tokenizer, pairs, args.batch, args.steps, args.seq_len)
         st = sentence_transformers_trainer(tmp / "model", pairs, args.batch, args.steps, args.seq_len)
-        init_ray(num_cpus=args.threads)
-        ours = platform(tmp / "model", tmp / "model", args.batch, args.steps, args.seq_len, args.threads, tmp / "run")
+        run = functools.partial(platform, tmp / "model", pairs_dir, args.batch, args.steps, args.seq_len, args.threads)
+        plain, _ = run(tmp / "plain", "data.batch_by=[]", "data.bucket_batches=0", "train.precision=fp32")
+        grouped, grouped_losses = run(tmp / "grouped", "data.bucket_batches=0", "train.precision=fp32")
+        ours, losses = run(tmp / "conan", "train.precision=fp32")
+        bf16 = run(tmp / "bf16", "train.precision=bf16")[0] if cpu_multiplies_bf16() else None
 
-    print(f"batch={args.batch} seq_len≤{args.seq_len} threads={args.threads} steps={args.steps} (median step, "
-          f"{WARMUP} warm-up steps excluded)")
-    print(f"bare PyTorch loop           {bare:8.1f} samples/s")
-    print(f"sentence-transformers MNRL  {st:8.1f} samples/s")
-    print(f"conan weak stage (Ray+DS)   {ours:8.1f} samples/s")
-    print(f"conan / sentence-transformers = {ours / st:.3f}   (goal ≥ 1.0)")
-    print(f"conan overhead vs bare loop   = {bare / ours - 1:+.1%}   (goal ≤ 10%)")
+    print(f"{len(pairs)} curated pairs, batch={args.batch} seq_len≤{args.seq_len} threads={args.threads} "
+          f"steps={args.steps} ({WARMUP} warm-up steps excluded)")
+    print(f"bare PyTorch loop (mixed batches)          {bare:8.1f} samples/s")
+    print(f"sentence-transformers MNRL                 {st:8.1f} samples/s")
+    print(f"conan weak, mixed batches, no buckets      {plain:8.1f} samples/s")
+    print(f"conan weak, groups, no buckets             {grouped:8.1f} samples/s")
+    print(f"conan weak as shipped (groups + buckets)   {ours:8.1f} samples/s")
+    if bf16 is not None:
+        print(f"conan weak as shipped, bf16                {bf16:8.1f} samples/s")
+    print(f"same batches as st (mixed, no buckets): conan ÷ st = {plain / st:.3f}; groups alone ÷ st = "
+          f"{grouped / st:.3f}")
+    print("loss per step (the same group each step): groups without buckets | shipped, with buckets")
+    for (step, a), (_, b) in zip(grouped_losses, losses):
+        print(f"  step {step:3d}  {a:.3f} | {b:.3f}")
+    print(f"mean loss after warm-up: {statistics.mean(a for s, a in grouped_losses if s > WARMUP):.3f} | "
+          f"{statistics.mean(b for s, b in losses if s > WARMUP):.3f}")
+    print(f"weak_throughput conan_over_st={ours / st:.3f} overhead_vs_bare={bare / plain - 1:+.3f}")
 
 
 if __name__ == "__main__":

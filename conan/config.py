@@ -84,6 +84,10 @@ class DataConfig:
     # files of one window per group (two or three shards at the default, one shard's rows). Raise it for input sorted
     # by topic: memory grows with it, not with the data.
     shuffle_window: int = 50_000
+    # Micro-batches cut together from rows sorted by token length (ShardStream: same rows per epoch, far fewer pad
+    # tokens; negatives still come from the whole window). 0 or 1: off; None = the stage's default (sft and weak 16;
+    # pretrain 0: full blocks; supervised 0: see SupervisedStage).
+    bucket_batches: int | None = None
 
 
 @dataclass

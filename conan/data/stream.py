@@ -5,7 +5,10 @@ ShardStream    one group's files. Each epoch permutes the files (per seed, epoch
                so ranks stay in step); inside a file rows are permuted per (seed, epoch, file), and a rank's slice is
                read in windows of `window` rows permuted together (MosaicML streaming's shuffle blocks), so a batch
                mixes every file of its window instead of one file's neighbours. A rank holds only the files of its
-               current window: memory is bounded by the window, whatever the data size.
+               current window: memory is bounded by the window, whatever the data size. With `bucket` > 1, every
+               run of `bucket` consecutive batches of an epoch is re-cut from the same rows sorted by length (the sum
+               of the row's token-id list lengths) and the batches' order within it permuted: far fewer pad tokens,
+               the same rows per epoch, and negatives still drawn from the whole shuffled window.
 GroupedStream  micro-batches homogeneous in a group (a weak pair's source/lang, a supervised row's task/lang): the
                group of every micro-batch is drawn from the seed and the manifests' row counts alone, so every rank
                agrees and the gathered global batch is homogeneous.
@@ -25,6 +28,7 @@ from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SHUFFLE_WINDOW = 50_000  # rows permuted together by default (data.shuffle_window): one full shard
@@ -58,9 +62,10 @@ class ShardStream:
     """Rank `rank`'s rows of one group's files, epoch after epoch."""
 
     def __init__(self, files: Sequence[tuple[Path, int]], seed: Sequence[int], rank: int, world: int,
-                 columns: list[str] | None = None, first_row_id: int = 0, window: int = SHUFFLE_WINDOW):
+                 columns: list[str] | None = None, first_row_id: int = 0, window: int = SHUFFLE_WINDOW,
+                 bucket: int = 0):
         """files: (path, rows) in manifest order; first_row_id: the row id of the first file's first row; window:
-        rows of a rank's slice permuted together."""
+        rows of a rank's slice permuted together; bucket: batches cut together from length-sorted rows (0, 1: off)."""
         self.paths = [Path(p) for p, _ in files]
         self.sizes = np.array([n for _, n in files], dtype=np.int64)
         self.base_ids = first_row_id + np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
@@ -70,7 +75,10 @@ class ShardStream:
         if self.per_rank == 0:
             raise ValueError(f"{int(self.sizes.sum())} rows cannot give each of {world} workers one; use fewer "
                              "workers or more data")
+        self.bucket = bucket
+        self._run: tuple[tuple | None, list] = (None, [])
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._lengths: dict[int, np.ndarray] = {}  # tokens per row of the cached files
         self._capacity = 2  # files kept: those of the window being read, plus one
 
     @functools.lru_cache(maxsize=4)
@@ -117,7 +125,33 @@ class ShardStream:
         if per_epoch == 0:
             return self.positions(index * batch_size, batch_size)
         epoch, k = divmod(index, per_epoch)
+        if self.bucket > 1:
+            run, slot = divmod(k, self.bucket)
+            if self._run[0] != (epoch, run, batch_size):  # this stream's current run, kept until it is read
+                self._run = ((epoch, run, batch_size), self._bucketed_run(epoch, run, batch_size))
+            return self._run[1][slot]
         return self.positions(epoch * self.per_rank + k * batch_size, batch_size)
+
+    def _bucketed_run(self, epoch: int, run: int, batch_size: int) -> list[list[tuple[int, int]]]:
+        """The batches of an epoch's run-th run of `bucket` batches: its rows sorted by length (ties keep the shuffled
+        order), cut into batches, the batches permuted per (seed, epoch, run)."""
+        count = min(self.bucket, self.per_rank // batch_size - run * self.bucket)
+        positions = self.positions(epoch * self.per_rank + run * self.bucket * batch_size, count * batch_size)
+        lengths = np.array([self._row_lengths(f)[r] for f, r in positions])
+        ordered = [positions[i] for i in np.argsort(lengths, kind="stable")]
+        batches = [ordered[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+        return [batches[i] for i in np.random.default_rng([*self.seed, epoch, run, 3]).permutation(count)]
+
+    def _row_lengths(self, file: int) -> np.ndarray:
+        """Tokens of every row of a file: the summed lengths of its integer-list columns (token ids)."""
+        table = self._table(file)
+        if file not in self._lengths:
+            lengths = np.zeros(table.num_rows, dtype=np.int64)
+            for name, column in zip(table.column_names, table.columns):
+                if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):
+                    lengths += pc.list_value_length(column).fill_null(0).to_numpy()
+            self._lengths[file] = lengths
+        return self._lengths[file]
 
     def row_ids(self, positions: list[tuple[int, int]]) -> list[int]:
         """Stable row ids (manifest order) of positions."""
@@ -150,7 +184,7 @@ class ShardStream:
         else:
             self._cache[file] = pq.read_table(self.paths[file], columns=self.columns)
             while len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
+                self._lengths.pop(self._cache.popitem(last=False)[0], None)
         return self._cache[file]
 
 
@@ -160,9 +194,10 @@ class GroupedStream:
 
     def __init__(self, files: Mapping[str, Sequence[tuple[Path, int]]], weights: Mapping[str, float], total: int,
                  seed: int, rank: int, world: int, batch_size: int, columns: list[str] | None = None,
-                 pool: Callable[[str], str] = lambda g: "mixed", window: int = SHUFFLE_WINDOW):
+                 pool: Callable[[str], str] = lambda g: "mixed", window: int = SHUFFLE_WINDOW, bucket: int = 0):
         """files: every group's (path, rows); weights: a group's share of micro-batches (0 = never drawn); groups
-        too small to give every rank `batch_size` rows are pooled into pool(group), their weights added."""
+        too small to give every rank `batch_size` rows are pooled into pool(group), their weights added; bucket:
+        ShardStream's length bucketing (pooled groups are not bucketed)."""
         first_id, first_ids = 0, {}
         for g in sorted(files):  # row ids: groups in sorted order, files in manifest order
             first_ids[g], first_id = first_id, first_id + sum(n for _, n in files[g])
@@ -179,8 +214,8 @@ class GroupedStream:
             raise ValueError("no group with rows for every rank has a positive weight")
         self.streams: dict[str, ShardStream | PooledStream] = {}
         for i, g in enumerate(self.groups):
-            parts = [ShardStream(files[m], [seed, i, j], rank, world, columns, first_ids[m], window)
-                     for j, m in enumerate(members[g])]
+            parts = [ShardStream(files[m], [seed, i, j], rank, world, columns, first_ids[m], window,
+                                 bucket if len(members[g]) == 1 else 0) for j, m in enumerate(members[g])]
             self.streams[g] = parts[0] if len(parts) == 1 else PooledStream(parts, [seed, i])
         p = np.array([pooled_weights[g] for g in self.groups])
         picks = np.random.default_rng([seed, 7]).choice(len(self.groups), total, p=p / p.sum())
