@@ -51,7 +51,6 @@ class Stage:
     defaults: dict[str, object] = {}  # columns a file may lack
 
     batch_by: list[str] = []  # the columns every global batch shares unless data.batch_by says otherwise
-    bucket_batches = 16  # micro-batches cut together from length-sorted rows unless data.bucket_batches says otherwise
 
     def __init__(self, cfg: JobConfig, tokenizer, rank: int = 0, world_size: int = 1):
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
@@ -86,8 +85,7 @@ class Stage:
                                     self.cfg.train.steps * self.cfg.train.grad_accum, self.cfg.train.seed, self.rank,
                                     self.world_size, self.smallest_batch(), pool=lambda g: f"{g.split('/')[0]}/mixed"
                                     if "/" in g else "mixed", window=self.cfg.data.shuffle_window,
-                                    bucket=self.bucket_batches if self.cfg.data.bucket_batches is None
-                                    else self.cfg.data.bucket_batches)
+                                    bucket=self.cfg.data.bucket_batches)
 
     def group_weights(self, rows: dict[str, int]) -> dict[str, float]:
         """Each group's share of the micro-batches: its rows."""
@@ -146,7 +144,6 @@ class PretrainStage(Stage):
     """Causal LM on token blocks packed upstream (documents joined by <|eos|>; a shard's last block may be shorter)."""
 
     name, model_class, columns, input_kind = "pretrain", ConanForCausalLM, ("text",), "documents"
-    bucket_batches = 0  # full blocks: nothing to save
 
     @classmethod
     def worker_shards(cls, dirs, out, cfg, tokenizer_dir):
@@ -263,9 +260,6 @@ class SupervisedStage(Stage):
     aliases = {"lang": "doc_lang"}
     defaults = {"lang": ""}
     batch_by = ["lang"]  # within a task: candidates of one language, as in the weak stage
-    # Off until a seeded comparison says otherwise: on the demo (one seed each) bucketed supervised batches gave the
-    # same XQuAD (0.4555 vs 0.4552) and a lower STS-B (0.617 vs 0.622) than unbucketed ones.
-    bucket_batches = 0
     group_prefix = ["task"]
     RESCORE_CHUNK = 16  # queries per extra forward pass of the v1 re-scoring baseline
 

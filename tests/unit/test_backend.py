@@ -35,9 +35,10 @@ def test_cpu_precision_follows_the_cpus_bf16_instructions(monkeypatch):
     assert resolve_backend("cpu", "fp32").precision == "fp32"
 
 
-def test_deepspeed_steps_with_torchs_fused_adamw_where_torch_has_the_kernel():
-    """The config's optimizer is what DeepSpeed builds (a real single-rank engine on gloo): torch's AdamW with the
-    fused kernel on CPU and CUDA (none to compile), the default loop on NPU; its step equals torch's own fused AdamW."""
+def test_deepspeed_steps_with_torchs_fused_adamw_on_cuda():
+    """CUDA's config asks for torch's fused AdamW (none to compile), CPU and NPU keep the default loop; DeepSpeed hands
+    the flag to torch (a real single-rank engine on gloo, stepping CUDA's config on CPU, where torch fuses too) and its
+    steps equal torch's own fused AdamW."""
     import os
 
     import deepspeed
@@ -46,18 +47,16 @@ def test_deepspeed_steps_with_torchs_fused_adamw_where_torch_has_the_kernel():
     from conan.config import JobConfig
     from conan.train.backend import deepspeed_config, fused_adamw
 
-    assert fused_adamw(resolve_backend("cuda")) == {"fused": True}
-    assert fused_adamw(resolve_backend("npu")) == {}
+    assert [fused_adamw(resolve_backend(d)) for d in ("cuda", "cpu", "npu")] == [{"fused": True}, {}, {}]
     cfg = JobConfig()
     cfg.train.micro_batch_size, cfg.optim.grad_clip = 4, 0.0
-    backend = resolve_backend("cpu", "fp32")
-    ds_config = deepspeed_config(cfg, backend, 1)
+    ds_config = deepspeed_config(cfg, resolve_backend("cuda", "fp32"), 1)
     assert ds_config["optimizer"]["params"]["fused"] is True
     torch.manual_seed(0)
     model, reference = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
     reference.load_state_dict(model.state_dict())
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    skip_unused_deepspeed_ops(backend)
+    skip_unused_deepspeed_ops(resolve_backend("cpu"))
     try:
         engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
                                                        config=ds_config, dist_init_required=True)
