@@ -86,7 +86,7 @@ class DataConfig:
     shuffle_window: int = 50_000
     # Micro-batches cut together from rows sorted by token length (ShardStream: same rows per epoch, far fewer pad
     # tokens; negatives still come from the whole window), e.g. 16; 0 or 1: off. Off by default: the weak stage
-    # trains 1.4x faster with it, but on the demo it moved the supervised-over-weak margins (~0.01) across zero.
+    # trains 1.3x faster with it (bench/weak_throughput), but on the demo it moved the supervised-over-weak margins (~0.01) across zero.
     bucket_batches: int = 0
 
 
