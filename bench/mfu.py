@@ -3,8 +3,8 @@
 First the device's matmul peak is measured: square matmuls of --peak-size in the precision the step trains in (bf16 on
 CUDA / NPU; on CPU the backend's pick, bf16 where the CPU multiplies it natively, else fp32) and, on CPU, in fp32 too.
 Then the preset trains through the platform's own path on random tokens: the model built from the preset (causal LM,
-tied head), a single-rank DeepSpeed engine with `deepspeed_config` (torch's fused AdamW, bf16 with fp32 master weights
-where the backend picks it, clipping) and the pretraining loss. Warm-up steps (and compilation) are excluded.
+tied head), a single-rank DeepSpeed engine with `deepspeed_config` (torch's AdamW, fused on CUDA; bf16 with fp32 master
+weights where the backend picks it; clipping) and the pretraining loss. Warm-up steps (and compilation) are excluded.
 
 Model FLOPs per token follow PaLM (App. B) as torchtitan counts them: 6·N for the parameters' matmuls (N with the tied
 embedding counted once, as the LM head) + 12·L·d·T for attention's scores and values at sequence length T (causal

@@ -1,8 +1,8 @@
 """Weak-stage throughput: the platform vs sentence-transformers (MNRL) vs a bare PyTorch loop, one run.
 
-Data: real mixed-length pairs, the curated weak pairs (`conan curate` with jobs/configs/curate_tiny.yaml over the bundled
-SFT records: XQuAD question → paragraph in 12 languages, CSL, bge zh pairs; ~30k pairs, a few tokens to 192), run
-here first. Same tiny model weights, same pairs, same batch size and thread count, fp32 everywhere unless said. Rates
+Data: real mixed-length pairs, the curated weak pairs (`conan curate` with jobs/configs/curate_tiny.yaml over the
+bundled SFT records: XQuAD question → paragraph in 12 languages, CSL, bge zh pairs; ~30k pairs, a few tokens to 192),
+run here first. Same tiny model weights, same pairs, same batch size and thread count, fp32 everywhere unless said. Rates
 are total samples ÷ total time over the steps after the warm-up.
 
 - bare: a plain PyTorch loop (tokenize, a forward for queries and one for positives, InfoNCE, torch's AdamW with its
@@ -119,7 +119,7 @@ def platform(model_dir: Path, pairs_dir: Path, batch: int, steps: int, seq_len: 
             [(r["step"], r["loss"]) for r in rows])
 
 
-def curated_pairs(out: Path, threads: int) -> tuple[Path, list[dict]]:
+def curated_pairs(out: Path) -> tuple[Path, list[dict]]:
     """Curate the bundled SFT records (curate_tiny.yaml) into out; returns its data folder and its pairs in file
     order, as {input, output}."""
     import pyarrow.parquet as pq
@@ -145,13 +145,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         init_ray(num_cpus=args.threads)
-        pairs_dir, pairs = curated_pairs(tmp / "curated", args.threads)
+        pairs_dir, pairs = curated_pairs(tmp / "curated")
         tiny_embedding_model((t for p in pairs[:8000] for t in (p["input"], p["output"])), tmp / "model")
         tokenizer = load_tokenizer(tmp / "model")
         bare = bare_loop(tmp / "model", tokenizer, pairs, args.batch, args.steps, args.seq_len)
         st = sentence_transformers_trainer(tmp / "model", pairs, args.batch, args.steps, args.seq_len)
         run = functools.partial(platform, tmp / "model", pairs_dir, args.batch, args.steps, args.seq_len, args.threads)
-        plain, _ = run(tmp / "plain", "data.batch_by=[]", "data.bucket_batches=0", "train.precision=fp32")
+        plain, _ = run(tmp / "plain", "data.batch_by=[]", "train.precision=fp32")
         ours, losses = run(tmp / "conan", "train.precision=fp32")
         bucketed, bucketed_losses = run(tmp / "buckets", "data.bucket_batches=16", "train.precision=fp32")
         bf16 = run(tmp / "bf16", "train.precision=bf16")[0] if cpu_multiplies_bf16() else None

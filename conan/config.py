@@ -86,7 +86,8 @@ class DataConfig:
     shuffle_window: int = 50_000
     # Micro-batches cut together from rows sorted by token length (ShardStream: same rows per epoch, far fewer pad
     # tokens; negatives still come from the whole window), e.g. 16; 0 or 1: off. Off by default: the weak stage
-    # trains 1.3x faster with it (bench/weak_throughput), but on the demo it moved the supervised-over-weak margins (~0.01) across zero.
+    # trains 1.3x faster with it (bench/weak_throughput), but on the demo it moved the supervised-over-weak margins
+    # (~0.01) across zero.
     bucket_batches: int = 0
 
 
@@ -158,7 +159,8 @@ class MiningConfig:
     # prefix makes the search 14× cheaper and the embedding shards 14× smaller.
     dim: int | None = None
     max_length: int = 256  # tokens a passage or query is embedded with
-    actors: ActorPoolConfig = field(default_factory=ActorPoolConfig)  # the embedding pool: one GPU an actor on a cluster
+    # The embedding pool: one GPU an actor on a cluster.
+    actors: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     # texts × max_length × model bytes up to which the launching process embeds them itself: an actor pool's start-up
     # (~7 s) outweighs the work (the tiny demo's 2,000 queries at 5 MB of weights: about 3e12, 1 s).
     in_process_work: float = 1e13

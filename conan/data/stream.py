@@ -147,7 +147,7 @@ class ShardStream:
         table = self._table(file)
         if file not in self._lengths:
             lengths = np.zeros(table.num_rows, dtype=np.int64)
-            for name, column in zip(table.column_names, table.columns):
+            for column in table.columns:
                 if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):
                     lengths += pc.list_value_length(column).fill_null(0).to_numpy()
             self._lengths[file] = lengths
