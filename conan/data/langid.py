@@ -96,21 +96,22 @@ class LanguageIdentifier:
         best = np.argsort(-self.scores(texts), axis=1)[:, :k]
         return [[self.languages[j] for j in row] for row in best]
 
-    def plausible(self, texts: list[str], declared: list[str], k: int = 2, margin: float = 10.0) -> list[bool]:
-        """Whether each declared language could be the text's: among the top k and within `margin` nats of the
-        best (a language the model does not know is always plausible)."""
+    def judge(self, texts: list[str], declared: list[str | None], k: int = 2,
+              margin: float = 10.0) -> tuple[list[str], np.ndarray]:
+        """Each text's most likely language, and whether its declared one (None: that best one) could be the
+        text's: among the top k and within `margin` nats of the best. A language the model does not know is
+        always plausible. One scoring pass serves both answers."""
         if not texts:
-            return []
+            return [], np.zeros(0, dtype=bool)
         scores = self.scores(texts)
-        rank = np.argsort(-scores, axis=1)[:, :k]
-        out = []
-        for i, lang in enumerate(declared):
-            if lang not in self.languages:
-                out.append(True)
-                continue
-            j = self.languages.index(lang)
-            out.append(bool(j in rank[i] and scores[i].max() - scores[i, j] <= margin))
-        return out
+        best = scores.argmax(axis=1)
+        index = {lang: j for j, lang in enumerate(self.languages)}
+        claimed = np.array([best[i] if lang is None else index.get(lang, -1) for i, lang in enumerate(declared)])
+        known = claimed >= 0
+        own = scores[np.arange(len(texts)), np.where(known, claimed, 0)]
+        ahead = (scores > own[:, None]).sum(axis=1)  # languages scoring strictly above the declared one
+        ok = (ahead < k) & (scores[np.arange(len(texts)), best] - own <= margin)
+        return [self.languages[j] for j in best], ~known | ok
 
     def predict(self, texts: list[str]) -> list[str]:
         """The most likely language of every text."""
