@@ -167,6 +167,11 @@ class MiningConfig:
     shard_bytes: int = 256 << 20  # an embedding shard's float32 bytes: the search holds one shard (and its index)
     query_chunk_bytes: int = 1 << 30  # the query embeddings embedded and searched at a time
     query_batch: int = 8192  # queries searched at once: bounds the score and merge buffers
+    # Query chunks searched at once, each a Ray task of search_cpus (faiss's threads) on any node, while the launching
+    # process embeds the next chunk; shard indexes are built first, one Ray task a shard. The embedding shards (and
+    # output_dir) must be on storage every node sees. Without Ray, all of it runs in the launching process.
+    search_tasks: int = 2
+    search_cpus: float = 1.0
 
 
 @dataclass

@@ -180,6 +180,23 @@ def _random_embedding_model(tmp_path, tokenizer):
     return tmp_path / "model"
 
 
+def _search_tasks() -> int:
+    """Ray tasks that have run mine_candidates in this session (the state API: task events)."""
+    from ray.util.state import list_tasks
+
+    return len(list_tasks(filters=[("name", "=", "mine_candidates")], limit=10_000, raise_on_missing_output=False))
+
+
+def _wait_for(condition, seconds: float = 30) -> None:
+    """Poll until condition() holds (task events reach the state API a second or so late)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.5)
+
+
 def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ray_cluster, tmp_path, tokenizer, data_root):
     from dataclasses import replace
 
@@ -206,10 +223,13 @@ def test_mining_on_xquad_drops_positives_and_applies_the_false_negative_guard(ra
                    files[1])
     width = embedding_width(model_dir, MiningConfig())
     # Embedded into 3 shards of 64 passages' bytes (64 + 64 + 52) and searched shard by shard, 16 queries at a time,
-    # the queries embedded and mined 50 at a time: the same candidates as one chunk, one batch and one shard.
+    # the queries embedded and mined 50 at a time, each chunk a Ray task (two at once): the same candidates as one
+    # chunk, one batch and one shard.
+    searches_before = _search_tasks()
     n = mine_supervised_candidates(model_dir, files, ["retrieval", "clr"], lookup, tmp_path / "mined.parquet", 20,
                                    0.95, MiningConfig(shard_bytes=64 * 4 * width, query_batch=16,
-                                                      query_chunk_bytes=50 * 4 * width))
+                                                      query_chunk_bytes=50 * 4 * width, search_tasks=2))
+    _wait_for(lambda: _search_tasks() == searches_before + 3)  # 50 + 50 + 20 queries
     shards = sorted((tmp_path / "mined_embeddings").glob("emb-*.npy"))
     assert [len(np.load(p)) for p in shards] == [64, 64, 52]
     mined = read_mined(tmp_path / "mined.parquet")

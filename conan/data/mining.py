@@ -7,9 +7,11 @@ Memory is bounded by byte budgets (conan.config.MiningConfig), whatever the corp
   float32 .npy shards of `shard_bytes`, one actor call a shard;
 - the queries are read from the stage's shard files as arrays (24 bytes a row: key, positive id, file, row) and
   their texts streamed `query_chunk_bytes` of embeddings at a time;
-- the search loads one corpus shard and its index at a time (an IVF / HNSW index is written beside its shard once and
-  read back for every later query chunk and deeper pass), searches the queries in batches of `query_batch` and keeps
-  each query's best `depth` over the shards seen, merged by score.
+- the search loads one corpus shard and its index at a time (an IVF / HNSW index is built once per shard, one Ray
+  task a shard, written beside it and read back for every query chunk and deeper pass), searches the queries in
+  batches of `query_batch` and keeps each query's best `depth` over the shards seen, merged by score;
+- with Ray running, each query chunk is searched by a Ray task on any node (`search_tasks` at once, `search_cpus`
+  each) while the next chunk is embedded; results are written in chunk order.
 
 Output rows: (query_id, candidate_ids ranked by score, candidate_scores).
 """
@@ -17,6 +19,8 @@ Output rows: (query_id, candidate_ids ranked by score, candidate_scores).
 from __future__ import annotations
 
 import json
+import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -27,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conan.config import MiningConfig
+from conan.data.shards import map_jobs
 
 MINED_SCHEMA = pa.schema([("query_id", pa.string()), ("candidate_ids", pa.list_(pa.int64())),
                           ("candidate_scores", pa.list_(pa.float32()))])
@@ -187,8 +192,9 @@ def shard_index(shard: np.ndarray | Path, cfg: MiningConfig, corpus_rows: int):
     if cache.is_file():
         return _probing(faiss.read_index(str(cache)))
     index = build_index(np.ascontiguousarray(_array(shard), dtype=np.float32), cfg, corpus_rows)
-    faiss.write_index(index, str(cache.with_suffix(".partial")))
-    cache.with_suffix(".partial").rename(cache)
+    partial = cache.with_suffix(f".{os.getpid()}.partial")  # two processes building it never share a file
+    faiss.write_index(index, str(partial))
+    partial.rename(cache)
     return index
 
 
@@ -394,11 +400,39 @@ def mine_supervised_candidates(model_dir: str | Path, files: Sequence[str | Path
         raise ValueError(f"no rows of the tasks {sorted(tasks)} with a query_id to mine for")
     out_path = Path(out_path)
     shards = embed_passages(model_dir, lookup, out_path.with_name(out_path.stem + "_embeddings"), cfg)
+    corpus_rows = sum(len(_array(shard)) for shard in shards)
+    if index_kind(cfg, corpus_rows) != "flat":  # each shard's index built once, in parallel, for every chunk to read
+        map_jobs(lambda shard: _cache_index(shard, cfg, corpus_rows), shards, cfg.search_cpus)
+    search = _remote_or_local(mine_candidates, cfg.search_cpus)
     partial = out_path.with_suffix(".partial")
+    in_flight: deque = deque()
     with pq.ParquetWriter(partial, MINED_SCHEMA) as writer:
         for ids, texts, positives in query_chunks(queries, rows_within(cfg.query_chunk_bytes, model_dir, cfg)):
-            mined = mine_candidates(embed_texts(model_dir, texts, cfg), shards, positives, top_k,
-                                    false_negative_ratio, cfg)
-            writer.write_table(mined_table(ids, mined))
+            in_flight.append((ids, search(embed_texts(model_dir, texts, cfg), shards, positives, top_k,
+                                          false_negative_ratio, cfg)))
+            while len(in_flight) >= max(1, cfg.search_tasks):
+                done_ids, mined = in_flight.popleft()
+                writer.write_table(mined_table(done_ids, _result(mined)))
+        for done_ids, mined in in_flight:  # in chunk order: the output keeps the files' query order
+            writer.write_table(mined_table(done_ids, _result(mined)))
     partial.rename(out_path)
     return len(queries)
+
+
+def _cache_index(shard: Path, cfg: MiningConfig, corpus_rows: int) -> None:
+    """Build a shard's index and write it beside the shard (a no-op when it is there)."""
+    shard_index(shard, cfg, corpus_rows)
+
+
+def _remote_or_local(fn, num_cpus: float):
+    """fn as a Ray task of num_cpus (its calls return ObjectRefs) when Ray runs, else fn itself."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus)(fn).remote if ray.is_initialized() else fn
+
+
+def _result(value):
+    """A Ray task's result, or a value computed in this process."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
