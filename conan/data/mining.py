@@ -425,10 +425,12 @@ def _cache_index(shard: Path, cfg: MiningConfig, corpus_rows: int) -> None:
 
 
 def _remote_or_local(fn, num_cpus: float):
-    """fn as a Ray task of num_cpus (its calls return ObjectRefs) when Ray runs, else fn itself."""
+    """fn as a Ray task of num_cpus (its calls return ObjectRefs) when Ray runs, else fn itself. The tasks go to the
+    whole cluster even from inside a Ray Tune trial, whose placement group (a tenth of a CPU in the ablation) would
+    otherwise capture them and could never hold them."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus)(fn).remote if ray.is_initialized() else fn
+    return ray.remote(num_cpus=num_cpus, scheduling_strategy="DEFAULT")(fn).remote if ray.is_initialized() else fn
 
 
 def _result(value):

@@ -276,9 +276,10 @@ def _count_rows(path: Path) -> int:
 
 
 def map_jobs(fn, jobs: list[dict], num_cpus: float = 1) -> list:
-    """fn over jobs as Ray tasks on the cluster (in-process when Ray is not running); results in job order."""
+    """fn over jobs as Ray tasks on the cluster (in-process when Ray is not running); results in job order. The tasks
+    are not captured by a calling Tune trial's placement group (conan.data.mining._remote_or_local says why)."""
     import ray
     if not ray.is_initialized() or len(jobs) <= 1:
         return [fn(job) for job in jobs]
-    remote = ray.remote(num_cpus=num_cpus)(fn)
+    remote = ray.remote(num_cpus=num_cpus, scheduling_strategy="DEFAULT")(fn)
     return ray.get([remote.remote(job) for job in jobs])
