@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conan.config import MiningConfig
-from conan.data.shards import map_jobs
+from conan.data.shards import map_jobs, remote_or_local, resolved
 
 MINED_SCHEMA = pa.schema([("query_id", pa.string()), ("candidate_ids", pa.list_(pa.int64())),
                           ("candidate_scores", pa.list_(pa.float32()))])
@@ -403,7 +403,7 @@ def mine_supervised_candidates(model_dir: str | Path, files: Sequence[str | Path
     corpus_rows = sum(len(_array(shard)) for shard in shards)
     if index_kind(cfg, corpus_rows) != "flat":  # each shard's index built once, in parallel, for every chunk to read
         map_jobs(lambda shard: _cache_index(shard, cfg, corpus_rows), shards, cfg.search_cpus)
-    search = _remote_or_local(mine_candidates, cfg.search_cpus)
+    search = remote_or_local(mine_candidates, cfg.search_cpus)
     partial = out_path.with_suffix(".partial")
     in_flight: deque = deque()
     with pq.ParquetWriter(partial, MINED_SCHEMA) as writer:
@@ -412,9 +412,9 @@ def mine_supervised_candidates(model_dir: str | Path, files: Sequence[str | Path
                                           false_negative_ratio, cfg)))
             while len(in_flight) >= max(1, cfg.search_tasks):
                 done_ids, mined = in_flight.popleft()
-                writer.write_table(mined_table(done_ids, _result(mined)))
+                writer.write_table(mined_table(done_ids, resolved(mined)))
         for done_ids, mined in in_flight:  # in chunk order: the output keeps the files' query order
-            writer.write_table(mined_table(done_ids, _result(mined)))
+            writer.write_table(mined_table(done_ids, resolved(mined)))
     partial.rename(out_path)
     return len(queries)
 
@@ -422,19 +422,3 @@ def mine_supervised_candidates(model_dir: str | Path, files: Sequence[str | Path
 def _cache_index(shard: Path, cfg: MiningConfig, corpus_rows: int) -> None:
     """Build a shard's index and write it beside the shard (a no-op when it is there)."""
     shard_index(shard, cfg, corpus_rows)
-
-
-def _remote_or_local(fn, num_cpus: float):
-    """fn as a Ray task of num_cpus (its calls return ObjectRefs) when Ray runs, else fn itself. The tasks go to the
-    whole cluster even from inside a Ray Tune trial, whose placement group (a tenth of a CPU in the ablation) would
-    otherwise capture them and could never hold them."""
-    import ray
-
-    return ray.remote(num_cpus=num_cpus, scheduling_strategy="DEFAULT")(fn).remote if ray.is_initialized() else fn
-
-
-def _result(value):
-    """A Ray task's result, or a value computed in this process."""
-    import ray
-
-    return ray.get(value) if isinstance(value, ray.ObjectRef) else value

@@ -275,11 +275,23 @@ def _count_rows(path: Path) -> int:
     return sum(b.num_rows for b in _input_batches(path, ROWS_PER_SHARD))
 
 
-def map_jobs(fn, jobs: list[dict], num_cpus: float = 1) -> list:
-    """fn over jobs as Ray tasks on the cluster (in-process when Ray is not running); results in job order. The tasks
-    are not captured by a calling Tune trial's placement group (conan.data.mining._remote_or_local says why)."""
+def remote_or_local(fn, num_cpus: float):
+    """fn as a Ray task of num_cpus (its calls return ObjectRefs) when Ray runs, else fn itself. The tasks go to the
+    whole cluster even from inside a Ray Tune trial, whose placement group (a tenth of a CPU in the ablation) would
+    otherwise capture them and could never hold them."""
     import ray
-    if not ray.is_initialized() or len(jobs) <= 1:
-        return [fn(job) for job in jobs]
-    remote = ray.remote(num_cpus=num_cpus, scheduling_strategy="DEFAULT")(fn)
-    return ray.get([remote.remote(job) for job in jobs])
+
+    return ray.remote(num_cpus=num_cpus, scheduling_strategy="DEFAULT")(fn).remote if ray.is_initialized() else fn
+
+
+def resolved(value):
+    """A Ray task's result, or a value computed in this process (what remote_or_local's calls return)."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def map_jobs(fn, jobs: list[dict], num_cpus: float = 1) -> list:
+    """fn over jobs as Ray tasks on the cluster (remote_or_local; a single job in process); results in job order."""
+    call = remote_or_local(fn, num_cpus) if len(jobs) > 1 else fn
+    return [resolved(result) for result in [call(job) for job in jobs]]
