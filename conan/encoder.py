@@ -1,7 +1,8 @@
 """The platform's own text encoder: an exported Conan embedding model + its tokenizer, batched inference.
 
-Mining, evaluation and serving all embed through this class, so they agree to the last bit with each
-other (and, within float tolerance, with `SentenceTransformer(path)` on the same directory).
+Mining, evaluation and serving all embed through this class: mining and evaluation agree to the last bit
+(`encode`), the server's packed passes (`encode_packed`) to float rounding (~1e-7), as does
+`SentenceTransformer(path)` on the same directory.
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ class Encoder:
                                  return_tensors="pt").to(self.device)
             out[idx] = self.model(enc["input_ids"], enc["attention_mask"], dim=dim).float().cpu().numpy()
         return out
+
+
+    @torch.no_grad()
+    def encode_packed(self, texts: list[str], dim: int | None = None) -> np.ndarray:
+        """encode's vectors (to float rounding) from one forward pass over the texts packed into one unpadded row:
+        no padding computed, whatever the mix of lengths (the server's passes)."""
+        self.check_dim(dim)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        row = torch.tensor([[token for text in ids for token in text]], device=self.device)
+        documents = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(x) for x in ids]))
+        return self.model(row, dim=dim, documents=documents.to(self.device)).float().cpu().numpy()
 
 
 class SentenceTransformerEncoder:

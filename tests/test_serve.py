@@ -362,10 +362,10 @@ def test_batcher_passes_stay_within_budget_and_answer_every_request_in_order(req
         assert counts == lengths and vectors[:, 0].tolist() == lengths  # each text's own vector, in request order
     embedded = sorted(n for p in passes for n in p)
     assert embedded == sorted(n for lengths in requests if max(lengths) <= 100 for n in lengths)
-    assert all(len(p) <= max_texts and (len(p) == 1 or len(p) * max(p) <= max_tokens) for p in passes)
+    assert all(len(p) <= max_texts and (len(p) == 1 or sum(p) <= max_tokens) for p in passes)
 
 
-def test_a_pass_takes_the_oldest_text_and_its_nearest_lengths():
+def test_a_pass_takes_the_oldest_texts_of_one_key_in_arrival_order():
     import asyncio
 
     from conan.serve.batcher import DynamicBatcher
@@ -377,12 +377,14 @@ def test_a_pass_takes_the_oldest_text_and_its_nearest_lengths():
         batcher = DynamicBatcher(count_tokens, encode, max_text_tokens=100, truncate_at=100, max_pass_texts=8,
                                  max_pass_tokens=160)
         batcher.start()
-        await batcher.submit(["x" * n for n in (50, 3, 4, 5, 48, 52, 6, 49)], None, lambda v, c: v)
+        await asyncio.gather(batcher.submit(["x" * n for n in (50, 3, 4, 5, 48, 52, 6, 49)], 64, lambda v, c: v),
+                             batcher.submit(["x" * n for n in (7, 8)], 32, lambda v, c: v))
         await batcher.stop()
 
     asyncio.run(scenario())
-    # 50 is oldest: 49 and 52 (3 × 52 = 156 padded tokens) join it, 48 would make 208; then the oldest left is 3.
-    assert passes == [[49, 50, 52], [3, 4, 5, 6], [48]]
+    # Key 64 arrived first: 50 … 48 make 110 tokens, 52 would make 162; the next pass starts at 52. Key 32's texts
+    # wait for their own pass, whatever fits beside the others.
+    assert passes == [[50, 3, 4, 5, 48], [52, 6, 49], [7, 8]]
 
 
 def test_batcher_stop_answers_what_is_queued_then_refuses():

@@ -3,7 +3,9 @@
 The mask is described once per forward pass by `AttentionMask` and shared by every layer. Two
 kernels implement it: PyTorch SDPA with a boolean or float bias, and FlexAttention with
 `score_mod`/`mask_mod` so the soft mask never materialises an (l, l) tensor. Sequences are
-right-padded (the tokenizer pads on the right), so every query row keeps at least one key.
+right-padded (the tokenizer pads on the right), so every query row keeps at least one key. A packed
+row (batch 1, several texts back to back, no padding) names each token's document: a token attends
+only within its own.
 """
 
 from __future__ import annotations
@@ -62,12 +64,15 @@ class AttentionMask:
     padding: torch.Tensor | None  # (batch, length) bool, True = real token; None = no padding
     alpha: float = 0.0
     rank_reduction: bool = True
+    documents: torch.Tensor | None = None  # (length,) document index of each token of one packed row
 
     def __post_init__(self):
         if self.mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {self.mode!r}")
         if self.mode == "soft" and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"soft-mask alpha must lie in [0, 1], got {self.alpha}")
+        if self.documents is not None and self.mode == "soft":
+            raise ValueError("a packed row takes causal or bidirectional attention, not the soft mask")
 
     def effective_mode(self, length: int) -> AttentionMode:
         """The mode to run: a soft mask whose every entry is 1 is plain bidirectional attention."""
@@ -78,6 +83,8 @@ class AttentionMask:
     def sdpa_arguments(self, length: int, dtype: torch.dtype, device: torch.device) -> dict:
         """attn_mask / is_causal for F.scaled_dot_product_attention."""
         mode = self.effective_mode(length)
+        if self.documents is not None:
+            return self._packed_sdpa_arguments(mode, device)
         keys = None if self.padding is None else self.padding[:, None, None, :]  # (b, 1, 1, l)
         if mode == "bidirectional":
             return {"attn_mask": keys, "is_causal": False}
@@ -91,18 +98,33 @@ class AttentionMask:
             bias = bias.masked_fill(~keys, float("-inf"))  # (b, 1, l, l), shared by all heads
         return {"attn_mask": bias, "is_causal": False}
 
+    def _packed_sdpa_arguments(self, mode: AttentionMode, device: torch.device) -> dict:
+        """A packed row's texts laid out as a padded batch for attention alone: `packed` = (index of each text's
+        tokens in the row (texts, longest), which of them are real). Attending per text costs texts × longest², where
+        one (l, l) document mask would cost the whole row's l²."""
+        sizes = torch.bincount(self.documents)
+        offsets = torch.arange(int(sizes.max()), device=device)
+        real = offsets[None, :] < sizes[:, None]
+        index = torch.where(real, (sizes.cumsum(0) - sizes)[:, None] + offsets[None, :], 0)
+        keys = real[:, None, None, :]
+        if mode == "causal":
+            keys = keys & torch.ones(len(offsets), len(offsets), dtype=torch.bool, device=device).tril()
+        return {"attn_mask": keys, "is_causal": False, "packed": (index, real)}
+
     def flex_arguments(self, batch: int, length: int, device: torch.device) -> dict:
         """score_mod / block_mask for FlexAttention; the soft bias is computed on the fly."""
         from torch.nn.attention.flex_attention import create_block_mask
 
         mode = self.effective_mode(length)
-        padding = self.padding
+        padding, documents = self.padding, self.documents
 
         def mask_mod(b, h, q_idx, kv_idx):
             keep = padding[b, kv_idx] if padding is not None else kv_idx >= 0
+            if documents is not None:
+                keep = keep & (documents[q_idx] == documents[kv_idx])
             return keep & (q_idx >= kv_idx) if mode == "causal" else keep
 
-        needs_mask = padding is not None or mode == "causal"
+        needs_mask = padding is not None or documents is not None or mode == "causal"
         block_mask = (create_block_mask(mask_mod, batch if padding is not None else None, None,
                                         length, length, device=device) if needs_mask else None)
         score_mod = soft_mask_score_mod(length, self.alpha, self.rank_reduction) if mode == "soft" else None
@@ -150,6 +172,12 @@ class ConanAttention(nn.Module):
             out = flex_kernel(q.device.type)(q, k, v, enable_gqa=True, **mask_args)
         else:
             dtype = sdpa_dtype(q.dtype, q.device)
+            packed = mask_args.get("packed")
+            if packed is not None:  # one packed row: its texts side by side, padded, for attention alone
+                q, k, v = (t[0][:, packed[0]].transpose(0, 1) for t in (q, k, v))  # (texts, heads, longest, d)
             out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), enable_gqa=True,
-                                                 **mask_args).to(q.dtype)
+                                                 attn_mask=mask_args["attn_mask"],
+                                                 is_causal=mask_args["is_causal"]).to(x.dtype)
+            if packed is not None:
+                out = out.transpose(0, 1)[:, packed[1]][None]  # back to the row: (1, heads, l, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))

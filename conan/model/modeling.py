@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from .attention import AttentionMask, AttentionMode, ConanAttention, attention_kernel, rotary_tables, sdpa_dtype
 from .configuration import ConanConfig
-from .pooling import matryoshka_truncate, pool
+from .pooling import matryoshka_truncate, pool, pool_packed
 
 
 class ConanMLP(nn.Module):
@@ -96,24 +96,35 @@ class ConanModel(ConanPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 attention_mode: AttentionMode | None = None, soft_mask_alpha: float = 0.0,
-                soft_mask_rank_reduction: bool = True, **_) -> BaseModelOutput:
+                soft_mask_rank_reduction: bool = True, documents: torch.Tensor | None = None,
+                **_) -> BaseModelOutput:
         """Token states of right-padded input_ids under the causal, bidirectional or soft mask
-        (None = config.attention_mode)."""
+        (None = config.attention_mode). With `documents` (length,), input_ids is one packed row (batch 1, no
+        padding) of texts back to back, document 0, 1, …: each token attends within its text, positions restart."""
         attention_mode = attention_mode or self.config.attention_mode
         b, l = input_ids.shape
-        if l > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {l} exceeds max_position_embeddings "
+        positions = None
+        if documents is not None:
+            if b != 1 or attention_mask is not None:
+                raise ValueError("a packed row is one unpadded sequence: batch 1, no attention_mask")
+            sizes = torch.bincount(documents)
+            positions = torch.arange(l, device=input_ids.device) - (sizes.cumsum(0) - sizes)[documents]
+        longest = l if positions is None else int(sizes.max())
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {longest} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         x = self.embed_tokens(input_ids)
         padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
             padding = attention_mask.bool()
-        mask = AttentionMask(attention_mode, padding, soft_mask_alpha, soft_mask_rank_reduction)
+        mask = AttentionMask(attention_mode, padding, soft_mask_alpha, soft_mask_rank_reduction, documents)
         if attention_kernel(self.config.attention_backend, mask.effective_mode(l), x.device) == "flex":
             mask_args = mask.flex_arguments(b, l, x.device)
         else:
             mask_args = mask.sdpa_arguments(l, sdpa_dtype(x.dtype, x.device), x.device)
-        rotary = rotary_tables(l, self.config.head_dim, self.config.rope_theta, x.dtype, x.device)
+        rotary = rotary_tables(longest, self.config.head_dim, self.config.rope_theta, x.dtype, x.device)
+        if positions is not None:
+            rotary = tuple(table[positions] for table in rotary)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, rotary, mask_args, use_reentrant=False)
@@ -156,11 +167,16 @@ class ConanForEmbedding(ConanWithHead):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 attention_mode: AttentionMode = "bidirectional", soft_mask_alpha: float = 0.0,
                 soft_mask_rank_reduction: bool = True, dim: int | None = None, raw: bool = False,
-                **_) -> torch.Tensor:
-        """Unit-norm embeddings (batch, dim or hidden_size) pooled over non-padding tokens.
+                documents: torch.Tensor | None = None, **_) -> torch.Tensor:
+        """Unit-norm embeddings (batch, dim or hidden_size) pooled over non-padding tokens; with `documents`, one per
+        text of the packed row input_ids (see ConanModel.forward).
 
         raw=True returns the pooled vectors before truncation and normalisation (for MRL losses).
         """
+        if documents is not None:
+            hidden = self.model(input_ids, None, attention_mode, documents=documents).last_hidden_state
+            pooled = pool_packed(hidden[0].float(), documents, self.config.pooling)
+            return pooled if raw else matryoshka_truncate(pooled, dim)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.model(input_ids, attention_mask, attention_mode, soft_mask_alpha,

@@ -27,6 +27,17 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
     raise ValueError(f"unknown pooling {method!r}; expected 'mean' or 'last'")
 
 
+def pool_packed(hidden: torch.Tensor, documents: torch.Tensor, method: str) -> torch.Tensor:
+    """Pool the token states (length, hidden) of a packed row into one vector per document ('mean' or 'last')."""
+    sizes = torch.bincount(documents)
+    if method == "mean":
+        sums = torch.zeros(len(sizes), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        return sums.index_add_(0, documents, hidden) / sizes[:, None].to(hidden.dtype)
+    if method == "last":
+        return hidden[sizes.cumsum(0) - 1]
+    raise ValueError(f"unknown pooling {method!r}; expected 'mean' or 'last'")
+
+
 def matryoshka_truncate(embeddings: torch.Tensor, dim: int | None) -> torch.Tensor:
     """Keep the first `dim` coordinates (all when None) and renormalise to unit L2 norm."""
     if dim is not None:

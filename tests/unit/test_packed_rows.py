@@ -1,0 +1,66 @@
+"""Packed rows (texts back to back in one unpadded row, `documents` naming each token's text): the same states and
+embeddings as the texts padded in a batch, on both attention kernels, under either pooling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conan.model import ConanConfig, ConanForEmbedding, ConanModel
+
+LENGTHS = [5, 17, 1, 9, 30]
+
+
+def _batch_and_row(vocab: int = 300) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded ids and mask for LENGTHS, and the same texts as one packed row with its documents."""
+    torch.manual_seed(0)
+    texts = [torch.randint(3, vocab, (n,)) for n in LENGTHS]
+    ids = torch.zeros(len(texts), max(LENGTHS), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, t in enumerate(texts):
+        ids[i, :len(t)], mask[i, :len(t)] = t, 1
+    documents = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor(LENGTHS))
+    return ids, mask, torch.cat(texts)[None], documents
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("mode", ["bidirectional", "causal"])
+def test_a_packed_row_gives_each_text_its_padded_states(backend, mode):
+    torch.manual_seed(1)
+    model = ConanModel(ConanConfig.from_preset("tiny", vocab_size=300, attention_backend=backend)).eval()
+    ids, mask, row, documents = _batch_and_row()
+    with torch.no_grad():
+        padded = model(ids, mask, attention_mode=mode).last_hidden_state
+        packed = model(row, attention_mode=mode, documents=documents).last_hidden_state[0]
+    expected = torch.cat([padded[i, :n] for i, n in enumerate(LENGTHS)])
+    assert (packed - expected).abs().max() < 1e-5
+    # Not the same as attending across texts: without `documents` the row's states differ.
+    with torch.no_grad():
+        unpacked = model(row, attention_mode=mode).last_hidden_state[0]
+    assert (unpacked - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_packed_embeddings_equal_padded_ones_at_every_dim(pooling):
+    torch.manual_seed(2)
+    model = ConanForEmbedding(ConanConfig.from_preset("tiny", vocab_size=300, pooling=pooling)).eval()
+    ids, mask, row, documents = _batch_and_row()
+    with torch.no_grad():
+        for dim in (None, 32):
+            padded = model(ids, mask, dim=dim)
+            packed = model(row, documents=documents, dim=dim)
+            assert packed.shape == padded.shape and (packed - padded).abs().max() < 1e-6
+
+
+def test_packed_rows_refuse_what_they_cannot_mean():
+    model = ConanModel(ConanConfig.from_preset("tiny", vocab_size=300, max_position_embeddings=20)).eval()
+    ids, mask, row, documents = _batch_and_row()
+    short = documents < 4  # the first four texts: 32 tokens, none over 20
+    with pytest.raises(ValueError, match="soft mask"):
+        model(row[:, short], attention_mode="soft", documents=documents[short])
+    with pytest.raises(ValueError, match="batch 1"):
+        model(ids[:, :4], mask[:, :4], documents=documents[:4])
+    # The limit applies to each text, not to the row: 30 tokens is over 20, the other texts together are not.
+    with pytest.raises(ValueError, match="sequence length 30"):
+        model(row, documents=documents)
+    assert model(row[:, short], documents=documents[short]).last_hidden_state.shape == (1, 32, 128)
