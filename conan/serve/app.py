@@ -143,8 +143,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         # Refused above the model's context; texts between its training length and that are truncated when embedded.
         limit = cfg.max_input_tokens or encoder.model.config.max_position_embeddings
         app.state.encoder, app.state.token_limit = encoder, limit
-        batcher = DynamicBatcher(encoder.token_counts, encoder.encode_packed, limit, encoder.max_length, cfg.max_batch_size,
-                                 cfg.forward_tokens, cfg.max_wait_ms, cfg.max_queued_texts)
+        batcher = DynamicBatcher(encoder.token_counts, encoder.encode_packed, limit, encoder.max_length,
+                                 cfg.max_batch_size, cfg.forward_tokens, cfg.max_wait_ms, cfg.max_queued_texts)
         app.state.batcher = batcher
         batcher.start()
         metrics.batches.set_function(lambda: batcher.batches)
