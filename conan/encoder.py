@@ -1,7 +1,7 @@
 """The platform's own text encoder: an exported Conan embedding model + its tokenizer, batched inference.
 
 Mining, evaluation and serving all embed through this class: mining and evaluation agree to the last bit
-(`encode`), the server's packed passes (`encode_packed`) to float rounding (~1e-7), as does
+(`encode`), the server's packed passes (`encode_packed`) with them to float rounding (~1e-7), as does
 `SentenceTransformer(path)` on the same directory.
 """
 
@@ -78,9 +78,12 @@ class Encoder:
 
     @torch.no_grad()
     def encode_packed(self, texts: list[str], dim: int | None = None) -> np.ndarray:
-        """encode's vectors (to float rounding) from one forward pass over the texts packed into one unpadded row:
-        no padding computed, whatever the mix of lengths (the server's passes)."""
+        """encode's vectors (to float rounding) from one forward pass over the texts packed into one unpadded row (the
+        server's passes): projections and MLP see no padding whatever the mix of lengths; attention runs per text,
+        padded to the pass's longest text."""
         self.check_dim(dim)
+        if not texts:
+            return np.zeros((0, dim or self.dimension), dtype=np.float32)
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         row = torch.tensor([[token for text in ids for token in text]], device=self.device)
         documents = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(x) for x in ids]))

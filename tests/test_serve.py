@@ -360,8 +360,8 @@ def test_batcher_passes_stay_within_budget_and_answer_every_request_in_order(req
             continue
         vectors, counts = outcome
         assert counts == lengths and vectors[:, 0].tolist() == lengths  # each text's own vector, in request order
-    embedded = sorted(n for p in passes for n in p)
-    assert embedded == sorted(n for lengths in requests if max(lengths) <= 100 for n in lengths)
+    # First come, first served: the passes, end to end, hold every admitted text in arrival order.
+    assert [n for p in passes for n in p] == [n for lengths in requests if max(lengths) <= 100 for n in lengths]
     assert all(len(p) <= max_texts and (len(p) == 1 or sum(p) <= max_tokens) for p in passes)
 
 
@@ -385,6 +385,27 @@ def test_a_pass_takes_the_oldest_texts_of_one_key_in_arrival_order():
     # Key 64 arrived first: 50 … 48 make 110 tokens, 52 would make 162; the next pass starts at 52. Key 32's texts
     # wait for their own pass, whatever fits beside the others.
     assert passes == [[50, 3, 4, 5, 48], [52, 6, 49], [7, 8]]
+
+
+def test_a_pass_with_a_missing_vector_fails_its_requests_instead_of_leaving_them_waiting():
+    import asyncio
+
+    from conan.serve.batcher import DynamicBatcher
+
+    def short_encode(texts, key):
+        return np.zeros((len(texts) - 1, 2), dtype=np.float32)
+
+    async def scenario():
+        batcher = DynamicBatcher(lambda texts: [len(t) for t in texts], short_encode, max_text_tokens=100,
+                                 truncate_at=100)
+        batcher.start()
+        outcome = await asyncio.wait_for(asyncio.gather(batcher.submit(["a", "bb"], None, lambda v, c: v),
+                                                        return_exceptions=True), timeout=10)
+        await batcher.stop()
+        return outcome[0], batcher.queued_texts
+
+    error, left = asyncio.run(scenario())
+    assert isinstance(error, RuntimeError) and "1 vectors for 2 texts" in str(error) and left == 0
 
 
 def test_batcher_stop_answers_what_is_queued_then_refuses():

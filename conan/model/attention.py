@@ -56,6 +56,28 @@ def sdpa_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" and dtype == torch.bfloat16 else dtype
 
 
+@dataclass(frozen=True)
+class PackedRow:
+    """Texts back to back in one unpadded row: each token's text (0, 1, … in order), each text's size, the longest."""
+
+    documents: torch.Tensor  # (length,)
+    sizes: torch.Tensor  # (texts,)
+    longest: int
+
+    @classmethod
+    def of(cls, documents: torch.Tensor) -> "PackedRow":
+        """The row's layout; ValueError unless the texts are numbered 0, 1, … in row order, each with a token."""
+        sizes = torch.bincount(documents)
+        if not bool((documents.diff() >= 0).all()) or not bool((sizes > 0).all()):
+            raise ValueError("documents must number a packed row's texts 0, 1, … in row order, each with a token")
+        return cls(documents, sizes, int(sizes.max()))
+
+    def positions(self) -> torch.Tensor:
+        """Each token's position in its own text (rotary positions restart at every text)."""
+        starts = self.sizes.cumsum(0) - self.sizes
+        return torch.arange(len(self.documents), device=self.documents.device) - starts[self.documents]
+
+
 @dataclass
 class AttentionMask:
     """Everything a layer needs to mask attention for one batch; built once per forward pass."""
@@ -64,14 +86,14 @@ class AttentionMask:
     padding: torch.Tensor | None  # (batch, length) bool, True = real token; None = no padding
     alpha: float = 0.0
     rank_reduction: bool = True
-    documents: torch.Tensor | None = None  # (length,) document index of each token of one packed row
+    packed: PackedRow | None = None  # one packed row (batch 1) instead of a padded batch
 
     def __post_init__(self):
         if self.mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {self.mode!r}")
         if self.mode == "soft" and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"soft-mask alpha must lie in [0, 1], got {self.alpha}")
-        if self.documents is not None and self.mode == "soft":
+        if self.packed is not None and self.mode == "soft":
             raise ValueError("a packed row takes causal or bidirectional attention, not the soft mask")
 
     def effective_mode(self, length: int) -> AttentionMode:
@@ -83,7 +105,7 @@ class AttentionMask:
     def sdpa_arguments(self, length: int, dtype: torch.dtype, device: torch.device) -> dict:
         """attn_mask / is_causal for F.scaled_dot_product_attention."""
         mode = self.effective_mode(length)
-        if self.documents is not None:
+        if self.packed is not None:
             return self._packed_sdpa_arguments(mode, device)
         keys = None if self.padding is None else self.padding[:, None, None, :]  # (b, 1, 1, l)
         if mode == "bidirectional":
@@ -101,9 +123,9 @@ class AttentionMask:
     def _packed_sdpa_arguments(self, mode: AttentionMode, device: torch.device) -> dict:
         """A packed row's texts laid out as a padded batch for attention alone: `packed` = (index of each text's
         tokens in the row (texts, longest), which of them are real). Attending per text costs texts × longest², where
-        one (l, l) document mask would cost the whole row's l²."""
-        sizes = torch.bincount(self.documents)
-        offsets = torch.arange(int(sizes.max()), device=device)
+        one (l, l) document mask would cost the whole row's l²; the projections and the MLP see no padding."""
+        sizes = self.packed.sizes
+        offsets = torch.arange(self.packed.longest, device=device)
         real = offsets[None, :] < sizes[:, None]
         index = torch.where(real, (sizes.cumsum(0) - sizes)[:, None] + offsets[None, :], 0)
         keys = real[:, None, None, :]
@@ -116,7 +138,8 @@ class AttentionMask:
         from torch.nn.attention.flex_attention import create_block_mask
 
         mode = self.effective_mode(length)
-        padding, documents = self.padding, self.documents
+        padding = self.padding
+        documents = self.packed.documents if self.packed is not None else None
 
         def mask_mod(b, h, q_idx, kv_idx):
             keep = padding[b, kv_idx] if padding is not None else kv_idx >= 0
@@ -124,7 +147,7 @@ class AttentionMask:
                 keep = keep & (documents[q_idx] == documents[kv_idx])
             return keep & (q_idx >= kv_idx) if mode == "causal" else keep
 
-        needs_mask = padding is not None or documents is not None or mode == "causal"
+        needs_mask = padding is not None or self.packed is not None or mode == "causal"
         block_mask = (create_block_mask(mask_mod, batch if padding is not None else None, None,
                                         length, length, device=device) if needs_mask else None)
         score_mod = soft_mask_score_mod(length, self.alpha, self.rank_reduction) if mode == "soft" else None

@@ -17,7 +17,8 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
-from .attention import AttentionMask, AttentionMode, ConanAttention, attention_kernel, rotary_tables, sdpa_dtype
+from .attention import (AttentionMask, AttentionMode, ConanAttention, PackedRow, attention_kernel, rotary_tables,
+                        sdpa_dtype)
 from .configuration import ConanConfig
 from .pooling import matryoshka_truncate, pool, pool_packed
 
@@ -103,13 +104,12 @@ class ConanModel(ConanPreTrainedModel):
         padding) of texts back to back, document 0, 1, …: each token attends within its text, positions restart."""
         attention_mode = attention_mode or self.config.attention_mode
         b, l = input_ids.shape
-        positions = None
+        packed = None
         if documents is not None:
             if b != 1 or attention_mask is not None:
                 raise ValueError("a packed row is one unpadded sequence: batch 1, no attention_mask")
-            sizes = torch.bincount(documents)
-            positions = torch.arange(l, device=input_ids.device) - (sizes.cumsum(0) - sizes)[documents]
-        longest = l if positions is None else int(sizes.max())
+            packed = PackedRow.of(documents)
+        longest = l if packed is None else packed.longest
         if longest > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {longest} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -117,14 +117,14 @@ class ConanModel(ConanPreTrainedModel):
         padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
             padding = attention_mask.bool()
-        mask = AttentionMask(attention_mode, padding, soft_mask_alpha, soft_mask_rank_reduction, documents)
+        mask = AttentionMask(attention_mode, padding, soft_mask_alpha, soft_mask_rank_reduction, packed)
         if attention_kernel(self.config.attention_backend, mask.effective_mode(l), x.device) == "flex":
             mask_args = mask.flex_arguments(b, l, x.device)
         else:
             mask_args = mask.sdpa_arguments(l, sdpa_dtype(x.dtype, x.device), x.device)
         rotary = rotary_tables(longest, self.config.head_dim, self.config.rope_theta, x.dtype, x.device)
-        if positions is not None:
-            rotary = tuple(table[positions] for table in rotary)
+        if packed is not None:
+            rotary = tuple(table[packed.positions()] for table in rotary)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, rotary, mask_args, use_reentrant=False)

@@ -138,8 +138,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         from conan.encoder import Encoder
 
-        # One call of encode is one forward pass (the batcher plans them): batch_size never splits it.
-        encoder = Encoder(cfg.model_dir, device=cfg.device, batch_size=cfg.max_batch_size)
+        # One call of encode_packed is one forward pass (the batcher plans them).
+        encoder = Encoder(cfg.model_dir, device=cfg.device)
         # Refused above the model's context; texts between its training length and that are truncated when embedded.
         limit = cfg.max_input_tokens or encoder.model.config.max_position_embeddings
         app.state.encoder, app.state.token_limit = encoder, limit

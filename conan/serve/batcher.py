@@ -4,9 +4,10 @@ Requests submit their texts and await a future. One worker thread owns the model
 texts that arrived (a request with a text over the limit is refused), keeps every waiting text in a pool, and
 runs one forward pass at a time over the oldest waiting texts of one key (Matryoshka dimension), in arrival
 order, at most `max_pass_texts` texts and `max_pass_tokens` tokens. `encode` packs a pass's texts into one
-unpadded row (Encoder.encode_packed), so a pass costs its texts' own tokens whatever their mix of lengths: there
-is no padding to plan around, and first come is first served. (Planning passes of like lengths for padded
-batches left 29 % of a pass padding at 32 one-text clients: a pass is planned from the ~15 texts waiting.) A request
+unpadded row (Encoder.encode_packed): the projections and MLP, most of a pass's time, cost its texts' own tokens
+whatever their mix of lengths (attention alone pads each text to the pass's longest), so first come is first
+served. (Planning passes of like lengths for padded batches left 29 % of a pass padding at 32 one-text clients: a
+pass is planned from the ~15 texts waiting.) A request
 is answered as soon as its last text is embedded, its `finish` (writing the response) run in the worker thread,
 so the event loop only reads and checks requests. A submit that would hold more than `max_queued_texts` texts is
 refused at once with QueueFull: under overload clients are told to come back instead of waiting without bound.
@@ -170,6 +171,8 @@ class DynamicBatcher:
         start = time.perf_counter()
         try:
             vectors = self.encode([t.request.texts[t.index] for t in texts], texts[0].request.key)
+            if len(vectors) != len(texts):
+                raise RuntimeError(f"encode returned {len(vectors)} vectors for {len(texts)} texts")
         except Exception as err:  # a failed pass fails its requests, never the batcher
             for request in {id(t.request): t.request for t in texts}.values():
                 for seq in [s for s, t in self.pool.items() if t.request is request]:

@@ -1,8 +1,10 @@
 """Packed rows (texts back to back in one unpadded row, `documents` naming each token's text): the same states and
-embeddings as the texts padded in a batch, on both attention kernels, under either pooling."""
+embeddings as the texts padded in a batch, on both attention kernels, under either pooling; the Encoder's packed
+passes (what the server runs) give its padded vectors."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +66,26 @@ def test_packed_rows_refuse_what_they_cannot_mean():
     with pytest.raises(ValueError, match="sequence length 30"):
         model(row, documents=documents)
     assert model(row[:, short], documents=documents[short]).last_hidden_state.shape == (1, 32, 128)
+
+
+@pytest.mark.parametrize("documents, why", [([0, 0, 2, 2], "text 1 has no token"),
+                                            ([0, 1, 1, 0], "out of row order"),
+                                            ([1, 1, 2, 2], "does not start at 0")])
+def test_documents_that_are_not_texts_in_row_order_are_refused(documents, why):
+    model = ConanForEmbedding(ConanConfig.from_preset("tiny", vocab_size=300)).eval()
+    with pytest.raises(ValueError, match="in row order, each with a token"):
+        model(torch.randint(3, 300, (1, 4)), documents=torch.tensor(documents))
+
+
+def test_the_encoders_packed_pass_gives_its_padded_vectors(small_embedding_model_dir, data_root):
+    from conan.encoder import Encoder
+
+    encoder = Encoder(small_embedding_model_dir)
+    lines = (data_root / "tatoeba" / "tatoeba.deu-eng.deu").read_text(encoding="utf-8").splitlines()
+    texts = [lines[0], "x", lines[1] * 40, lines[2], "日本語の文です。"]  # one text cut at max_length
+    assert max(encoder.token_counts(texts)) > encoder.max_length
+    for dim in (None, 32):
+        packed, padded = encoder.encode_packed(texts, dim), encoder.encode(texts, dim)
+        assert packed.shape == padded.shape == (len(texts), dim or encoder.dimension)
+        assert np.abs(packed - padded).max() < 1e-5
+    assert encoder.encode_packed([]).shape == (0, encoder.dimension)
