@@ -9,8 +9,9 @@ with every text queued at once, packed (Encoder.encode_packed, as the server run
 sorted by length (less padding than any online arrival order allows). The baseline is the best of the six, so a
 ratio is never flattered by a slow baseline. The server is `conan serve` in a subprocess (uvicorn, dynamic
 batching, ServeConfig's defaults); the client is another process: `concurrency` keep-alive connections, each
-sending one request at a time, 1 or 16 texts per request, float vectors. The client is raw asyncio HTTP/1.1 with pre-built bodies, because on a 2-core
-machine a client library's own CPU time would be measured instead of the server's.
+sending one request at a time, 1 or 16 texts per request, float vectors. The client is raw asyncio HTTP/1.1 with
+pre-built bodies, because on a 2-core machine a client library's own CPU time would be measured instead of the
+server's.
 
     python bench/serve.py [--texts 1024] [--concurrency 1 8 32] [--threads 1]
 
