@@ -116,7 +116,8 @@ def offline_rates(model_dir: Path, texts: list[str], serve: ServeConfig) -> dict
         await batcher.stop()
 
     encoder.batch_size = serve.max_batch_size
-    by_length = sorted(texts, key=lambda t: len(encoder.tokenizer(t)["input_ids"]))
+    counts = encoder.token_counts(texts)
+    by_length = [texts[i] for i in sorted(range(len(texts)), key=counts.__getitem__)]
     for name, encode, ordered in (("Encoder.encode_packed in the server's passes, all texts at once",
                                    encoder.encode_packed, texts),
                                   ("Encoder.encode (padded) in the server's passes, texts sorted by length",

@@ -58,10 +58,12 @@ def sdpa_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class PackedRow:
-    """Texts back to back in one unpadded row: each token's text (0, 1, … in order), each text's size, the longest."""
+    """Texts back to back in one unpadded row: each token's text (0, 1, … in order), each text's size and first
+    token, the longest."""
 
     documents: torch.Tensor  # (length,)
     sizes: torch.Tensor  # (texts,)
+    starts: torch.Tensor  # (texts,)
     longest: int
 
     @classmethod
@@ -70,12 +72,11 @@ class PackedRow:
         sizes = torch.bincount(documents)
         if not bool((documents.diff() >= 0).all()) or not bool((sizes > 0).all()):
             raise ValueError("documents must number a packed row's texts 0, 1, … in row order, each with a token")
-        return cls(documents, sizes, int(sizes.max()))
+        return cls(documents, sizes, sizes.cumsum(0) - sizes, int(sizes.max()))
 
     def positions(self) -> torch.Tensor:
         """Each token's position in its own text (rotary positions restart at every text)."""
-        starts = self.sizes.cumsum(0) - self.sizes
-        return torch.arange(len(self.documents), device=self.documents.device) - starts[self.documents]
+        return torch.arange(len(self.documents), device=self.documents.device) - self.starts[self.documents]
 
 
 @dataclass
@@ -124,10 +125,9 @@ class AttentionMask:
         """A packed row's texts laid out as a padded batch for attention alone: `packed` = (index of each text's
         tokens in the row (texts, longest), which of them are real). Attending per text costs texts × longest², where
         one (l, l) document mask would cost the whole row's l²; the projections and the MLP see no padding."""
-        sizes = self.packed.sizes
         offsets = torch.arange(self.packed.longest, device=device)
-        real = offsets[None, :] < sizes[:, None]
-        index = torch.where(real, (sizes.cumsum(0) - sizes)[:, None] + offsets[None, :], 0)
+        real = offsets[None, :] < self.packed.sizes[:, None]
+        index = torch.where(real, self.packed.starts[:, None] + offsets[None, :], 0)
         keys = real[:, None, None, :]
         if mode == "causal":
             keys = keys & torch.ones(len(offsets), len(offsets), dtype=torch.bool, device=device).tril()
