@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 from .attention import (AttentionMask, AttentionMode, ConanAttention, PackedRow, attention_kernel, rotary_tables,
                         sdpa_dtype)
 from .configuration import ConanConfig
+from .lm_loss import causal_lm_loss
 from .pooling import matryoshka_truncate, pool, pool_packed
 
 
@@ -151,13 +152,13 @@ class ConanForCausalLM(ConanWithHead, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
-        """Next-token logits; with labels (-100 = ignored), the mean shifted cross-entropy."""
+        """Next-token logits; with labels (-100 = ignored), the mean shifted cross-entropy, fused with the head
+        (lm_loss: no logits tensor is made for it). Training with labels returns no logits (as Liger-Kernel's fused
+        heads do): the loss is what a training step needs, and the logits are its largest tensor."""
         hidden = self.model(input_ids, attention_mask, attention_mode="causal").last_hidden_state
-        logits = F.linear(hidden, self.model.embed_tokens.weight)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
+        head = self.model.embed_tokens.weight
+        loss = causal_lm_loss(hidden, head, labels) if labels is not None else None
+        logits = None if self.training and loss is not None else F.linear(hidden, head)
         return CausalLMOutput(loss=loss, logits=logits)
 
 
