@@ -56,7 +56,7 @@ class ConanDecoderLayer(nn.Module):
 
 # Every export carries these source files and an auto_map: AutoModel / AutoModelForCausalLM load it with
 # trust_remote_code=True where Conan is not installed (with `import conan` the registered classes serve).
-REMOTE_CODE_FILES = ("configuration.py", "modeling.py", "attention.py", "soft_mask.py", "pooling.py")
+REMOTE_CODE_FILES = ("configuration.py", "modeling.py", "attention.py", "soft_mask.py", "pooling.py", "lm_loss.py")
 REMOTE_CODE_AUTO_MAP = {"AutoConfig": "configuration.ConanConfig", "AutoModel": "modeling.ConanModel",
                         "AutoModelForCausalLM": "modeling.ConanForCausalLM"}
 
