@@ -7,7 +7,8 @@ allocation above the model's, measured with torch's CPU allocator profile.
 
     python bench/lm_head.py [--preset tiny] [--seq 128] [--batch 16] [--rounds 5] [--steps 5] [--threads 1]
 
-Last line: `lm_head preset=… fused_over_plain=<step time ratio> plain_s=… fused_s=… plain_peak_mb=… fused_peak_mb=…`.
+Last line: `lm_head preset=… fused_over_plain=<step time ratio> plain_s=… fused_s=… plain_peak_mb=…
+fused_peak_mb=…`.
 """
 
 from __future__ import annotations
