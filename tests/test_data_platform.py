@@ -304,7 +304,7 @@ def test_a_worker_killed_mid_step_loses_and_repeats_no_row(ray_cluster, data_roo
 
 
 def test_curation_memory_stays_flat(ray_cluster, data_root, tmp_path):
-    """10× the rows (50k → 500k synthetic pairs, in 8 → 80 files of 6,250 rows: data grows by files, as users' does):
+    """10× the rows (25k → 250k synthetic pairs, in 4 → 40 files of 6,250 rows: data grows by files, as users' does):
     the driver's peak RSS grows by < 10%, the largest private memory (RSS − shared object-store pages) of any other
     ray:: process by < 25%; the one state that grows with the data, the dedup shards' keys, is 16 bytes a key.
 
@@ -330,7 +330,7 @@ def test_curation_memory_stays_flat(ray_cluster, data_root, tmp_path):
         return largest
 
     peaks = {}
-    for rows in (50_000, 500_000):
+    for rows in (25_000, 250_000):
         inputs = write_pairs(data_root, tmp_path / f"in{rows}", rows, files=rows // 6_250)
         peak, done = [0, 0], threading.Event()
 
@@ -348,7 +348,7 @@ def test_curation_memory_stays_flat(ray_cluster, data_root, tmp_path):
         keys = sum(s["exact"]["keys"] + s["near"]["keys"] for s in stats["dedup_shards"])
         assert sum(s["exact"]["bytes"] + s["near"]["bytes"] for s in stats["dedup_shards"]) == 16 * keys
         peaks[rows] = peak
-    (small_workers, small_driver), (large_workers, large_driver) = peaks[50_000], peaks[500_000]
+    (small_workers, small_driver), (large_workers, large_driver) = peaks[25_000], peaks[250_000]
     print(f"peaks (largest worker private, driver RSS): {peaks}")
     assert large_driver < 1.10 * small_driver, peaks
     assert large_workers < 1.25 * small_workers, peaks
