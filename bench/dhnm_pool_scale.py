@@ -1,15 +1,20 @@
 """DHNM pools at the paper's scale: 10M synthetic queries × 30 candidates × 7 active over 4 NegativePool actors.
 
 What the supervised stage does with them, timed: `assign` (64 queries a call, the client's round trip), `report`
-(64 queries × 7 scores, then `flush` so the call is timed until the actors applied it; its submission alone, what
-a training step waits for, is printed too), `stats` (what each metrics report asks), the same calls on one shard's
-arrays in this process (the actors' own work, without Ray's round trips), and a checkpoint as the training loop makes one (client.state_dict → save_state, then load_state →
-client.load_state_dict). Memory is the 4 actor processes' unique set (USS) after loading, summed (RSS printed too).
+(64 queries × 7 scores, then `flush` so the call is timed until the actors applied it; its submission alone is
+printed too), `stats` (what each metrics report asks); then the calls as the training loop makes them (step t+1's
+queries prefetched after step t's report, --step-ms of compute between): what a step waits for (`step_wait`), and a
+no-op round trip to every shard (`ping`, Ray's floor for any call here); the same calls on one shard's arrays in
+this process (the actors' own work, without Ray's round trips), and a checkpoint as the training loop makes one
+(client.state_dict → save_state, then load_state → client.load_state_dict). Memory is the 4 actor processes' unique
+set (USS) after loading, summed (RSS printed too).
 
     python bench/dhnm_pool_scale.py [--queries 10000000] [--candidates 30] [--active 7] [--shards 4] [--calls 500]
+                                  [--step-ms 20]
 
 Last line: dhnm_pool queries=<n> bytes=<actor USS> assign_p99_ms=<…> report_p99_ms=<…> stats_p99_ms=<…>
-           checkpoint_s=<save + load>   (goals: bytes ≤ 3e9, assign and report p99 ≤ 5 ms, checkpoint ≤ 30 s)
+           checkpoint_s=<save + load> step_wait_p99_ms=<…> ping_p99_ms=<…>
+           (goals: bytes ≤ 3e9, assign and report p99 ≤ 5 ms, checkpoint ≤ 30 s)
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def main() -> None:
     parser.add_argument("--active", type=int, default=7)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--step-ms", type=float, default=20.0, help="compute a training step spends between its "
+                        "report and the next step's assign (the prefetch's window)")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     rng = np.random.default_rng(0)
@@ -81,6 +88,23 @@ def main() -> None:
         stats = client.stats()
         timings["stats"].append(time.perf_counter() - t)
     print(f"after {args.calls} steps: {stats}", flush=True)
+    # As the training loop calls them: step t's report is submitted, step t+1's queries prefetched, and the step's
+    # compute (here a sleep of --step-ms: an accelerator's step leaves the CPU to the actors) hides the round trips;
+    # what a step then waits for is the prefetched assign and the report's submission. The no-op round trip to every
+    # shard (ping) is Ray's floor for a call on this machine.
+    batches = [[names[i] for i in rng.integers(0, args.queries, 64)] for _ in range(args.calls + 1)]
+    client.prefetch(batches[0])
+    for step in range(args.calls):
+        t = time.perf_counter()
+        assigned = client.assign(batches[step])
+        client.report(batches[step], assigned, rng.uniform(0.0, 1.0, (64, args.active)).tolist())
+        client.prefetch(batches[step + 1])
+        timings.setdefault("step_wait", []).append(time.perf_counter() - t)
+        time.sleep(args.step_ms / 1e3)
+        t = time.perf_counter()
+        client.flush()
+        timings.setdefault("ping", []).append(time.perf_counter() - t)
+    stats = client.stats()
     # The pool's own work for one shard's share, without Ray's round trips (what the actors spend per call).
     local = NegativePoolState(num_active=args.active)
     share = args.queries // args.shards
@@ -113,7 +137,9 @@ def main() -> None:
     assert client.stats() == stats, "the restored pools differ"
     print(f"dhnm_pool queries={args.queries} bytes={uss} assign_p99_ms={percentile_ms(timings['assign'], 99):.2f} "
           f"report_p99_ms={percentile_ms(timings['report'], 99):.2f} "
-          f"stats_p99_ms={percentile_ms(timings['stats'], 99):.2f} checkpoint_s={saved + loaded:.1f}", flush=True)
+          f"stats_p99_ms={percentile_ms(timings['stats'], 99):.2f} checkpoint_s={saved + loaded:.1f} "
+          f"step_wait_p99_ms={percentile_ms(timings['step_wait'], 99):.2f} "
+          f"ping_p99_ms={percentile_ms(timings['ping'], 99):.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ eq. 6 as written (the prose speaks of absolute values; the equation does not tak
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -277,11 +279,18 @@ def _remote_pool_class():
 
 class NegativePoolClient:
     """View of the sharded pool: routes each query (by its key) to its shard's actor. The driver's client holds the
-    actors' handles (which keeps them alive); workers connect by name."""
+    actors' handles (which keeps them alive); workers connect by name.
+
+    One thread of the client makes every call to the shards, in the order the client was asked: a training step
+    neither waits for a report's serialisation nor for the round trips of a prefetched `assign`, and this caller's
+    calls still reach each shard in that order (Ray runs one caller's calls to an actor in submission order)."""
 
     def __init__(self, names: Sequence[str], actors: Sequence, arrays: Sequence = ()):
         self.names, self.actors = list(names), list(actors)
         self.arrays = list(arrays)  # the driver's refs to the shards' mined arrays: what a restarted shard reloads
+        self.submitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dhnm-pool")
+        self.reports: deque[Future] = deque()  # report submissions not yet checked for errors
+        self.prefetched: tuple[tuple, Future] | None = None  # (query ids, their assign's submission): `prefetch`
 
     @classmethod
     def connect(cls, names: Sequence[str], namespace: str | None = None) -> "NegativePoolClient":
@@ -295,11 +304,37 @@ class NegativePoolClient:
         shards = shards_of(keys, len(self.actors))
         return keys, {s: np.flatnonzero(shards == s).tolist() for s in np.unique(shards).tolist()}
 
-    def assign(self, query_ids: Sequence[Hashable]) -> list[list[int] | None]:
-        """Active negatives of each query, None where unmanaged (one round trip per shard, in parallel)."""
-        import ray
+    def _submit_assign(self, query_ids: Sequence[Hashable]) -> tuple[dict, dict]:
         keys, parts = self._split(query_ids)
-        refs = {s: self.actors[s].assign.remote(keys[idx]) for s, idx in parts.items()}
+        return parts, {s: self.actors[s].assign.remote(keys[idx]) for s, idx in parts.items()}
+
+    def _submit_report(self, query_ids, negative_ids, scores) -> None:
+        keys, parts = self._split(query_ids)
+        for s, idx in parts.items():
+            self.actors[s].report.remote(keys[idx], [negative_ids[i] for i in idx], [scores[i] for i in idx])
+
+    def _on_every_shard(self, call: Callable[[object, int], object]) -> list:
+        """call(actor, shard) → ref on every shard, submitted after every earlier call; the results in shard order."""
+        import ray
+        refs = self.submitter.submit(lambda: [call(a, s) for s, a in enumerate(self.actors)]).result()
+        return ray.get(refs)
+
+    def prefetch(self, query_ids: Sequence[Hashable]) -> None:
+        """Ask the shards now for what the next `assign`, if it is of exactly these queries, returns, so that its
+        round trips overlap the caller's compute. The answer holds every report this client was given before the
+        prefetch, as an `assign` at that point would (assign changes no state)."""
+        self.prefetched = (tuple(query_ids), self.submitter.submit(self._submit_assign, query_ids))
+
+    def assign(self, query_ids: Sequence[Hashable]) -> list[list[int] | None]:
+        """Active negatives of each query, None where unmanaged (one round trip per shard, in parallel; none to wait
+        for when these queries were prefetched)."""
+        import ray
+        if self.prefetched is not None and self.prefetched[0] == tuple(query_ids):
+            submitted = self.prefetched[1]
+        else:
+            submitted = self.submitter.submit(self._submit_assign, query_ids)
+        self.prefetched = None
+        parts, refs = submitted.result()
         out: list[list[int] | None] = [None] * len(query_ids)
         for s, idx in parts.items():
             for i, negs in zip(idx, ray.get(refs[s])):
@@ -308,20 +343,21 @@ class NegativePoolClient:
 
     def report(self, query_ids: Sequence[Hashable], negative_ids: Sequence[Sequence[int]],
                scores: Sequence[Sequence[float]]) -> None:
-        """Fire-and-forget score report; never blocks the training step."""
-        keys, parts = self._split(query_ids)
-        for s, idx in parts.items():
-            self.actors[s].report.remote(keys[idx], [negative_ids[i] for i in idx], [scores[i] for i in idx])
+        """Fire-and-forget score report; never blocks the training step (a submission that failed raises at a later
+        report or at `flush`)."""
+        while self.reports and self.reports[0].done():
+            self.reports.popleft().result()
+        self.reports.append(self.submitter.submit(self._submit_report, query_ids, negative_ids, scores))
 
     def flush(self) -> None:
-        """Wait until this process's earlier reports have been applied."""
-        import ray
-        ray.get([a.ping.remote() for a in self.actors])
+        """Wait until this client's earlier reports have been applied."""
+        self._on_every_shard(lambda actor, _: actor.ping.remote())
+        while self.reports:
+            self.reports.popleft().result()
 
     def stats(self) -> dict:
         """Counters summed over shards; the mean active score over all shards' scored negatives."""
-        import ray
-        parts = ray.get([a.stats.remote() for a in self.actors])
+        parts = self._on_every_shard(lambda actor, _: actor.stats.remote())
         total = {k: sum(p[k] for p in parts) for k in parts[0] if k != "mean_active_score"}
         scored = [p for p in parts if p["scored_active"]]
         total["mean_active_score"] = (sum(p["mean_active_score"] * p["scored_active"] for p in scored)
@@ -330,18 +366,15 @@ class NegativePoolClient:
 
     def state_dict(self) -> list[dict]:
         """Each shard's state, in shard order."""
-        import ray
-        return ray.get([a.state_dict.remote() for a in self.actors])
+        return self._on_every_shard(lambda actor, _: actor.state_dict.remote())
 
     def load_state_dict(self, states: Sequence[dict]) -> None:
         """Restore every shard."""
-        import ray
-        ray.get([a.load_state_dict.remote(s) for a, s in zip(self.actors, states)])
+        self._on_every_shard(lambda actor, shard: actor.load_state_dict.remote(states[shard]))
 
     def reset(self) -> None:
         """Every shard back to its mined candidates."""
-        import ray
-        ray.get([a.reset.remote() for a in self.actors])
+        self._on_every_shard(lambda actor, _: actor.reset.remote())
 
 
 def create_negative_pools(keys: np.ndarray, candidates: np.ndarray, name: str, num_shards: int = 1,

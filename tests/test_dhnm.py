@@ -126,6 +126,26 @@ def test_sharded_actors_route_queries_and_apply_reports(ray_cluster):
     assert client.assign(["q3"]) == [[307, 301, 302, 303, 304, 305, 306]]
 
 
+def test_a_prefetched_assign_holds_the_reports_sent_before_it_and_serves_only_the_same_queries(ray_cluster):
+    pools = {f"q{i}": list(range(i * 100, i * 100 + 12)) for i in range(8)}
+    owner = create_negative_pools(*pool_arrays(pools), "test-dhnm-prefetch", num_shards=2, num_active=7)
+    client = NegativePoolClient.connect(owner.names)
+    # The training loop's order: report step t's scores, prefetch step t+1's queries, assign them at step t+1. The
+    # report is submitted, not awaited: the prefetch still sees its replacement (one caller's calls run in order).
+    client.report(["q3"], [[300, 301]], [[0.1, 0.9]])
+    client.prefetch(["q3", "q5"])
+    client.report(["q5"], [[500, 501]], [[0.1, 0.9]])  # after the prefetch: not in its answer
+    assert client.assign(["q3", "q5"]) == [[307, 301, 302, 303, 304, 305, 306], list(range(500, 507))]
+    client.flush()
+    assert client.assign(["q5"]) == [[507, 501, 502, 503, 504, 505, 506]]  # asked anew: the later report shows
+    # A prefetch serves only an assign of exactly its queries, once.
+    client.prefetch(["q5"])
+    client.report(["q5"], [[502]], [[0.1]])
+    client.flush()
+    assert client.assign(["q5", "q3"])[0] == [507, 501, 508, 503, 504, 505, 506]
+    assert client.prefetched is None and client.assign(["q5"]) == [[507, 501, 508, 503, 504, 505, 506]]
+
+
 def test_a_replacement_reported_by_one_worker_is_what_another_worker_gets(ray_cluster):
     import ray
 

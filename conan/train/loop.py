@@ -82,12 +82,15 @@ def train_worker(loop_config: dict) -> None:
         _maybe_inject_failure(cfg, step, rank, world)
         step_metrics: dict = {}
         for micro in range(accum):
-            batch = stage.batch(step * accum + micro)
+            index = step * accum + micro
+            batch = stage.batch(index)
             if row_log:
                 row_log.write(step, micro, batch["row_ids"])
             batch = to_device(batch, device)
             loss, counters = stage.loss(engine, batch, step)
             engine.backward(loss)
+            if index + 1 < cfg.train.steps * accum:
+                stage.prefetch(index + 1)  # after this micro-batch's reports; it overlaps the optimizer step
             engine.step()
             losses.append(float(loss.detach()))
             samples += counters.pop("samples")

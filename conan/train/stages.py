@@ -123,6 +123,10 @@ class Stage:
             out["chance_ratio"] = max(ratios)
         return out
 
+    def prefetch(self, index: int) -> None:
+        """Start what the index-th micro-batch waits on that can run beside the current step's compute (the loop calls
+        it after the current micro-batch's backward pass)."""
+
     def state_dict(self) -> dict:
         """Extra state saved with every checkpoint (batches themselves need none: they derive from the step)."""
         return {}
@@ -270,6 +274,7 @@ class SupervisedStage(Stage):
             from conan.dhnm import NegativePoolClient
             self.pool = NegativePoolClient.connect(pool_names)
         self.rescored_step = -1
+        self.prefetched_rows: tuple[int, list[dict]] | None = None  # (micro-batch index, its rows): `prefetch`
 
     @classmethod
     def row_spec(cls, cfg):
@@ -319,10 +324,22 @@ class SupervisedStage(Stage):
         if self.pool is not None:  # passages the pool's candidate ids point at, memory-mapped
             self.passages = PassageLookup(self.passage_lookup_path(self.cfg))
 
+    def prefetch(self, index):
+        """Read the index-th micro-batch's rows now and, for the rows DHNM manages, ask the pool for their negatives:
+        its round trips to the shards then overlap this step's optimizer step instead of delaying the next batch."""
+        task = TASKS[task_of(self.stream.group(index))]
+        if self.pool is None or not task.mined:
+            return
+        rows = self.rows(index, self.cfg.supervised.batch_sizes[task.name])[1]
+        self.prefetched_rows = (index, rows)
+        if queries := [rows[i]["query_id"] for i in task.pool_rows(self, rows)]:
+            self.pool.prefetch(queries)
+
     def batch(self, index):
         task = task_of(self.stream.group(index))
         size = self.cfg.supervised.batch_sizes[task]
-        _, chosen = self.rows(index, size)
+        prefetched, self.prefetched_rows = self.prefetched_rows, None
+        chosen = prefetched[1] if prefetched and prefetched[0] == index else self.rows(index, size)[1]
         return {**TASKS[task].collate(self, chosen), "task": task, "size": size,
                 "row_ids": [r["row_id"] for r in chosen]}
 

@@ -34,6 +34,12 @@ class SupervisedTask:
         pool: the rows `collate` gets)."""
         raise NotImplementedError
 
+    def pool_rows(self, stage: SupervisedStage, rows: list[dict]) -> list[int]:
+        """Positions of the rows whose negatives the DHNM pool may manage: a mined task's rows with a query_id."""
+        if not (self.mined and stage.pool is not None):
+            return []
+        return [i for i, r in enumerate(rows) if r.get("query_id")]
+
     def collate(self, stage: SupervisedStage, rows: list[dict]) -> dict:
         """Tensors (and ids) of one micro-batch of this task's rows."""
         raise NotImplementedError

@@ -40,7 +40,7 @@ class ContrastiveTask(SupervisedTask):
         k = stage.cfg.supervised.num_negatives
         negatives = [r["negatives_ids"][:k] for r in rows]
         negative_keys = [r["negative_mask_keys"][:k] for r in rows]
-        candidates = [i for i, r in enumerate(rows) if self.mined and stage.pool is not None and r["query_id"]]
+        candidates = self.pool_rows(stage, rows)
         assigned = stage.pool.assign([rows[i]["query_id"] for i in candidates]) if candidates else []
         managed = [i for i, ids in zip(candidates, assigned) if ids is not None]
         negative_ids = [ids for ids in assigned if ids is not None]
