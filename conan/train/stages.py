@@ -327,21 +327,23 @@ class SupervisedStage(Stage):
     def prefetch(self, index):
         """Read the index-th micro-batch's rows now and, for the rows DHNM manages, ask the pool for their negatives:
         its round trips to the shards then overlap this step's optimizer step instead of delaying the next batch."""
-        task = TASKS[task_of(self.stream.group(index))]
-        if self.pool is None or not task.mined:
-            return
-        rows = self.rows(index, self.cfg.supervised.batch_sizes[task.name])[1]
+        task, _, rows = self._micro_batch(index)
         self.prefetched_rows = (index, rows)
-        if queries := [rows[i]["query_id"] for i in task.pool_rows(self, rows)]:
+        if queries := [rows[i]["query_id"] for i in TASKS[task].pool_rows(self, rows)]:
             self.pool.prefetch(queries)
 
     def batch(self, index):
+        task, size, chosen = self._micro_batch(index)
+        return {**TASKS[task].collate(self, chosen), "task": task, "size": size,
+                "row_ids": [r["row_id"] for r in chosen]}
+
+    def _micro_batch(self, index: int) -> tuple[str, int, list[dict]]:
+        """The index-th micro-batch's task, batch size and rows (those `prefetch` read for it, when it did)."""
         task = task_of(self.stream.group(index))
         size = self.cfg.supervised.batch_sizes[task]
         prefetched, self.prefetched_rows = self.prefetched_rows, None
-        chosen = prefetched[1] if prefetched and prefetched[0] == index else self.rows(index, size)[1]
-        return {**TASKS[task].collate(self, chosen), "task": task, "size": size,
-                "row_ids": [r["row_id"] for r in chosen]}
+        rows = prefetched[1] if prefetched and prefetched[0] == index else self.rows(index, size)[1]
+        return task, size, rows
 
     def loss(self, engine, batch, step):
         dims = self.dims or engine.module.config.matryoshka_dims
