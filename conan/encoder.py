@@ -80,7 +80,7 @@ class Encoder:
     def encode_packed(self, texts: list[str], dim: int | None = None) -> np.ndarray:
         """encode's vectors (to float rounding) from one forward pass over the texts packed into one unpadded row (the
         server's passes): projections and MLP see no padding whatever the mix of lengths; attention runs per text,
-        padded to the pass's longest text."""
+        padded to the longest of its group of like lengths (attention.length_groups)."""
         self.check_dim(dim)
         if not texts:
             return np.zeros((0, dim or self.dimension), dtype=np.float32)

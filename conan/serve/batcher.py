@@ -5,9 +5,9 @@ texts that arrived (a request with a text over the limit is refused), keeps ever
 runs one forward pass at a time over the oldest waiting texts of one key (Matryoshka dimension), in arrival
 order, at most `max_pass_texts` texts and `max_pass_tokens` tokens. `encode` packs a pass's texts into one
 unpadded row (Encoder.encode_packed): the projections and MLP, most of a pass's time, cost its texts' own tokens
-whatever their mix of lengths (attention alone pads each text to the pass's longest), so first come is first
-served. (Planning passes of like lengths for padded batches left 29 % of a pass padding at 32 one-text clients: a
-pass is planned from the ~15 texts waiting.) A request
+whatever their mix of lengths (attention alone pads each text, to the longest of its group of like lengths
+within the pass), so first come is first served. (Planning passes of like lengths for padded batches left 29 % of
+a pass padding at 32 one-text clients: a pass is planned from the ~15 texts waiting.) A request
 is answered as soon as its last text is embedded, its `finish` (writing the response) run in the worker thread,
 so the event loop only reads and checks requests. A submit that would hold more than `max_queued_texts` texts is
 refused at once with QueueFull: under overload clients are told to come back instead of waiting without bound.
@@ -66,7 +66,7 @@ class DynamicBatcher:
 
     def __init__(self, count_tokens: Callable[[list[str]], list[int]],
                  encode: Callable[[list[str], Hashable], np.ndarray], max_text_tokens: int, truncate_at: int,
-                 max_pass_texts: int = 64, max_pass_tokens: int = 256, max_wait_ms: float = 0.0,
+                 max_pass_texts: int = 64, max_pass_tokens: int = 1024, max_wait_ms: float = 0.0,
                  max_queued_texts: int = 2048):
         self.count_tokens, self.encode = count_tokens, encode
         self.max_text_tokens, self.truncate_at = max_text_tokens, truncate_at

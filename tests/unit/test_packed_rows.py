@@ -4,11 +4,14 @@ passes (what the server runs) give its padded vectors."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
-from conan.model import ConanConfig, ConanForEmbedding, ConanModel
+from conan.model import ConanConfig, ConanForEmbedding, ConanModel, attention
+from conan.model.attention import GROUP_CALL_COST, length_groups
 
 LENGTHS = [5, 17, 1, 9, 30]
 
@@ -25,9 +28,29 @@ def _batch_and_row(vocab: int = 300) -> tuple[torch.Tensor, torch.Tensor, torch.
     return ids, mask, torch.cat(texts)[None], documents
 
 
+def test_length_groups_split_the_texts_sorted_by_size_where_padding_costs_more_than_a_call():
+    # Sizes 1, 5, 9, 17, 30: one group pads all five to 30 (5 · 900 + 2048 = 6548); [1, 5, 9] + [17, 30] costs
+    # 3 · 81 + 2 · 900 + 2 · 2048 = 6139, the least of the 16 splits of the sorted sizes.
+    assert length_groups(LENGTHS, 2048) == [[0, 2, 3], [1, 4]]
+    ordered = sorted(LENGTHS)
+    splits = [[ordered[a:b] for a, b in zip((0, *cuts), (*cuts, 5))]
+              for k in range(5) for cuts in itertools.combinations(range(1, 5), k)]
+    assert min(sum(len(g) * g[-1] ** 2 + 2048 for g in split) for split in splits) == 6139
+    assert length_groups(LENGTHS, 10**9) == [[0, 1, 2, 3, 4]]
+    assert length_groups(LENGTHS, 0) == [[2], [0], [3], [1], [4]]  # free calls: one group per size, shortest first
+    assert length_groups([7, 3, 7, 3], 0) == [[1, 3], [0, 2]]  # like sizes share a group, texts in row order
+    sizes = [int(n) for n in torch.randint(1, 200, (64,), generator=torch.Generator().manual_seed(0))]
+    groups = length_groups(sizes)
+    assert sorted(i for g in groups for i in g) == list(range(64)) and all(g == sorted(g) for g in groups)
+    cost = sum(len(g) * max(sizes[i] for i in g) ** 2 + GROUP_CALL_COST for g in groups)
+    assert 1 < len(groups) < 64 and cost < len(sizes) * max(sizes) ** 2 + GROUP_CALL_COST
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("mode", ["bidirectional", "causal"])
-def test_a_packed_row_gives_each_text_its_padded_states(backend, mode):
+@pytest.mark.parametrize("call_cost", [0, 2048, 10**9])  # one group per size (out of row order), two, one
+def test_a_packed_row_gives_each_text_its_padded_states(backend, mode, call_cost, monkeypatch):
+    monkeypatch.setattr(attention, "GROUP_CALL_COST", call_cost)
     torch.manual_seed(1)
     model = ConanModel(ConanConfig.from_preset("tiny", vocab_size=300, attention_backend=backend)).eval()
     ids, mask, row, documents = _batch_and_row()
