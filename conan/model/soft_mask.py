@@ -77,17 +77,17 @@ def soft_mask_bias(length: int, alpha: float, rank_reduction: bool = True,
     return _cached_bias(length, float(alpha), rank_reduction, dtype, str(torch.device(device)))
 
 
-def soft_mask_score_mod(length: int, alpha: float, rank_reduction: bool = True) -> Callable:
-    """FlexAttention score_mod adding log M(t) on the fly, without materialising an (l, l) tensor."""
+def soft_mask_score_mod(length: int, alpha: float, rank_reduction: bool = True, device=None) -> Callable:
+    """FlexAttention score_mod adding log M(t) on the fly, without materialising an (l, l) tensor.
+
+    alpha and l enter through a captured 0-d tensor, not Python floats: a compiled kernel guards on the constants
+    its closure holds, so a float alpha (it moves every step of the schedule) would recompile it every step."""
     log_alpha = math.log(alpha) if alpha > 0 else -math.inf
-    log_l = math.log(length)
+    # rank reduction: log(min(alpha * l / i, 1)) = min(log alpha + log l - log i, 0), with i = q_idx + 1
+    offset = torch.tensor(log_alpha + (math.log(length) if rank_reduction else 0.0), device=device)
 
     def score_mod(score, batch, head, q_idx, kv_idx):
-        if rank_reduction:
-            # log(min(alpha * l / i, 1)) with i = q_idx + 1, computed in log space.
-            upper = torch.clamp(log_alpha + log_l - torch.log((q_idx + 1).to(score.dtype)), max=0.0)
-        else:
-            upper = torch.full_like(score, log_alpha)
-        return torch.where(q_idx >= kv_idx, score, score + upper)
+        upper = offset - torch.log((q_idx + 1).to(score.dtype)) if rank_reduction else offset
+        return torch.where(q_idx >= kv_idx, score, score + torch.clamp(upper, max=0.0))
 
     return score_mod
