@@ -12,7 +12,7 @@ attention counted in full, as PaLM does). MFU = FLOPs per token × tokens/s ÷ p
 where this device's datasheet is known, its dense bf16 peak.
 
     python bench/mfu.py [--preset medium-40m] [--seq 512] [--batch 4] [--steps 5] [--precision auto|fp32|bf16]
-                        [--activation-checkpointing]
+                        [--activation-checkpointing] [--profile]
     python bench/mfu.py --preset conan-1.4b              # on an H100 / H200: seq 4096, bf16
 
 Last line: `mfu device=… preset=… precision=… seq=… tokens_per_s=… flops_per_token=… peak_tflops=…
@@ -90,6 +90,20 @@ def estimated_training_bytes(parameters: int, precision: str) -> int:
     return parameters * (16 + (4 if precision == "bf16" else 0))
 
 
+def print_profile(engine, ids: torch.Tensor, device: torch.device) -> None:
+    """One more training step under torch.profiler: where its time goes, by operator and input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25, max_name_column_width=40,
+                                                             max_shapes_column_width=60))
+
+
 def main() -> None:
     """Measure the peak, run the preset's pretraining steps, print MFU."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,6 +113,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps, after 2 warm-up steps")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps, profile one more and print its top 25 operators by device time")
     parser.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (8192 CUDA, 4096 CPU)")
     args = parser.parse_args()
 
@@ -150,6 +166,8 @@ def main() -> None:
         if i >= 2:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
+    if args.profile:
+        print_profile(engine, ids, device)
     memory_gb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     per_token = flops_per_token(config, seq)

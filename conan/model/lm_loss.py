@@ -8,7 +8,8 @@ and their gradients, each a full pass over memory. Here the forward pass takes t
 the chunk's logits, its loss and at once its gradients (softmax − one-hot, times the head and the hidden states), and
 keeps only those: memory is one chunk's logits, and the backward pass scales the kept gradients (Liger-Kernel's fused
 linear cross-entropy, Hsu et al. 2024, whose chunk rule this follows: a chunk's logits about as large as the hidden
-states, here at least 256 tokens). Loss and gradients equal the plain computation's up to float rounding.
+states, here at least 256 tokens on CPU and 4,096 on accelerators). Loss and gradients equal the plain computation's
+up to float rounding.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ from __future__ import annotations
 import torch
 
 
-MIN_CHUNK_TOKENS = 256  # fewer make the head's matmuls too thin to run at speed (32 tokens: 2× slower on CPU)
+def min_chunk_tokens(device_type: str) -> int:
+    """The fewest tokens a chunk. Each chunk ends with a pass over the head's fp32 gradient (vocab × d) that the
+    chunk's matmuls (6 · tokens · vocab · d FLOPs) must outweigh: a CPU does ~7 FLOPs a byte moved, where 256 tokens
+    suffice (fewer make the matmuls too thin: 32 tokens ran 2× slower); a GPU does ~180, where it takes thousands
+    (conan-1.4b on an H200 in 391-token chunks: 133 ms of a 485 ms step went to those passes)."""
+    return 256 if device_type == "cpu" else 4096
 
 
-def chunk_tokens(tokens: int, hidden_size: int, vocab_size: int) -> int:
+def chunk_tokens(tokens: int, hidden_size: int, vocab_size: int, device_type: str = "cpu") -> int:
     """Tokens per chunk: the chunk's logits about the size of all tokens' hidden states (Liger's rule), and at least
-    MIN_CHUNK_TOKENS."""
-    return min(tokens, max(MIN_CHUNK_TOKENS, tokens * hidden_size // vocab_size))
+    min_chunk_tokens for the device."""
+    return min(tokens, max(min_chunk_tokens(device_type), tokens * hidden_size // vocab_size))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -72,6 +78,6 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     predicts labels[:, t + 1]; labels of -100 are ignored (NaN when none is left, as F.cross_entropy gives).
     `chunk` tokens a chunk (default: chunk_tokens)."""
     hidden, labels = hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-    step = chunk or chunk_tokens(len(hidden), hidden.shape[1], weight.shape[0])
+    step = chunk or chunk_tokens(len(hidden), hidden.shape[1], weight.shape[0], hidden.device.type)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(hidden, weight, labels, step, needs_grad)

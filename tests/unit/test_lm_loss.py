@@ -63,6 +63,10 @@ def test_chunk_rule():
     assert chunk_tokens(2032, 128, 8192) == 256  # tiny: Liger's rule would make 31-token chunks
     assert chunk_tokens(32767, 3584, 150_000) == 32767 * 3584 // 150_000  # 1.4b at 32k: logits the size of the states
     assert chunk_tokens(10, 16, 100) == 10 and chunk_tokens(300, 1, 10 ** 9) == 256
+    # On a GPU each chunk's pass over the head's fp32 gradient costs what ~400 tokens of matmuls do: 4,096 at least.
+    assert chunk_tokens(16384, 3584, 150_000, "cuda") == 4096  # 1.4b at 4 × 4k: 4 chunks, not Liger's 42
+    assert chunk_tokens(2032, 128, 8192, "cuda") == 2032 and chunk_tokens(2032, 128, 8192, "cpu") == 256
+    assert chunk_tokens(10 ** 6, 3584, 150_000, "npu") == 10 ** 6 * 3584 // 150_000  # Liger's rule when larger
 
 
 def test_causal_lm_trains_with_the_fused_head_and_returns_logits_when_not_training():
