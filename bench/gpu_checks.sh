@@ -1,8 +1,9 @@
 #!/bin/bash
 # Issue 16's GPU checks in one run, in priority order, for a short lease on one GPU (~6-7 minutes on an H200, most of
-# it compilation and model set-up; the limits below are ~1.5x what each took there): the 1.4b preset's pretraining MFU and memory at seq 4096 (batch 4, batch 8, batch 8
-# with activation checkpointing), then soft-mask ÷ bidirectional at seq 2048 (the 1.4b's layer shapes, the default
-# shapes, both through FlexAttention, and varying lengths and alpha). Each check has its own time limit, so one that
+# it compilation and model set-up; the limits below are ~1.5x what each took there): the 1.4b preset's pretraining
+# MFU and memory at seq 4096 (batch 4, batch 8), soft-mask ÷ bidirectional at seq 2048 (the 1.4b's layer shapes, both
+# paths through FlexAttention, the default shapes, varying lengths and alpha), then batch 8 with activation
+# checkpointing and a profile of the batch-4 step. Each check has its own time limit, so one that
 # hangs costs only its own; each log is also written to $OUT when that is set (else ./gpu_checks/).
 #
 #     bash bench/gpu_checks.sh            # with conan's dependencies importable (PYTHONPATH or an installed venv)

@@ -90,15 +90,20 @@ def estimated_training_bytes(parameters: int, precision: str) -> int:
     return parameters * (16 + (4 if precision == "bf16" else 0))
 
 
+def train_step(engine, ids: torch.Tensor, device: torch.device) -> None:
+    """One pretraining step (forward, backward, optimizer) on ids as their own labels, waited for."""
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    synchronize(device)
+
+
 def print_profile(engine, ids: torch.Tensor, device: torch.device) -> None:
     """One more training step under torch.profiler: where its time goes, by operator and input shapes."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-        synchronize(device)
+        train_step(engine, ids, device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25, max_name_column_width=40,
                                                              max_shapes_column_width=60))
@@ -160,9 +165,7 @@ def main() -> None:
     for i in range(args.steps + 2):
         synchronize(device)
         start = time.perf_counter()
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-        synchronize(device)
+        train_step(engine, ids, device)
         if i >= 2:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)

@@ -77,7 +77,8 @@ def soft_mask_bias(length: int, alpha: float, rank_reduction: bool = True,
     return _cached_bias(length, float(alpha), rank_reduction, dtype, str(torch.device(device)))
 
 
-def soft_mask_score_mod(length: int, alpha: float, rank_reduction: bool = True, device=None) -> Callable:
+def soft_mask_score_mod(length: int, alpha: float, rank_reduction: bool = True,
+                        device: torch.device | str | None = None) -> Callable:
     """FlexAttention score_mod adding log M(t) on the fly, without materialising an (l, l) tensor.
 
     alpha and l enter through a captured 0-d tensor, not Python floats: a compiled kernel guards on the constants
