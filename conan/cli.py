@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from conan.config import STAGES, USER_ERRORS, ConfigError, PipelineConfig, load_config
+from conan.config import PIPELINE_STEPS, STAGES, USER_ERRORS, ConfigError, PipelineConfig, load_config
 
 
 def _config_command(sub, name: str, func, what: str, **texts) -> argparse.ArgumentParser:
@@ -249,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the end-to-end pipeline (the README's main job)",
                         description="Corpus → tokenizer → model → pretrain → sft → curate → weak → clr → supervised "
                                     "→ evaluate on real data; finished steps are skipped.")
-    from conan.pipeline import PIPELINE_STEPS
     p.add_argument("--from", dest="from_step", choices=list(PIPELINE_STEPS), metavar="STEP",
                    help=f"redo STEP and every later one (their outputs are removed first): {', '.join(PIPELINE_STEPS)}")
 

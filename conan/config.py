@@ -267,6 +267,13 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# The pipeline's steps in run order, each with the folder under output_dir that holds its output (here, not in
+# conan.pipeline, so that `conan --help` lists them without importing the training stack).
+PIPELINE_STEPS = {"corpus": "corpus", "tokenizer": "tokenizer", "model": "model_init", "pretrain": "pretrain",
+                  "sft": "sft", "curate": "curated", "weak": "weak", "clr": "clr", "mine": "mined",
+                  "supervised": "supervised", "evaluate": "eval"}
+
+
 @dataclass
 class PipelineConfig:
     """The end-to-end pipeline: corpus → tokenizer → model, then the stage configs in order."""

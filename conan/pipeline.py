@@ -10,7 +10,8 @@ import json
 import time
 from pathlib import Path
 
-from conan.config import CLRConfig, CurationConfig, EvalConfig, JobConfig, PipelineConfig, load_config, to_dict
+from conan.config import (PIPELINE_STEPS, CLRConfig, CurationConfig, EvalConfig, JobConfig, PipelineConfig, load_config,
+                          to_dict)
 from conan.console import say
 from conan.data.corpus import write_corpus
 from conan.encoder import model_name
@@ -20,11 +21,6 @@ from conan.runtime import init_ray
 from conan.tokenizer import load_tokenizer, train_tokenizer
 from conan.train.launcher import is_finished, run_stage
 
-
-# Every step in run order with the folder under output_dir that holds its output.
-PIPELINE_STEPS = {"corpus": "corpus", "tokenizer": "tokenizer", "model": "model_init", "pretrain": "pretrain",
-                  "sft": "sft", "curate": "curated", "weak": "weak", "clr": "clr", "mine": "mined",
-                  "supervised": "supervised", "evaluate": "eval"}
 
 
 def reset_from(output_dir: str | Path, step: str) -> list[Path]:
