@@ -89,6 +89,11 @@ class DataConfig:
     # trains 1.3x faster with it (bench/weak_throughput), but on the demo it moved the supervised-over-weak margins
     # (~0.01) across zero.
     bucket_batches: int = 0
+    # The supervised stage's texts of each forward pass (queries, passages, STS pairs) packed into one unpadded row
+    # (attention per text, grouped by like lengths) instead of padded to the longest: the same embeddings to float
+    # rounding, without the padding's compute (a Banking77 batch is ~75 % padding). Off by default until the demo's
+    # quality is measured with it (float-level changes moved its supervised-over-weak margins before).
+    pack_texts: bool = False
 
 
 @dataclass

@@ -84,10 +84,10 @@ class Encoder:
         self.check_dim(dim)
         if not texts:
             return np.zeros((0, dim or self.dimension), dtype=np.float32)
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        row = torch.tensor([[token for text in ids for token in text]], device=self.device)
-        documents = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(x) for x in ids]))
-        return self.model(row, dim=dim, documents=documents.to(self.device)).float().cpu().numpy()
+        from conan.model.attention import pack_texts
+
+        row, documents = pack_texts(self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"])
+        return self.model(row.to(self.device), dim=dim, documents=documents.to(self.device)).float().cpu().numpy()
 
 
 class SentenceTransformerEncoder:

@@ -90,6 +90,14 @@ class PackedRow:
         return torch.arange(len(self.documents), device=self.documents.device) - self.starts[self.documents]
 
 
+def pack_texts(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists back to back as one unpadded row (1, tokens) and each token's text number (`documents`), the
+    input of a packed forward pass (ConanModel.forward)."""
+    row = torch.tensor([[token for text in sequences for token in text]], dtype=torch.long)
+    documents = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor([len(s) for s in sequences]))
+    return row, documents
+
+
 def length_groups(sizes: list[int], call_cost: int | None = None) -> list[list[int]]:
     """The texts (numbers into `sizes`, ascending in each group) split into groups of like lengths, each attended
     padded to its own longest: of the splits of the texts sorted by size, the one that minimises

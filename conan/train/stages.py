@@ -34,7 +34,7 @@ from conan.losses import gather_with_grad, infonce_loss, positive_copies_mask
 from conan.model import ConanForCausalLM, ConanForEmbedding
 from conan.model.soft_mask import soft_mask_alpha
 from conan.tokenizer import INPUT, INSTRUCTION, OUTPUT
-from conan.train.batching import batch_tokens, gather_detached, pad_batch, to_device
+from conan.train.batching import batch_tokens, gather_detached, pad_batch, text_batch, to_device
 from conan.train.diagnostics import contrastive_stats
 from conan.train.tasks import TASKS
 
@@ -142,6 +142,10 @@ class Stage:
     def pad_id(self) -> int:
         """The tokenizer's padding id."""
         return self.tokenizer.pad_token_id
+
+    def text_batch(self, sequences: list[list[int]]) -> dict:
+        """One embedding forward pass's texts: packed into one row when data.pack_texts, else right-padded."""
+        return text_batch(sequences, self.pad_id, self.cfg.data.pack_texts)
 
 
 class PretrainStage(Stage):

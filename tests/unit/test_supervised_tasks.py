@@ -182,3 +182,37 @@ def test_supervised_rows_are_tokenized_upstream(tmp_path, small_tokenizer, data_
         seen |= {"managed"} if managed else set()
         seen |= {"named keys"} if any(r["positive_key"] for r in chosen) else set()
     assert seen == {"retrieval", "sts", "managed", "named keys"}  # every path was read
+
+
+def test_packed_texts_train_as_the_padded_ones(tmp_path, small_tokenizer, small_embedding_model_dir):
+    """data.pack_texts: each forward pass's texts (queries, passages, STS pairs) are one unpadded row; the loss, its
+    gradients and the token count equal the padded batch's, step by step, to float rounding, and no pad is computed."""
+    rows = task_rows("retrieval", 40) + task_rows("sts", 40)
+    for i, row in enumerate(rows):  # lengths that differ within a batch, so the padded batches do pad
+        row["positive"] = " ".join([row["positive"]] * (1 + i % 5))
+    weights = {"retrieval": 1.0, "sts": 1.0}
+    (tmp_path / "padded").mkdir()
+    (tmp_path / "packed").mkdir()
+    padded = supervised_stage(tmp_path / "padded", small_tokenizer, weights, rows)
+    packed = supervised_stage(tmp_path / "packed", small_tokenizer, weights, rows, "data.pack_texts=true")
+    model = ConanForEmbedding.from_pretrained(str(small_embedding_model_dir))
+    seen, pads = set(), 0
+    for index in range(8):
+        figures = {}
+        for name, stage in (("padded", padded), ("packed", packed)):
+            batch = stage.batch(index)
+            groups = [v for v in batch.values() if isinstance(v, dict) and "input_ids" in v]
+            if name == "packed":
+                assert all(len(g["input_ids"]) == 1 and "attention_mask" not in g for g in groups)
+            else:
+                pads += sum(int((g["attention_mask"] == 0).sum()) for g in groups)
+            model.zero_grad()
+            loss, counters = stage.loss(Engine(model), batch, index)
+            loss.backward()
+            figures[name] = (batch["task"], loss.item(), counters["tokens"],
+                             torch.cat([p.grad.flatten() for p in model.parameters()]))
+        (task, a, tokens_a, grad_a), (task_b, b, tokens_b, grad_b) = figures["padded"], figures["packed"]
+        assert task == task_b and tokens_a == tokens_b and b == pytest.approx(a, rel=1e-5, abs=1e-6)
+        assert (grad_b - grad_a).norm() <= 1e-5 * grad_a.norm()
+        seen.add(task)
+    assert seen == {"retrieval", "sts"} and pads > 0

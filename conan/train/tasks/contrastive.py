@@ -8,7 +8,7 @@ import torch
 
 from conan.data.dedup import content_keys
 from conan.losses import gather_with_grad, infonce_loss, matryoshka_loss, positive_copies_mask
-from conan.train.batching import gather_detached, pad_batch
+from conan.train.batching import gather_detached
 from conan.train.diagnostics import contrastive_stats
 from conan.train.tasks.base import SupervisedTask
 
@@ -48,8 +48,8 @@ class ContrastiveTask(SupervisedTask):
             negatives[i], negative_keys[i] = stage.passages.take_tokens(ids)
         passages = [r["positive_ids"] for r in rows] + [n for negs in negatives for n in negs]
         keys = [r["positive_mask_key"] for r in rows] + [key for keys in negative_keys for key in keys]
-        return {"query": pad_batch([r["query_ids"] for r in rows], stage.pad_id),
-                "passage": pad_batch(passages, stage.pad_id),
+        return {"query": stage.text_batch([r["query_ids"] for r in rows]),
+                "passage": stage.text_batch(passages),
                 "passage_keys": torch.tensor(keys, dtype=torch.int64),
                 "query_ids": [r["query_id"] for r in rows],
                 "dhnm": {"rows": managed, "negative_ids": negative_ids}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conan.losses import cosent_loss, gather_with_grad, matryoshka_loss
-from conan.train.batching import gather_detached, pad_batch
+from conan.train.batching import gather_detached
 from conan.train.tasks.base import SupervisedTask
 
 
@@ -21,8 +21,8 @@ class STSTask(SupervisedTask):
                 "score": table["score"]}
 
     def collate(self, stage, rows):
-        """Both sides in one padded batch (s1s then s2s) and the gold scores."""
-        return {"pair": pad_batch([r["s1_ids"] for r in rows] + [r["s2_ids"] for r in rows], stage.pad_id),
+        """Both sides in one forward pass's batch (s1s then s2s) and the gold scores."""
+        return {"pair": stage.text_batch([r["s1_ids"] for r in rows] + [r["s2_ids"] for r in rows]),
                 "score": torch.tensor([r["score"] for r in rows], dtype=torch.float32)}
 
     def loss(self, stage, engine, batch, dims):
