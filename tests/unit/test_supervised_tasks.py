@@ -155,8 +155,11 @@ def test_supervised_rows_are_tokenized_upstream(tmp_path, small_tokenizer, data_
     def encode(texts):
         return encode_texts(small_tokenizer, texts, 12)
 
-    def unpadded(padded):
-        return [ids[:n].tolist() for ids, n in zip(padded["input_ids"], padded["attention_mask"].sum(1))]
+    def unpadded(group):
+        """Each text's ids, from a packed row (the shipped config's layout) or a padded batch."""
+        if "documents" in group:
+            return [ids.tolist() for ids in group["input_ids"][0].split(torch.bincount(group["documents"]).tolist())]
+        return [ids[:n].tolist() for ids, n in zip(group["input_ids"], group["attention_mask"].sum(1))]
     seen = set()
     for index in range(12):
         batch = stage.batch(index)
@@ -193,7 +196,7 @@ def test_packed_texts_train_as_the_padded_ones(tmp_path, small_tokenizer, small_
     weights = {"retrieval": 1.0, "sts": 1.0}
     (tmp_path / "padded").mkdir()
     (tmp_path / "packed").mkdir()
-    padded = supervised_stage(tmp_path / "padded", small_tokenizer, weights, rows)
+    padded = supervised_stage(tmp_path / "padded", small_tokenizer, weights, rows, "data.pack_texts=false")
     packed = supervised_stage(tmp_path / "packed", small_tokenizer, weights, rows, "data.pack_texts=true")
     model = ConanForEmbedding.from_pretrained(str(small_embedding_model_dir))
     seen, pads = set(), 0
