@@ -22,7 +22,6 @@ from conan.tokenizer import load_tokenizer, train_tokenizer
 from conan.train.launcher import is_finished, run_stage
 
 
-
 def reset_from(output_dir: str | Path, step: str) -> list[Path]:
     """Delete the outputs of `step` and every later step, so the next run redoes them; returns what was removed."""
     import shutil
