@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from conan.model.attention import pack_texts
-
 
 def pad_batch(sequences: list[list[int]], pad_id: int, label_sequences: list[list[int]] | None = None) -> dict:
     """Right-pad token id lists into input_ids / attention_mask (and labels, -100 on padding)."""
@@ -25,17 +23,6 @@ def pad_batch(sequences: list[list[int]], pad_id: int, label_sequences: list[lis
     return batch
 
 
-def pack_batch(sequences: list[list[int]]) -> dict:
-    """Token id lists packed into one unpadded row: input_ids (1, tokens) and documents (each token's text)."""
-    input_ids, documents = pack_texts(sequences)
-    return {"input_ids": input_ids, "documents": documents}
-
-
-def text_batch(sequences: list[list[int]], pad_id: int, packed: bool) -> dict:
-    """The texts of one embedding forward pass: packed into one row (no padding), or right-padded."""
-    return pack_batch(sequences) if packed else pad_batch(sequences, pad_id)
-
-
 def to_device(batch, device: torch.device):
     """Move every tensor of a (nested) batch to the device."""
     if isinstance(batch, dict):
@@ -45,8 +32,8 @@ def to_device(batch, device: torch.device):
 
 def batch_tokens(batch: dict) -> int:
     """Non-padding tokens in every text group (padded or packed) of a batch."""
-    return sum(int(v["attention_mask"].sum()) if "attention_mask" in v else len(v["documents"])
-               for v in batch.values() if isinstance(v, dict) and ("attention_mask" in v or "documents" in v))
+    return sum(len(v["documents"]) if "documents" in v else int(v["attention_mask"].sum())
+               for v in batch.values() if isinstance(v, dict) and "input_ids" in v)
 
 
 def gather_detached(x: torch.Tensor) -> torch.Tensor:

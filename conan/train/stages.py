@@ -32,9 +32,10 @@ from conan.data.stream import GroupedStream
 from conan.data.tokenize import TokenEncoder, pack_documents, text_token_columns, token_shards_key, tokenize_shards
 from conan.losses import gather_with_grad, infonce_loss, positive_copies_mask
 from conan.model import ConanForCausalLM, ConanForEmbedding
+from conan.model.attention import pack_texts
 from conan.model.soft_mask import soft_mask_alpha
 from conan.tokenizer import INPUT, INSTRUCTION, OUTPUT
-from conan.train.batching import batch_tokens, gather_detached, pad_batch, text_batch, to_device
+from conan.train.batching import batch_tokens, gather_detached, pad_batch, to_device
 from conan.train.diagnostics import contrastive_stats
 from conan.train.tasks import TASKS
 
@@ -144,8 +145,12 @@ class Stage:
         return self.tokenizer.pad_token_id
 
     def text_batch(self, sequences: list[list[int]]) -> dict:
-        """One embedding forward pass's texts: packed into one row when data.pack_texts, else right-padded."""
-        return text_batch(sequences, self.pad_id, self.cfg.data.pack_texts)
+        """One embedding forward pass's texts: packed into one unpadded row (input_ids, documents) when
+        data.pack_texts, else right-padded."""
+        if not self.cfg.data.pack_texts:
+            return pad_batch(sequences, self.pad_id)
+        input_ids, documents = pack_texts(sequences)
+        return {"input_ids": input_ids, "documents": documents}
 
 
 class PretrainStage(Stage):
