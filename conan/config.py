@@ -89,11 +89,12 @@ class DataConfig:
     # trains 1.3x faster with it (bench/weak_throughput), but on the demo it moved the supervised-over-weak margins
     # (~0.01) across zero.
     bucket_batches: int = 0
-    # The supervised stage's texts of each forward pass (queries, passages, STS pairs) packed into one unpadded row
-    # (attention per text, grouped by like lengths) instead of padded to the longest: the same embeddings to float
-    # rounding, without the padding's compute (a Banking77 batch is ~75 % padding). The demo's supervised config sets it
-    # (its held-out scores matched the padded stage's to the fourth digit); off by default until measured on GPUs,
-    # where each group of like lengths is one more kernel launch.
+    # The embedding stages' texts of each forward pass (weak queries and passages, supervised queries, passages, STS
+    # pairs) packed into one unpadded row (attention per text, grouped by like lengths; the soft mask's l is the
+    # pass's longest text, as when padded) instead of padded to the longest: the same embeddings to float rounding,
+    # without the padding's compute (a Banking77 batch is ~75 % padding, a weak batch's queries ~50 %). The demo's
+    # weak and supervised configs set it; off by default until measured on GPUs, where each group of like lengths is
+    # one more kernel launch.
     pack_texts: bool = False
 
 

@@ -146,12 +146,15 @@ class AttentionMask:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {self.mode!r}")
         if self.mode == "soft" and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"soft-mask alpha must lie in [0, 1], got {self.alpha}")
-        if self.packed is not None and self.mode == "soft":
-            raise ValueError("a packed row takes causal or bidirectional attention, not the soft mask")
+
+    def soft_length(self, length: int) -> int:
+        """eq. 4's l for a pass of `length` tokens a row: a packed row's longest text, the length its texts padded
+        into a batch would have, so a packed pass weights attention exactly as the padded one."""
+        return self.packed.longest if self.packed is not None else length
 
     def effective_mode(self, length: int) -> AttentionMode:
         """The mode to run: a soft mask whose every entry is 1 is plain bidirectional attention."""
-        if self.mode == "soft" and is_fully_open(length, self.alpha, self.rank_reduction):
+        if self.mode == "soft" and is_fully_open(self.soft_length(length), self.alpha, self.rank_reduction):
             return "bidirectional"
         return self.mode
 
@@ -159,7 +162,7 @@ class AttentionMask:
         """attn_mask / is_causal for F.scaled_dot_product_attention."""
         mode = self.effective_mode(length)
         if self.packed is not None:
-            return self._packed_sdpa_arguments(mode, device)
+            return self._packed_sdpa_arguments(mode, dtype, device)
         keys = None if self.padding is None else self.padding[:, None, None, :]  # (b, 1, 1, l)
         if mode == "bidirectional":
             return {"attn_mask": keys, "is_causal": False}
@@ -173,11 +176,14 @@ class AttentionMask:
             bias = bias.masked_fill(~keys, float("-inf"))  # (b, 1, l, l), shared by all heads
         return {"attn_mask": bias, "is_causal": False}
 
-    def _packed_sdpa_arguments(self, mode: AttentionMode, device: torch.device) -> dict:
+    def _packed_sdpa_arguments(self, mode: AttentionMode, dtype: torch.dtype, device: torch.device) -> dict:
         """A packed row's texts laid out as padded batches for attention alone, one per group of like lengths.
         Attending per text costs texts × longest² (each group's own longest), where one (l, l) document mask would
-        cost the whole row's l²; the projections and the MLP see no padding."""
+        cost the whole row's l²; the projections and the MLP see no padding. Under the soft mask a group of longest g
+        takes the top-left g × g of the row's bias (its rows depend only on the query's position and l)."""
         groups, rows = [], []
+        bias = (soft_mask_bias(self.packed.longest, self.alpha, self.rank_reduction, dtype, device)
+                if mode == "soft" else None)
         for texts in self.packed.groups:
             sizes = self.packed.sizes[texts]
             offsets = torch.arange(int(sizes.max()), device=device)
@@ -186,7 +192,10 @@ class AttentionMask:
             keys = real[:, None, None, :]
             if mode == "causal":
                 keys = keys & torch.ones(len(offsets), len(offsets), dtype=torch.bool, device=device).tril()
-            groups.append((index, real, None if bool(keys.all()) else keys))
+            if bias is not None:
+                square = bias[:len(offsets), :len(offsets)]
+                keys = square.expand(1, 1, -1, -1) if bool(real.all()) else square.masked_fill(~keys, float("-inf"))
+            groups.append((index, real, None if keys.dtype == torch.bool and bool(keys.all()) else keys))
             rows.append(index[real])
         order = torch.cat(rows)
         in_order = bool((order.diff() > 0).all())
@@ -211,8 +220,9 @@ class AttentionMask:
         # Compiled on accelerators: eager, building the block mask is tens of small kernels every forward pass.
         block_mask = (create_block_mask(mask_mod, batch if padding is not None else None, None, length, length,
                                         device=device, _compile=device.type != "cpu") if needs_mask else None)
-        score_mod = (soft_mask_score_mod(length, self.alpha, self.rank_reduction, device) if mode == "soft"
-                     else None)
+        score_mod = (soft_mask_score_mod(self.soft_length(length), self.alpha, self.rank_reduction, device,
+                                         None if self.packed is None else self.packed.positions())
+                     if mode == "soft" else None)
         return {"score_mod": score_mod, "block_mask": block_mask}
 
 

@@ -175,7 +175,8 @@ class ConanForEmbedding(ConanWithHead):
         raw=True returns the pooled vectors before truncation and normalisation (for MRL losses).
         """
         if documents is not None:
-            hidden = self.model(input_ids, None, attention_mode, documents=documents).last_hidden_state
+            hidden = self.model(input_ids, None, attention_mode, soft_mask_alpha, soft_mask_rank_reduction,
+                                documents=documents).last_hidden_state
             pooled = pool_packed(hidden[0].float(), documents, self.config.pooling)
             return pooled if raw else matryoshka_truncate(pooled, dim)
         if attention_mask is None:

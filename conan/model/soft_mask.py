@@ -18,7 +18,8 @@ rank-reduction term; `rank_reduction=False` drops it (M_ij = alpha for i < j), t
 variant the mask sweep compares against.
 
 l is the padded length of the batch (the tensor's sequence dimension), so one bias serves every
-sequence and head in the batch; padded keys are masked separately by the caller.
+sequence and head in the batch; padded keys are masked separately by the caller. A packed row (texts back to
+back, unpadded) takes l = its longest text, the length the same texts padded into a batch would have.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def soft_mask_bias(length: int, alpha: float, rank_reduction: bool = True,
 
 
 def soft_mask_score_mod(length: int, alpha: float, rank_reduction: bool = True,
-                        device: torch.device | str | None = None) -> Callable:
-    """FlexAttention score_mod adding log M(t) on the fly, without materialising an (l, l) tensor.
+                        device: torch.device | str | None = None, positions: torch.Tensor | None = None) -> Callable:
+    """FlexAttention score_mod adding log M(t) on the fly, without materialising an (l, l) tensor; `positions` gives
+    each token's position in its own text for a packed row (whose block mask keeps attention within a text).
 
     alpha and l enter through a captured 0-d tensor, not Python floats: a compiled kernel guards on the constants
     its closure holds, so a float alpha (it moves every step of the schedule) would recompile it every step."""
@@ -88,7 +90,8 @@ def soft_mask_score_mod(length: int, alpha: float, rank_reduction: bool = True,
     offset = torch.tensor(log_alpha + (math.log(length) if rank_reduction else 0.0), device=device)
 
     def score_mod(score, batch, head, q_idx, kv_idx):
-        upper = offset - torch.log((q_idx + 1).to(score.dtype)) if rank_reduction else offset
+        i = q_idx if positions is None else positions[q_idx]
+        upper = offset - torch.log((i + 1).to(score.dtype)) if rank_reduction else offset
         return torch.where(q_idx >= kv_idx, score, score + torch.clamp(upper, max=0.0))
 
     return score_mod

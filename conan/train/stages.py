@@ -237,8 +237,8 @@ class WeakStage(Stage):
 
     def batch(self, index):
         _, rows = self.rows(index)
-        return {"query": pad_batch([r["input_ids"] for r in rows], self.pad_id),
-                "passage": pad_batch([r["output_ids"] for r in rows], self.pad_id),
+        return {"query": self.text_batch([r["input_ids"] for r in rows]),
+                "passage": self.text_batch([r["output_ids"] for r in rows]),
                 "passage_keys": torch.tensor([r["output_key"] for r in rows], dtype=torch.int64),
                 "row_ids": [r["row_id"] for r in rows]}
 
@@ -249,7 +249,8 @@ class WeakStage(Stage):
 
     def loss(self, engine, batch, step):
         alpha = self.alpha(step)
-        # Queries and passages are padded separately (short queries are not padded to passage length).
+        # Queries and passages are padded (or packed) separately: short queries are not padded to passage length, and
+        # eq. 4's l is each side's longest text.
         queries, passages = (engine(**batch[side], attention_mode="soft", soft_mask_alpha=alpha,
                                     soft_mask_rank_reduction=self.cfg.soft_mask.rank_reduction)
                              for side in ("query", "passage"))

@@ -47,22 +47,28 @@ def test_length_groups_split_the_texts_sorted_by_size_where_padding_costs_more_t
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
-@pytest.mark.parametrize("mode", ["bidirectional", "causal"])
+@pytest.mark.parametrize("mode", ["bidirectional", "causal", "soft"])
 @pytest.mark.parametrize("call_cost", [0, 2048, 10**9])  # one group per size (out of row order), two, one
 def test_a_packed_row_gives_each_text_its_padded_states(backend, mode, call_cost, monkeypatch):
     monkeypatch.setattr(attention, "GROUP_CALL_COST", call_cost)
     torch.manual_seed(1)
     model = ConanModel(ConanConfig.from_preset("tiny", vocab_size=300, attention_backend=backend)).eval()
     ids, mask, row, documents = _batch_and_row()
+    soft = {"soft_mask_alpha": 0.3} if mode == "soft" else {}  # half open: l / i ≥ 1 / 0.3 only for i ≤ 9 of 30
     with torch.no_grad():
-        padded = model(ids, mask, attention_mode=mode).last_hidden_state
-        packed = model(row, attention_mode=mode, documents=documents).last_hidden_state[0]
+        padded = model(ids, mask, attention_mode=mode, **soft).last_hidden_state
+        packed = model(row, attention_mode=mode, documents=documents, **soft).last_hidden_state[0]
     expected = torch.cat([padded[i, :n] for i, n in enumerate(LENGTHS)])
     assert (packed - expected).abs().max() < 1e-5
     # Not the same as attending across texts: without `documents` the row's states differ.
     with torch.no_grad():
-        unpacked = model(row, attention_mode=mode).last_hidden_state[0]
+        unpacked = model(row, attention_mode=mode, **soft).last_hidden_state[0]
     assert (unpacked - expected).abs().max() > 1e-2
+    if mode == "soft":  # nor as the soft mask with l = each text's own length (a batch pads to its longest)
+        with torch.no_grad():
+            alone = [model(ids[i:i + 1, :n], attention_mode=mode, **soft).last_hidden_state[0]
+                     for i, n in enumerate(LENGTHS)]
+        assert (torch.cat(alone) - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
@@ -81,8 +87,6 @@ def test_packed_rows_refuse_what_they_cannot_mean():
     model = ConanModel(ConanConfig.from_preset("tiny", vocab_size=300, max_position_embeddings=20)).eval()
     ids, mask, row, documents = _batch_and_row()
     short = documents < 4  # the first four texts: 32 tokens, none over 20
-    with pytest.raises(ValueError, match="soft mask"):
-        model(row[:, short], attention_mode="soft", documents=documents[short])
     with pytest.raises(ValueError, match="batch 1"):
         model(ids[:, :4], mask[:, :4], documents=documents[:4])
     # The limit applies to each text, not to the row: 30 tokens is over 20, the other texts together are not.

@@ -12,7 +12,7 @@ from conan.data.shards import convert, load_manifest, merge_manifests
 from conan.losses import matryoshka_loss
 from conan.model import ConanForEmbedding
 from conan.train.batching import pad_batch
-from conan.train.stages import SupervisedStage
+from conan.train.stages import SupervisedStage, WeakStage
 from conan.train.tasks import TASKS, SupervisedTask
 
 
@@ -62,20 +62,26 @@ def task_rows(task: str, n: int) -> list[dict]:
              "lang": "en"} for i in range(n)]
 
 
-def supervised_stage(tmp_path, tokenizer, weights: dict, rows: list[dict], *overrides: str) -> SupervisedStage:
-    """The stage over these rows, tokenized upstream and prepared as a worker prepares it (single process)."""
+def prepared_stage(stage_class, config: str, tmp_path, tokenizer, rows: list[dict], *overrides: str):
+    """A stage over these rows, tokenized upstream and prepared as a worker prepares it (single process)."""
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
     tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
-    cfg = load_config(JobConfig, "jobs/configs/supervised_tiny.yaml", [
-        "dhnm.enabled=false", f"supervised.task_weights={weights}", "supervised.num_negatives=1",
-        "supervised.batch_sizes={retrieval: 4, cosine_regression: 4, sts: 4}", "train.steps=20", *overrides])
-    text = convert([str(tmp_path / "rows.parquet")], tmp_path / "shards", "tasks", SupervisedStage.row_spec(cfg))
-    tokens = load_manifest(SupervisedStage.worker_shards([str(text.directory)], tmp_path / "tokens", cfg,
-                                                         str(tmp_path / "tokenizer"))[0])
+    cfg = load_config(JobConfig, config, ["train.steps=20", *overrides])
+    text = convert([str(tmp_path / "rows.parquet")], tmp_path / "shards", stage_class.input_kind,
+                   stage_class.row_spec(cfg))
+    tokens = load_manifest(stage_class.worker_shards([str(text.directory)], tmp_path / "tokens", cfg,
+                                                     str(tmp_path / "tokenizer"))[0])
     assert tokens.group_rows() == text.group_rows()
-    stage = SupervisedStage(cfg, tokenizer)
+    stage = stage_class(cfg, tokenizer)
     stage.prepare(merge_manifests([tokens]), tokens.stats)
     return stage
+
+
+def supervised_stage(tmp_path, tokenizer, weights: dict, rows: list[dict], *overrides: str) -> SupervisedStage:
+    """The supervised stage over these rows (prepared_stage), without DHNM."""
+    return prepared_stage(SupervisedStage, "jobs/configs/supervised_tiny.yaml", tmp_path, tokenizer, rows,
+                          "dhnm.enabled=false", f"supervised.task_weights={weights}", "supervised.num_negatives=1",
+                          "supervised.batch_sizes={retrieval: 4, cosine_regression: 4, sts: 4}", *overrides)
 
 
 def test_a_new_task_is_one_class_and_a_registry_entry(tmp_path, small_tokenizer, small_embedding_model_dir,
@@ -187,22 +193,38 @@ def test_supervised_rows_are_tokenized_upstream(tmp_path, small_tokenizer, data_
     assert seen == {"retrieval", "sts", "managed", "named keys"}  # every path was read
 
 
-def test_packed_texts_train_as_the_padded_ones(tmp_path, small_tokenizer, small_embedding_model_dir):
-    """data.pack_texts: each forward pass's texts (queries, passages, STS pairs) are one unpadded row; the loss, its
-    gradients and the token count equal the padded batch's, step by step, to float rounding, and no pad is computed."""
+def packing_rows(stage: str) -> tuple[list[dict], tuple[str, ...]]:
+    """Rows of a stage whose texts differ in length within a batch (so padded batches pad), and its overrides."""
+    if stage == "weak":  # soft mask on: alpha = step / 20, from causal (step 0) to half open
+        rows = [{"input": f"query {i}", "output": " ".join([f"passage {i}"] * (1 + i % 5)), "lang": "en",
+                 "source": "s"} for i in range(40)]
+        return rows, ("train.micro_batch_size=4",)
     rows = task_rows("retrieval", 40) + task_rows("sts", 40)
-    for i, row in enumerate(rows):  # lengths that differ within a batch, so the padded batches do pad
+    for i, row in enumerate(rows):
         row["positive"] = " ".join([row["positive"]] * (1 + i % 5))
-    weights = {"retrieval": 1.0, "sts": 1.0}
-    (tmp_path / "padded").mkdir()
-    (tmp_path / "packed").mkdir()
-    padded = supervised_stage(tmp_path / "padded", small_tokenizer, weights, rows, "data.pack_texts=false")
-    packed = supervised_stage(tmp_path / "packed", small_tokenizer, weights, rows, "data.pack_texts=true")
+    return rows, ()
+
+
+@pytest.mark.parametrize("stage_name", ["supervised", "weak"])
+def test_packed_texts_train_as_the_padded_ones(stage_name, tmp_path, small_tokenizer, small_embedding_model_dir):
+    """data.pack_texts: each forward pass's texts (weak queries and passages under the soft mask; supervised queries,
+    passages, STS pairs) are one unpadded row; the loss, its gradients and the token count equal the padded batch's,
+    step by step, to float rounding, and no pad is computed."""
+    rows, overrides = packing_rows(stage_name)
+    stages = {}
+    for layout, flag in (("padded", "false"), ("packed", "true")):
+        (tmp_path / layout).mkdir()
+        if stage_name == "weak":
+            stages[layout] = prepared_stage(WeakStage, "jobs/configs/weak_tiny.yaml", tmp_path / layout,
+                                            small_tokenizer, rows, f"data.pack_texts={flag}", *overrides)
+        else:
+            stages[layout] = supervised_stage(tmp_path / layout, small_tokenizer, {"retrieval": 1.0, "sts": 1.0},
+                                              rows, f"data.pack_texts={flag}", *overrides)
     model = ConanForEmbedding.from_pretrained(str(small_embedding_model_dir))
     seen, pads = set(), 0
     for index in range(8):
         figures = {}
-        for name, stage in (("padded", padded), ("packed", packed)):
+        for name, stage in stages.items():
             batch = stage.batch(index)
             groups = [v for v in batch.values() if isinstance(v, dict) and "input_ids" in v]
             if name == "packed":
@@ -212,10 +234,10 @@ def test_packed_texts_train_as_the_padded_ones(tmp_path, small_tokenizer, small_
             model.zero_grad()
             loss, counters = stage.loss(Engine(model), batch, index)
             loss.backward()
-            figures[name] = (batch["task"], loss.item(), counters["tokens"],
+            figures[name] = (batch.get("task", stage_name), loss.item(), counters["tokens"],
                              torch.cat([p.grad.flatten() for p in model.parameters()]))
         (task, a, tokens_a, grad_a), (task_b, b, tokens_b, grad_b) = figures["padded"], figures["packed"]
         assert task == task_b and tokens_a == tokens_b and b == pytest.approx(a, rel=1e-5, abs=1e-6)
         assert (grad_b - grad_a).norm() <= 1e-5 * grad_a.norm()
         seen.add(task)
-    assert seen == {"retrieval", "sts"} and pads > 0
+    assert seen == ({"weak"} if stage_name == "weak" else {"retrieval", "sts"}) and pads > 0
