@@ -124,8 +124,8 @@ def length_groups(sizes: list[int], call_cost: int | None = None) -> list[list[i
 @dataclass(frozen=True)
 class PackedAttention:
     """A packed row laid out for SDPA, per group of like lengths: (index of each text's tokens in the row (texts,
-    longest), which of them are real, the group's mask or None), and the permutation that puts the groups' real
-    tokens back in row order (None when they already are)."""
+    longest), which of them are real, the group's mask (boolean, or the soft mask's additive bias) or None), and the
+    permutation that puts the groups' real tokens back in row order (None when they already are)."""
 
     groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
     inverse: torch.Tensor | None
