@@ -13,15 +13,16 @@ are total samples ÷ total time over the steps after the warm-up.
   loop's work: bare ÷ this - 1 is the platform's overhead;
 - conan: the weak stage as shipped (batches by source and language, no length buckets);
 - conan buckets: the same with `data.bucket_batches=16` (runs of 16 micro-batches cut from length-sorted rows);
+- conan packed: the same with `data.pack_texts=true` (each side's texts one unpadded row; the demo's weak config);
 - conan bf16: as shipped in bf16, where this CPU multiplies it natively (the precision the backend picks here).
 
-The loss of the shipped and the bucketed runs is printed per step (each step draws the same group in both), so
-length bucketing's effect on training shows beside its speed.
+The loss of the shipped, the bucketed and the packed runs is printed per step (each step draws the same group in
+all three), so length bucketing's effect on training shows beside its speed (packing's: float rounding only).
 
     python bench/weak_throughput.py [--steps 64] [--batch 32] [--threads 2]
 
 Last line: `weak_throughput conan_over_st=<conan as shipped ÷ st> overhead_vs_bare=<bare ÷ conan plain - 1>
-buckets_over_st=<conan buckets ÷ st>` (goals ≥ 1.10, ≤ +5%).
+buckets_over_st=<conan buckets ÷ st> packed_over_st=<conan packed ÷ st>` (goals ≥ 1.10, ≤ +5%).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def main() -> None:
         plain, _ = run(tmp / "plain", "data.batch_by=[]", "train.precision=fp32")
         ours, losses = run(tmp / "conan", "train.precision=fp32")
         bucketed, bucketed_losses = run(tmp / "buckets", "data.bucket_batches=16", "train.precision=fp32")
+        packed, packed_losses = run(tmp / "packed", "data.pack_texts=true", "train.precision=fp32")
         bf16 = run(tmp / "bf16", "train.precision=bf16")[0] if cpu_multiplies_bf16() else None
 
     print(f"{len(pairs)} curated pairs, batch={args.batch} seq_len≤{args.seq_len} threads={args.threads} "
@@ -163,16 +165,17 @@ def main() -> None:
     print(f"conan weak, mixed batches, no buckets                {plain:8.1f} samples/s")
     print(f"conan weak as shipped (groups by source, language)   {ours:8.1f} samples/s")
     print(f"conan weak, groups + length buckets of 16 batches    {bucketed:8.1f} samples/s")
+    print(f"conan weak, groups + packed texts (demo config)      {packed:8.1f} samples/s")
     if bf16 is not None:
         print(f"conan weak as shipped, bf16                          {bf16:8.1f} samples/s")
     print(f"same batches as st (mixed, no buckets): conan ÷ st = {plain / st:.3f}")
-    print("loss per step (the same group each step): shipped | with buckets")
-    for (step, a), (_, b) in zip(losses, bucketed_losses):
-        print(f"  step {step:3d}  {a:.3f} | {b:.3f}")
-    print(f"mean loss after warm-up: {statistics.mean(a for s, a in losses if s > WARMUP):.3f} | "
-          f"{statistics.mean(b for s, b in bucketed_losses if s > WARMUP):.3f}")
+    print("loss per step (the same group each step): shipped | with buckets | packed")
+    for (step, a), (_, b), (_, c) in zip(losses, bucketed_losses, packed_losses):
+        print(f"  step {step:3d}  {a:.3f} | {b:.3f} | {c:.3f}")
+    print("mean loss after warm-up: " + " | ".join(
+        f"{statistics.mean(x for s, x in curve if s > WARMUP):.3f}" for curve in (losses, bucketed_losses, packed_losses)))
     print(f"weak_throughput conan_over_st={ours / st:.3f} overhead_vs_bare={bare / plain - 1:+.3f} "
-          f"buckets_over_st={bucketed / st:.3f}")
+          f"buckets_over_st={bucketed / st:.3f} packed_over_st={packed / st:.3f}")
 
 
 if __name__ == "__main__":
