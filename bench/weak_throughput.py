@@ -172,8 +172,9 @@ def main() -> None:
     print("loss per step (the same group each step): shipped | with buckets | packed")
     for (step, a), (_, b), (_, c) in zip(losses, bucketed_losses, packed_losses):
         print(f"  step {step:3d}  {a:.3f} | {b:.3f} | {c:.3f}")
-    print("mean loss after warm-up: " + " | ".join(
-        f"{statistics.mean(x for s, x in curve if s > WARMUP):.3f}" for curve in (losses, bucketed_losses, packed_losses)))
+    curves = (losses, bucketed_losses, packed_losses)
+    means = [statistics.mean(x for s, x in c if s > WARMUP) for c in curves]
+    print("mean loss after warm-up: " + " | ".join(f"{m:.3f}" for m in means))
     print(f"weak_throughput conan_over_st={ours / st:.3f} overhead_vs_bare={bare / plain - 1:+.3f} "
           f"buckets_over_st={bucketed / st:.3f} packed_over_st={packed / st:.3f}")
 

@@ -1,4 +1,5 @@
-"""Supervised tasks are plug-ins: the stage routes each step's rows to its task's collate and loss (no Ray)."""
+"""Supervised tasks are plug-ins: the stage routes each step's rows to its task's collate and loss; packed texts train
+as the padded ones in the supervised and weak stages (no Ray)."""
 
 from __future__ import annotations
 
