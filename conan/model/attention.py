@@ -192,10 +192,12 @@ class AttentionMask:
             keys = real[:, None, None, :]
             if mode == "causal":
                 keys = keys & torch.ones(len(offsets), len(offsets), dtype=torch.bool, device=device).tril()
-            if bias is not None:
+            if bias is not None:  # the soft bias always applies; padded keys on top of it
                 square = bias[:len(offsets), :len(offsets)]
-                keys = square.expand(1, 1, -1, -1) if bool(real.all()) else square.masked_fill(~keys, float("-inf"))
-            groups.append((index, real, None if keys.dtype == torch.bool and bool(keys.all()) else keys))
+                mask = square.expand(1, 1, -1, -1) if bool(real.all()) else square.masked_fill(~keys, float("-inf"))
+            else:
+                mask = None if bool(keys.all()) else keys
+            groups.append((index, real, mask))
             rows.append(index[real])
         order = torch.cat(rows)
         in_order = bool((order.diff() > 0).all())
