@@ -81,9 +81,12 @@ class DataConfig:
     # apart by their language alone); [] = mixed batches; None = the stage's default.
     batch_by: list[str] | None = None
     # Rows of a worker's share of a group permuted together, so a batch mixes the files they span; a worker holds the
-    # files of one window per group (two or three shards at the default, one shard's rows). Raise it for input sorted
-    # by topic: memory grows with it, not with the data.
+    # row groups of one window per group. Raise it for input sorted by topic: memory grows with it, not with the data.
     shuffle_window: int = 50_000
+    # MiB of shard row groups a worker holds over all its groups: each group's window is cut to its share (less one
+    # row group, never under one) when the groups are many (a line says so at the start), so memory does not grow
+    # with their number.
+    reader_memory_mb: int = 2048
     # Micro-batches cut together from rows sorted by token length (ShardStream: same rows per epoch, far fewer pad
     # tokens; negatives still come from the whole window), e.g. 16; 0 or 1: off. Off by default: the weak stage
     # trains 1.3x faster with it (bench/weak_throughput), but on the demo it moved the supervised-over-weak margins

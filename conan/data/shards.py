@@ -28,7 +28,9 @@ import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
 FORMAT = "conan-shards/1"
-ROWS_PER_SHARD = 50_000  # a worker holds at most a few shards of each group it reads: memory is this, not data size
+ROWS_PER_SHARD = 50_000  # rows a shard file holds at most
+ROW_GROUP_BYTES = 4 << 20  # a shard's row groups hold about this much in memory: the unit a worker reads (a
+# worker holds one or two of each group it reads, whatever data.reader_memory_mb says)
 
 
 class ShardError(ValueError):
@@ -182,6 +184,13 @@ class RowSpec:
         return pa.table(out)
 
 
+def write_shard(table: pa.Table, path: Path, row_group_bytes: int = ROW_GROUP_BYTES) -> None:
+    """Write a shard file in row groups of about `row_group_bytes` (in memory): a worker's reader loads a row group
+    at a time, so a shard of any size costs it a row group, not the file."""
+    rows = max(1, int(row_group_bytes * table.num_rows / max(table.nbytes, 1)))
+    pq.write_table(table, path, row_group_size=rows)
+
+
 def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.ndarray | None = None,
                rows_per_shard: int = ROWS_PER_SHARD) -> dict[str, list[ShardFile]]:
     """Stream one input file into group-partitioned parquet shards `<prefix>-g<group digest>-<n>.parquet` under out_dir
@@ -196,7 +205,7 @@ def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.nd
             part, table = table.slice(0, rows_per_shard), table.slice(rows_per_shard)
             n = len(written.setdefault(group, []))
             path = out_dir / f"{prefix}-g{hashlib.sha1(group.encode()).hexdigest()[:8]}-{n:05d}.parquet"
-            pq.write_table(part, path)
+            write_shard(part, path)
             written[group].append(ShardFile(path.name, part.num_rows, file_sha256(path)))
         if table.num_rows:
             buffers[group] = [table]

@@ -4,18 +4,25 @@ ShardStream    one group's files. Each epoch permutes the files (per seed, epoch
                gives rank r the r-th of `world` equal contiguous slices (the remainder, under `world` rows, is dropped
                so ranks stay in step); inside a file rows are permuted per (seed, epoch, file), and a rank's slice is
                read in windows of `window` rows permuted together (MosaicML streaming's shuffle blocks), so a batch
-               mixes every file of its window instead of one file's neighbours. A rank holds only the files of its
-               current window: memory is bounded by the window, whatever the data size. With `bucket` > 1, every
+               mixes every file of its window instead of one file's neighbours. The order inside a file keeps its
+               parquet row groups whole (the row groups permuted, then each one's rows), so a window spans a few row
+               groups and a rank holds only those (in a RowGroupCache): memory is bounded by the window, whatever the
+               data size. A file of one row group is simply permuted. With `bucket` > 1, every
                run of `bucket` consecutive batches of an epoch is re-cut from the same rows sorted by length (the sum
                of the row's token-id list lengths) and the batches' order within it permuted: far fewer pad tokens,
                the same rows per epoch, and negatives still drawn from the whole shuffled window.
 GroupedStream  micro-batches homogeneous in a group (a weak pair's source/lang, a supervised row's task/lang): the
                group of every micro-batch is drawn from the seed and the manifests' row counts alone, so every rank
-               agrees and the gathered global batch is homogeneous.
+               agrees and the gathered global batch is homogeneous. Its groups share one RowGroupCache of
+               `memory_bytes`, and each group's window is cut to its share of it (less one row group, never under
+               one): the cache holds at most that much whatever the number of groups (thousands of source × language
+               groups would otherwise each hold a window); past a row group a group, it reads a row group again when
+               its group comes back instead of holding more.
 
 Nothing here has state to save: a resumed run at step s asks for micro-batch s * grad_accum and gets exactly the rows an
-uninterrupted run would have. A checkpoint records (seed, world size, manifests) so a resume under another world size
-or other data fails loudly instead of silently reading other rows (`DataPosition`).
+uninterrupted run would have. A checkpoint records (seed, world size, manifests, the settings that order the rows) so a
+resume under another world size, other data or other settings fails loudly instead of silently reading other rows
+(`DataPosition`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SHUFFLE_WINDOW = 50_000  # rows permuted together by default (data.shuffle_window): one full shard
+READER_MEMORY = 2048 << 20  # bytes of row groups a worker holds over all its groups by default (data.reader_memory_mb)
 
 
 class DataPositionError(ValueError):
@@ -45,9 +53,17 @@ class DataPosition:
     seed: int
     world_size: int
     fingerprints: tuple[str, ...]  # the manifests', in data.paths order
+    # What orders a rank's rows: data.shuffle_window, data.bucket_batches, data.reader_memory_mb (absent from
+    # checkpoints written before it was recorded: not checked then).
+    reading: tuple[int, ...] = ()
 
     def check_resume(self, saved: dict) -> None:
         """Raise unless a checkpoint written under `saved` continues with exactly the same rows here."""
+        if saved.get("reading") and tuple(saved["reading"]) != self.reading:
+            raise DataPositionError(
+                f"checkpoint written with (data.shuffle_window, data.bucket_batches, data.reader_memory_mb) = "
+                f"{tuple(saved['reading'])}, this run has {self.reading}: they order a rank's rows, so the data position "
+                f"cannot be continued exactly; resume with the checkpoint's values or start a new run")
         if saved["world_size"] != self.world_size:
             raise DataPositionError(
                 f"checkpoint written by {saved['world_size']} workers, this run has {self.world_size}: a rank's rows "
@@ -63,9 +79,10 @@ class ShardStream:
 
     def __init__(self, files: Sequence[tuple[Path, int]], seed: Sequence[int], rank: int, world: int,
                  columns: list[str] | None = None, first_row_id: int = 0, window: int = SHUFFLE_WINDOW,
-                 bucket: int = 0):
+                 bucket: int = 0, cache: RowGroupCache | None = None):
         """files: (path, rows) in manifest order; first_row_id: the row id of the first file's first row; window:
-        rows of a rank's slice permuted together; bucket: batches cut together from length-sorted rows (0, 1: off)."""
+        rows of a rank's slice permuted together; bucket: batches cut together from length-sorted rows (0, 1: off);
+        cache: where the row groups read are kept (shared by a GroupedStream's groups; default: this stream's own)."""
         self.paths = [Path(p) for p, _ in files]
         self.sizes = np.array([n for _, n in files], dtype=np.int64)
         self.base_ids = first_row_id + np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
@@ -76,10 +93,9 @@ class ShardStream:
             raise ValueError(f"{int(self.sizes.sum())} rows cannot give each of {world} workers one; use fewer "
                              "workers or more data")
         self.bucket = bucket
+        self.cache = cache or RowGroupCache(READER_MEMORY)
         self._run: tuple[tuple | None, list] = (None, [])
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self._lengths: dict[int, np.ndarray] = {}  # tokens per row of the cached files
-        self._capacity = 2  # files kept: those of the window being read, plus one
+        self._group_starts: dict[int, np.ndarray] = {}  # first row of each row group, per file touched
 
     @functools.lru_cache(maxsize=4)
     def _file_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,21 +104,25 @@ class ShardStream:
 
     @functools.lru_cache(maxsize=4)
     def _row_order(self, epoch: int, file: int) -> np.ndarray:
-        return np.random.default_rng([*self.seed, epoch, file, 1]).permutation(int(self.sizes[file]))
+        """A file's rows in this epoch's order: each row group's rows permuted in turn, then the row groups' order
+        (one generator per seed, epoch and file), so a run of positions stays within few row groups."""
+        rng = np.random.default_rng([*self.seed, epoch, file, 1])
+        starts = self._starts(file)
+        rows = [start + rng.permutation(int(end - start)) for start, end in zip(starts[:-1], starts[1:])]
+        return np.concatenate([rows[g] for g in rng.permutation(len(rows))])
+
+    def _starts(self, file: int) -> np.ndarray:
+        """The first row of each of a file's row groups, and its row count last (from the parquet footer)."""
+        if file not in self._group_starts:
+            metadata = pq.read_metadata(self.paths[file])
+            sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+            self._group_starts[file] = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        return self._group_starts[file]
 
     @functools.lru_cache(maxsize=4)
     def _window_order(self, epoch: int, window: int) -> np.ndarray:
         size = min(self.window, self.per_rank - window * self.window)
         return np.random.default_rng([*self.seed, epoch, window, 2]).permutation(size)
-
-    @functools.lru_cache(maxsize=4)
-    def _window_files(self, epoch: int, window: int) -> int:
-        """How many files a window of this rank's slice covers."""
-        order, starts = self._file_order(epoch)
-        first = self.rank * self.per_rank + window * self.window
-        last = min(first + self.window, (self.rank + 1) * self.per_rank) - 1
-        k0, k1 = (int(np.searchsorted(starts, p, side="right")) - 1 for p in (first, last))
-        return k1 - k0 + 1
 
     def positions(self, start: int, count: int) -> list[tuple[int, int]]:
         """(file, row in file) of positions start … start+count-1 of this rank's sequence (epoch after epoch)."""
@@ -112,7 +132,6 @@ class ShardStream:
             order, starts = self._file_order(epoch)
             w, i = divmod(j, self.window)
             p = self.rank * self.per_rank + w * self.window + int(self._window_order(epoch, w)[i])
-            self._capacity = self._window_files(epoch, w) + 1
             k = int(np.searchsorted(starts, p, side="right")) - 1
             file = int(order[k])
             out.append((file, int(self._row_order(epoch, file)[p - starts[k]])))
@@ -137,21 +156,12 @@ class ShardStream:
         order), cut into batches, the batches permuted per (seed, epoch, run)."""
         count = min(self.bucket, self.per_rank // batch_size - run * self.bucket)
         positions = self.positions(epoch * self.per_rank + run * self.bucket * batch_size, count * batch_size)
-        lengths = np.array([self._row_lengths(f)[r] for f, r in positions])
+        lengths = np.zeros(len(positions), dtype=np.int64)
+        for slots, _, table in self._row_groups(positions):
+            lengths[slots] = token_counts(table)
         ordered = [positions[i] for i in np.argsort(lengths, kind="stable")]
         batches = [ordered[i * batch_size:(i + 1) * batch_size] for i in range(count)]
         return [batches[i] for i in np.random.default_rng([*self.seed, epoch, run, 3]).permutation(count)]
-
-    def _row_lengths(self, file: int) -> np.ndarray:
-        """Tokens of every row of a file: the summed lengths of its integer-list columns (token ids)."""
-        table = self._table(file)
-        if file not in self._lengths:
-            lengths = np.zeros(table.num_rows, dtype=np.int64)
-            for column in table.columns:
-                if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):
-                    lengths += pc.list_value_length(column).fill_null(0).to_numpy()
-            self._lengths[file] = lengths
-        return self._lengths[file]
 
     def row_ids(self, positions: list[tuple[int, int]]) -> list[int]:
         """Stable row ids (manifest order) of positions."""
@@ -160,14 +170,19 @@ class ShardStream:
     def read(self, positions: list[tuple[int, int]]) -> list[dict]:
         """The rows at positions, each with its row_id."""
         out: list[dict] = [{}] * len(positions)
-        by_file: dict[int, list[int]] = {}
-        for i, (f, _) in enumerate(positions):
-            by_file.setdefault(f, []).append(i)
-        for f, slots in sorted(by_file.items()):
-            table = self._table(f).take(pa.array([positions[i][1] for i in slots], pa.int64()))
+        for slots, file, table in self._row_groups(positions):
             for i, row in zip(slots, table.to_pylist()):
-                out[i] = {**row, "row_id": int(self.base_ids[f] + positions[i][1])}
+                out[i] = {**row, "row_id": int(self.base_ids[file] + positions[i][1])}
         return out
+
+    def _row_groups(self, positions: list[tuple[int, int]]) -> Iterator[tuple[list[int], int, pa.Table]]:
+        """(slots of positions, file, their rows) for each row group the positions fall in."""
+        slots: dict[tuple[int, int], list[int]] = {}
+        for i, (f, r) in enumerate(positions):
+            slots.setdefault((f, int(np.searchsorted(self._starts(f), r, side="right")) - 1), []).append(i)
+        for (f, g), where in sorted(slots.items()):
+            local = pa.array([positions[i][1] - int(self._starts(f)[g]) for i in where], pa.int64())
+            yield where, f, self.cache.get(self.paths[f], g, self.columns).take(local)
 
     def batch(self, index: int, batch_size: int) -> list[dict]:
         """The rows of the index-th batch."""
@@ -178,14 +193,37 @@ class ShardStream:
         for start in range(0, self.per_rank, chunk):
             yield from self.read(self.positions(epoch * self.per_rank + start, min(chunk, self.per_rank - start)))
 
-    def _table(self, file: int) -> pa.Table:
-        if file in self._cache:
-            self._cache.move_to_end(file)
-        else:
-            self._cache[file] = pq.read_table(self.paths[file], columns=self.columns)
-            while len(self._cache) > self._capacity:
-                self._lengths.pop(self._cache.popitem(last=False)[0], None)
-        return self._cache[file]
+
+def token_counts(table: pa.Table) -> np.ndarray:
+    """Tokens of every row: the summed lengths of its integer-list columns (token ids)."""
+    counts = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        if pa.types.is_list(column.type) and pa.types.is_integer(column.type.value_type):
+            counts += pc.list_value_length(column).fill_null(0).to_numpy()
+    return counts
+
+
+class RowGroupCache:
+    """Parquet row groups a worker has read, the least recently used dropped once they exceed `budget` bytes (the
+    row group being read is always kept)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes, self.peak = budget, 0, 0
+        self.tables: OrderedDict[tuple[Path, int], pa.Table] = OrderedDict()
+
+    def get(self, path: Path, group: int, columns: list[str] | None) -> pa.Table:
+        """Row group `group` of the file at path (its `columns`), read unless held."""
+        key = (path, group)
+        if key in self.tables:
+            self.tables.move_to_end(key)
+            return self.tables[key]
+        table = pq.ParquetFile(path).read_row_group(group, columns=columns)
+        while self.tables and self.bytes + table.nbytes > self.budget:
+            self.bytes -= self.tables.popitem(last=False)[1].nbytes
+        self.tables[key] = table
+        self.bytes += table.nbytes
+        self.peak = max(self.peak, self.bytes)
+        return table
 
 
 class GroupedStream:
@@ -194,10 +232,12 @@ class GroupedStream:
 
     def __init__(self, files: Mapping[str, Sequence[tuple[Path, int]]], weights: Mapping[str, float], total: int,
                  seed: int, rank: int, world: int, batch_size: int, columns: list[str] | None = None,
-                 pool: Callable[[str], str] = lambda g: "mixed", window: int = SHUFFLE_WINDOW, bucket: int = 0):
+                 pool: Callable[[str], str] = lambda g: "mixed", window: int = SHUFFLE_WINDOW, bucket: int = 0,
+                 memory_bytes: int = READER_MEMORY):
         """files: every group's (path, rows); weights: a group's share of micro-batches (0 = never drawn); groups
         too small to give every rank `batch_size` rows are pooled into pool(group), their weights added; bucket:
-        ShardStream's length bucketing (pooled groups are not bucketed)."""
+        ShardStream's length bucketing (pooled groups are not bucketed); memory_bytes: the row groups held over all
+        groups, each group's window cut to fit its share."""
         first_id, first_ids = 0, {}
         for g in sorted(files):  # row ids: groups in sorted order, files in manifest order
             first_ids[g], first_id = first_id, first_id + sum(n for _, n in files[g])
@@ -212,10 +252,18 @@ class GroupedStream:
         self.groups = sorted(g for g, w in pooled_weights.items() if w > 0)
         if not self.groups:
             raise ValueError("no group with rows for every rank has a positive weight")
+        self.cache = RowGroupCache(memory_bytes)
+        share = memory_bytes // sum(len(members[g]) for g in self.groups)
+        self.windows: dict[str, int] = {}  # each input group's window where its share of memory_bytes cut it
         self.streams: dict[str, ShardStream | PooledStream] = {}
         for i, g in enumerate(self.groups):
-            parts = [ShardStream(files[m], [seed, i, j], rank, world, columns, first_ids[m], window,
-                                 bucket if len(members[g]) == 1 else 0) for j, m in enumerate(members[g])]
+            parts = []
+            for j, m in enumerate(members[g]):
+                fits = rows_within(files[m], columns, share)
+                parts.append(ShardStream(files[m], [seed, i, j], rank, world, columns, first_ids[m],
+                                         min(window, fits), bucket if len(members[g]) == 1 else 0, self.cache))
+                if fits < min(window, parts[-1].per_rank):
+                    self.windows[m] = parts[-1].window
             self.streams[g] = parts[0] if len(parts) == 1 else PooledStream(parts, [seed, i])
         p = np.array([pooled_weights[g] for g in self.groups])
         picks = np.random.default_rng([seed, 7]).choice(len(self.groups), total, p=p / p.sum())
@@ -266,6 +314,17 @@ class PooledStream:
         """Every row of this rank's slice of an epoch, part after part."""
         for part in self.parts:
             yield from part.epoch_rows(epoch)
+
+
+def rows_within(files: Sequence[tuple[Path, int]], columns: list[str] | None, budget: int) -> int:
+    """Rows of a group that `budget` bytes hold beside one row group being read, and at least a row group's (what
+    a read loads anyway); the bytes of a row estimated from the first rows of its first file, so the same on every
+    rank and every resume."""
+    parquet = pq.ParquetFile(next(Path(p) for p, n in files if n))
+    sample = next(parquet.iter_batches(batch_size=1024, columns=columns))
+    per_row = max(sample.nbytes / max(sample.num_rows, 1), 1.0)
+    group_rows = parquet.metadata.row_group(0).num_rows
+    return max(group_rows, int(budget / per_row) - group_rows)
 
 
 def merge_small_groups(per_rank: Mapping[Hashable, int], minimum: int,

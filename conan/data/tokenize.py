@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from conan.data.dedup import content_keys
 from conan.data.shards import (Manifest, ShardError, ShardFile, dirs_fingerprint, file_sha256, load_manifest,
-                               merge_manifests)
+                               merge_manifests, write_shard)
 from conan.train.diagnostics import unigram_entropy
 
 BLOCKS_KIND = "lm_blocks"
@@ -104,7 +104,7 @@ class ShardPacker:
             ids = self.tokenizer(texts)["input_ids"] if texts else []
             blocks = pack_stream(ids, self.seq_len)
             path = self.out_dir / f"blocks-{int(index):05d}.parquet"
-            pq.write_table(pa.table({"ids": pa.array(blocks, pa.list_(self.dtype))}), path)
+            write_shard(pa.table({"ids": pa.array(blocks, pa.list_(self.dtype))}), path)
             counts = np.bincount(np.concatenate(blocks), minlength=len(self.tokenizer)) if blocks else \
                 np.zeros(len(self.tokenizer), dtype=np.int64)
             out["path"].append(path.name)
@@ -184,7 +184,7 @@ class ShardTokenizer:
             table = pq.read_table(src)
             tokens = pa.table(self.token_columns(group, table, self.encoder))
             path = self.out_dir / f"tokens-{int(index):05d}.parquet"
-            pq.write_table(tokens, path)
+            write_shard(tokens, path)
             schema = json.dumps({field.name: str(field.type) for field in tokens.schema})
             for key, value in (("index", int(index)), ("group", group), ("path", path.name),
                                ("rows", table.num_rows), ("sha256", file_sha256(path)), ("schema", schema)):

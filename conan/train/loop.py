@@ -54,7 +54,8 @@ def train_worker(loop_config: dict) -> None:
     stage = stage_class(cfg.stage)(cfg, tokenizer, rank, world, **loop_config.get("stage_kwargs", {}))
     manifests = [load_manifest(d) for d in loop_config["shards"]]
     stage.prepare(merge_manifests(manifests), manifests[0].stats)
-    position = DataPosition(cfg.train.seed, world, tuple(m.fingerprint() for m in manifests))
+    position = DataPosition(cfg.train.seed, world, tuple(m.fingerprint() for m in manifests),
+                            (cfg.data.shuffle_window, cfg.data.bucket_batches, cfg.data.reader_memory_mb))
     row_log = RowIdLog(Path(cfg.output_dir), rank) if cfg.train.log_row_ids else None
     model = load_or_init(stage.model_class, cfg.model, tokenizer)
     forward_calls = [0]  # model forward passes, reported per step (DHNM must add none)

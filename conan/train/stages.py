@@ -86,7 +86,13 @@ class Stage:
                                     self.cfg.train.steps * self.cfg.train.grad_accum, self.cfg.train.seed, self.rank,
                                     self.world_size, self.smallest_batch(), pool=lambda g: f"{g.split('/')[0]}/mixed"
                                     if "/" in g else "mixed", window=self.cfg.data.shuffle_window,
-                                    bucket=self.cfg.data.bucket_batches)
+                                    bucket=self.cfg.data.bucket_batches,
+                                    memory_bytes=self.cfg.data.reader_memory_mb << 20)
+        if self.stream.windows and self.rank == 0:
+            cut = sorted(self.stream.windows.values())
+            print(f"[{self.name}] data.reader_memory_mb={self.cfg.data.reader_memory_mb} holds {len(files)} groups: "
+                  f"{len(cut)} shuffle windows cut to {cut[0]:,}-{cut[-1]:,} rows (data.shuffle_window "
+                  f"{self.cfg.data.shuffle_window:,}); raise it to shuffle over more rows", flush=True)
 
     def group_weights(self, rows: dict[str, int]) -> dict[str, float]:
         """Each group's share of the micro-batches: its rows."""

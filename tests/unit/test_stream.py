@@ -89,7 +89,6 @@ def test_a_batch_mixes_the_files_of_its_window_and_holds_no_more(shards):
     for i in range(500 // 16):
         narrow.batch(i, 16)
         assert len({f for f, _ in narrow.batch_positions(i, 16)}) <= 3
-        assert len(narrow._cache) <= 3  # the files of the window being read (and of the one before)
 
 
 def test_small_groups_pool_and_resume_under_another_world_size_fails():
@@ -100,6 +99,10 @@ def test_small_groups_pool_and_resume_under_another_world_size_fails():
         position.check_resume({"seed": 0, "world_size": 4, "fingerprints": ["abc"]})
     with pytest.raises(DataPositionError, match="other data"):
         position.check_resume({"seed": 0, "world_size": 2, "fingerprints": ["abd"]})
+    reading = DataPosition(0, 2, ("abc",), (50_000, 0, 2048))
+    reading.check_resume({"seed": 0, "world_size": 2, "fingerprints": ["abc"], "reading": [50_000, 0, 2048]})
+    with pytest.raises(DataPositionError, match="reader_memory_mb"):  # another memory cuts other windows
+        reading.check_resume({"seed": 0, "world_size": 2, "fingerprints": ["abc"], "reading": [50_000, 0, 512]})
 
 
 def test_an_input_without_a_required_column_is_refused(tmp_path):
@@ -146,3 +149,46 @@ def test_length_buckets_cut_the_padding_and_keep_each_epochs_rows(tmp_path):
         again = ShardStream(files, [1], rank, world, bucket=8)
         assert [again.batch_positions(i, batch) for i in (30, 3, 27)] == [
             bucketed.batch_positions(i, batch) for i in (30, 3, 27)]
+
+
+def test_row_groups_bound_what_a_worker_holds_over_many_groups(tmp_path):
+    """20 groups of 2 files in row groups of ~60 rows: under a 1.5 MB budget each group's window is cut to its share,
+    the row groups held never pass the budget, and each rank's epoch still trains on exactly the rows it would
+    without the budget (the windows reorder a rank's slice; they do not change it). A window of a file with many row
+    groups spans a few of them, not the file."""
+    import numpy as np
+
+    from conan.data.shards import write_shard
+
+    files, first = {}, 0
+    for g in range(20):
+        files[f"web/l{g}"] = []
+        for f in range(2):
+            ids = np.arange(first, first + 600)
+            first += 600
+            path = tmp_path / f"g{g}-{f}.parquet"
+            write_shard(pa.table({"row": ids, "input_ids": [[int(i) % 50] * 40 for i in ids]}), path,
+                        row_group_bytes=20_000)
+            files[f"web/l{g}"].append((path, 600))
+    group_rows = pq.ParquetFile(files["web/l0"][0][0]).metadata.row_group(0).num_rows
+    assert 40 <= group_rows <= 100
+    weights = {g: 1.0 for g in files}
+    world, batch, budget = 2, 16, 1_500_000
+    for rank in range(world):
+        bounded = GroupedStream(files, weights, 800, 3, rank, world, batch, memory_bytes=budget)
+        free = GroupedStream(files, weights, 800, 3, rank, world, batch)
+        assert len(bounded.windows) == 20 and max(bounded.windows.values()) < 300  # a rank has 600 rows a group
+        assert not free.windows
+        for index in range(800):
+            bounded.batch(index, batch)
+            assert bounded.cache.bytes <= budget
+        for index in range(300):
+            free.batch(index, batch)
+        assert bounded.cache.peak <= budget < free.cache.peak
+        for g, stream in bounded.streams.items():  # a rank's slice of an epoch: the same rows as without the budget
+            ids = [r["row"] for r in stream.epoch_rows(0)]
+            free_ids = [r["row"] for r in free.streams[g].epoch_rows(0)]
+            assert sorted(ids) == sorted(free_ids) and ids != free_ids
+        one = bounded.streams["web/l0"]
+        touched = {(f, int(np.searchsorted(one._starts(f), r, side="right"))) for f, r in one.positions(0, one.window)}
+        assert len(touched) <= one.window // group_rows + 4  # a window's row groups, not its files' (~20)
