@@ -6,7 +6,8 @@ export their own counters (conan.dhnm).
 
 from __future__ import annotations
 
-TRAIN_GAUGES = ("step", "loss", "lr", "alpha", "samples_per_s", "tokens_per_s", "step_time_s", "negative_score")
+TRAIN_GAUGES = ("step", "loss", "lr", "alpha", "samples_per_s", "tokens_per_s", "step_time_s", "negative_score",
+                "reader_cache_mb", "reader_row_group_reads")
 
 
 class TrainMetrics:

@@ -88,6 +88,13 @@ def test_metrics_report_throughput_lr_and_alpha(chain):
     assert [r["alpha"] for r in rows] == pytest.approx([4 / 20, 9 / 20, 14 / 20, 19 / 20])
     lrs = [r["lr"] for r in rows]
     assert lrs[-1] < lrs[0]  # cosine decay after warmup
+    # The shard reader: the row groups it holds (a few small files, far under data.reader_memory_mb) and how many
+    # it read per report; nothing is evicted, so no row group is read twice: at most one read per token shard.
+    from conan.data.shards import load_manifest
+    shards = sum(len(files) for d in Path(chain["weak"].output_dir, "shards").glob("weak_tokens-*")
+                 for files in load_manifest(d).groups.values())
+    assert all(0 < r["reader_cache_mb"] < 2048 for r in rows)
+    assert 0 < rows[0]["reader_row_group_reads"] <= sum(r["reader_row_group_reads"] for r in rows) <= shards
 
 
 def test_stages_report_whether_they_learn(chain):

@@ -209,6 +209,7 @@ class RowGroupCache:
 
     def __init__(self, budget: int):
         self.budget, self.bytes, self.peak = budget, 0, 0
+        self.reads = 0  # row groups read from disk: climbing every step means the budget is too small for the groups
         self.tables: OrderedDict[tuple[Path, int], pa.Table] = OrderedDict()
 
     def get(self, path: Path, group: int, columns: list[str] | None) -> pa.Table:
@@ -218,6 +219,7 @@ class RowGroupCache:
             self.tables.move_to_end(key)
             return self.tables[key]
         table = pq.ParquetFile(path).read_row_group(group, columns=columns)
+        self.reads += 1
         while self.tables and self.bytes + table.nbytes > self.budget:
             self.bytes -= self.tables.popitem(last=False)[1].nbytes
         self.tables[key] = table

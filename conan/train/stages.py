@@ -93,6 +93,7 @@ class Stage:
             print(f"[{self.name}] data.reader_memory_mb={self.cfg.data.reader_memory_mb} holds {len(files)} groups: "
                   f"{len(cut)} shuffle windows cut to {cut[0]:,}-{cut[-1]:,} rows (data.shuffle_window "
                   f"{self.cfg.data.shuffle_window:,}); raise it to shuffle over more rows", flush=True)
+        self.reads_reported = 0
 
     def group_weights(self, rows: dict[str, int]) -> dict[str, float]:
         """Each group's share of the micro-batches: its rows."""
@@ -121,9 +122,13 @@ class Stage:
 
     def metrics(self) -> dict:
         """Stage-specific figures since the last report: the means of what `note` kept, plus `chance_ratio`, the worst
-        contrastive loss of the window as a fraction of its log N (the loop warns when it stays near 1)."""
+        contrastive loss of the window as a fraction of its log N (the loop warns when it stays near 1), and the
+        shard reader's memory and row groups read since the last report."""
         out = {key: float(np.mean(values)) for key, values in self.window.items() if values}
         self.window.clear()
+        cache = self.stream.cache
+        out.update(reader_cache_mb=cache.bytes / 2**20, reader_row_group_reads=cache.reads - self.reads_reported)
+        self.reads_reported = cache.reads
         ratios = [value / out[log_n] for key, value in out.items() if "infonce_loss" in key
                   and out.get(log_n := key.split("infonce_loss")[0] + "log_candidates")]
         if ratios:

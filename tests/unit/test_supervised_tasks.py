@@ -109,6 +109,8 @@ def test_a_new_task_is_one_class_and_a_registry_entry(tmp_path, small_tokenizer,
     assert seen == {"retrieval", "cosine_regression"}  # the task of each step is drawn from both
     figures = stage.metrics()
     assert {"cosine_regression_mse_d32", "retrieval_infonce_loss_d32"} <= set(figures)
+    assert figures["reader_cache_mb"] > 0 and figures["reader_row_group_reads"] >= 2  # both tasks' files were read
+    assert stage.metrics()["reader_row_group_reads"] == 0  # counted since the last report
     assert "similarity" in SupervisedStage.row_spec(stage.cfg).columns  # the new column, read from the registry
 
 
