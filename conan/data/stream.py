@@ -181,7 +181,8 @@ class ShardStream:
         for i, (f, r) in enumerate(positions):
             slots.setdefault((f, int(np.searchsorted(self._starts(f), r, side="right")) - 1), []).append(i)
         for (f, g), where in sorted(slots.items()):
-            local = pa.array([positions[i][1] - int(self._starts(f)[g]) for i in where], pa.int64())
+            first = int(self._starts(f)[g])
+            local = pa.array([positions[i][1] - first for i in where], pa.int64())
             yield where, f, self.cache.get(self.paths[f], g, self.columns).take(local)
 
     def batch(self, index: int, batch_size: int) -> list[dict]:
