@@ -192,3 +192,33 @@ def test_row_groups_bound_what_a_worker_holds_over_many_groups(tmp_path):
         one = bounded.streams["web/l0"]
         touched = {(f, int(np.searchsorted(one._starts(f), r, side="right"))) for f, r in one.positions(0, one.window)}
         assert len(touched) <= one.window // group_rows + 4  # a window's row groups, not its files' (~20)
+
+
+def test_a_stage_says_when_its_memory_budget_cuts_the_shuffle_windows(tmp_path, small_tokenizer, capsys):
+    """A worker's stage names the budget, the groups and the cut windows at start-up (rank 0 only), and says
+    nothing when the budget holds every window."""
+    from conan.config import JobConfig, load_config
+    from conan.data.shards import write_shard
+    from conan.train.stages import WeakStage
+
+    files = {}
+    for g in range(4):
+        path = tmp_path / f"g{g}.parquet"
+        ids = list(range(600 * g, 600 * (g + 1)))
+        write_shard(pa.table({"row": ids, "input_ids": [[i % 50] * 400 for i in ids],
+                              "output_ids": [[i % 50] * 400 for i in ids]}), path, row_group_bytes=100_000)
+        files[f"web/l{g}"] = [(path, 600)]
+    for rank, budget_mb, said in ((0, 1, True), (1, 1, False), (0, 2048, False)):
+        cfg = load_config(JobConfig, "jobs/configs/weak_tiny.yaml", [f"data.reader_memory_mb={budget_mb}",
+                                                                     "train.steps=10", "train.micro_batch_size=8"])
+        stage = WeakStage(cfg, small_tokenizer, rank, 2)
+        stage.prepare(files, {})
+        out = capsys.readouterr().out
+        assert bool(stage.stream.windows) == (budget_mb == 1)
+        if said:
+            cut = sorted(stage.stream.windows.values())
+            assert len(cut) == 4 and cut[-1] < 300  # each rank has 300 rows a group
+            assert (f"[weak] data.reader_memory_mb=1 holds 4 groups: 4 shuffle windows cut to {cut[0]:,}-{cut[-1]:,} "
+                    "rows") in out
+        else:
+            assert "shuffle windows cut" not in out
