@@ -3,9 +3,9 @@ loads, and stages that measurably learn on held-out data (XQuAD articles no stag
 
 What it asserts on 2 cores with the tiny preset (issue 13; README, Training quality): pretraining ends more than a nat
 below its corpus's unigram entropy; the weak model beats the random init on held-out XQuAD; the supervised model beats
-the random init and the weak model on the three supervised tasks (XQuAD retrieval, STS-B, Banking77); every
-contrastive loss of the supervised stage ends below 0.6 · log N at every Matryoshka dimension and random pairs of
-passages end below cosine 0.6 in both embedding stages. The demo measured (5 languages here, 500 items; see README)
+the random init (beyond the paired-bootstrap noise of the held-out items) and the weak model on the three supervised
+tasks (XQuAD retrieval, STS-B, Banking77); every contrastive loss of the supervised stage ends below 0.6 · log N at
+every Matryoshka dimension and random pairs of passages end below cosine 0.6 in both embedding stages. The demo measured (5 languages here, 500 items; see README)
 margins of about +0.1 over the init on XQuAD and STS-B and +0.3 on Banking77, and over the weak model about +0.01 on
 XQuAD, +0.02 on STS-B and +0.3 on Banking77; loss ratios 0.36-0.48 (retrieval) and 0.55 (classification). Not
 asserted, because at this scale they are noise (README): cross-lingual STS-B and Tatoeba against the random init."""
@@ -62,7 +62,8 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     assert "RayTrainWorker" in (run / "logs" / "pipeline.log").read_text()
 
     # Better than where each stage started, on data no stage trained on.
-    scores = json.loads((run / "eval" / "scores.json").read_text())["scores"]
+    evaluation = json.loads((run / "eval" / "scores.json").read_text())
+    scores = evaluation["scores"]
     # The export's model card carries the dev results the pipeline just measured.
     front = yaml.safe_load((model_dir / "README.md").read_text().split("---\n", 2)[1])
     card = {(r["dataset"]["name"], r["dataset"]["config"]): r["metrics"][0]["value"]
@@ -73,6 +74,9 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     assert score["weak", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score
     for task in HELD_OUT:
         assert score["supervised", task] > max(score["model_init", task], score["weak", task]), (task, score)
+    # Beyond the noise of the held-out items against the init (paired bootstrap); against the weak model the XQuAD
+    # and STS-B gains are within it (README, Training quality), so only their sign is asserted above.
+    assert all(evaluation["differences"]["model_init"][task]["low"] > 0 for task in HELD_OUT), evaluation["differences"]
 
     # Learned rather than collapsed: pretraining well below the unigram entropy; every InfoNCE task well below chance
     # (1.0 · log N) at every Matryoshka dim; random pairs of passages spread. One report is 25 steps of small batches
@@ -100,7 +104,7 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     model = SentenceTransformer(str(model_dir), device="cpu")
     subset = xquad_retrieval(data_root, 500, ["en"])["en"]
     ndcg = score_subset(subset, lambda texts, dim: model.encode(texts, normalize_embeddings=True),
-                        model.get_embedding_dimension())["ndcg@10"]
+                        model.get_embedding_dimension())[0]["ndcg@10"]
     assert ndcg == pytest.approx(scores["supervised"]["xquad-retrieval"]["en"]["128"]["ndcg@10"], abs=0.005)
 
     # Resumable: a second run finds every step's output and skips it.

@@ -39,6 +39,13 @@ def markdown_table(header: list[str], rows: list[list], digits: int = 2) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]) + "\n"
 
 
+def difference_cell(d: dict) -> str:
+    """A difference and its interval as a report cell, with its verdict."""
+    from conan.eval.runner import verdict
+
+    return f"{d['delta']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {verdict(d)}"
+
+
 def language_groups(result: dict, label: str | None = None) -> dict[str, float]:
     """The columns of the paper's Tables 4 and 12 for a model (default: the evaluated one): the mean main metric at its
     largest dim over English subsets (Eng), Chinese subsets (Zh) and every other language or language pair (Multi)."""
@@ -75,6 +82,15 @@ def write_report(result: dict, out: Path, encoder, cfg) -> Path:
              *(main_metric(result, o, task, _full(result, o, task) or "") for o in others)]
             for task, kind in result["tasks"].items()]
     lines += markdown_table(["task", "metric", *(f"{main} @{d}" for d in dims), *others], rows, 4).splitlines()
+    differences = result.get("differences", {})
+    if differences:
+        lines += ["", "## Differences from the baseline models", "",
+                  f"{main} at {dims[-1]} dims minus each baseline model, main metric, with the 95 % interval of a "
+                  "paired bootstrap (each subset's items drawn with replacement 1,000 times, the same items for both "
+                  "models): *better* or *worse* when the interval excludes 0, *within noise* when it holds 0.", ""]
+        lines += markdown_table(["task", *(f"vs {b}" for b in differences)], [
+            [task, *(difference_cell(differences[b][task]) for b in differences)] for task in result["tasks"]],
+        ).splitlines()
     lines += ["", "## Data", "", *markdown_table(["task", "items scored"], [
         [task, DATA_SOURCES.get(task, f"BEIR folder {task.removeprefix('beir:')}")] for task in result["tasks"]],
     ).splitlines()]

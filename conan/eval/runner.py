@@ -2,7 +2,8 @@
 
 Texts are embedded once per model at full size; a dim's vectors are the first `dim` coordinates
 renormalised, which is exactly what the model (and the server's `dimensions`) returns for that dim.
-Output: <output_dir>/scores.json {model: {task: {subset: {dim: {metric: value}}}}} and the report.
+Output: <output_dir>/scores.json {model: {task: {subset: {dim: {metric: value}}}}} with, per baseline model and
+task, the evaluated model's main metric minus the baseline's and its paired-bootstrap 95 % interval; and the report.
 """
 
 from __future__ import annotations
@@ -49,19 +50,25 @@ class EmbeddingCache:
         return matryoshka_truncate(torch.from_numpy(np.stack([self.vectors[t] for t in texts])), dim).numpy()
 
 
-def score_subset(data, embed, dim: int) -> dict:
-    """Metrics of one task subset with embeddings at `dim`."""
+def score_subset(data, embed, dim: int) -> tuple[dict, np.ndarray]:
+    """Metrics of one task subset with embeddings at `dim`, and the per-item values its main metric is computed
+    from (per-query nDCG@10, per-item hits, or each pair's cosine and gold score), for paired comparisons."""
     if isinstance(data, tasks.Retrieval):
         doc_ids, query_ids = list(data.corpus), list(data.queries)
         top = metrics.rank(embed([data.queries[q] for q in query_ids], dim), embed([data.corpus[d] for d in doc_ids], dim),
                            100)
-        return metrics.retrieval_metrics([[doc_ids[j] for j in row] for row in top], [data.qrels[q] for q in query_ids])
+        per_query = metrics.per_query_retrieval([[doc_ids[j] for j in row] for row in top],
+                                                [data.qrels[q] for q in query_ids])
+        return {name: float(v.mean()) for name, v in per_query.items()}, per_query["ndcg@10"]
     if isinstance(data, tasks.STS):
-        return metrics.sts_metrics(embed(data.left, dim), embed(data.right, dim), data.scores)
+        cosine = (embed(data.left, dim) * embed(data.right, dim)).sum(1)
+        return metrics.sts_metrics(cosine, data.scores), np.stack([cosine, np.asarray(data.scores)], axis=1)
     if isinstance(data, tasks.Classification):
-        return metrics.classification_metrics(embed(data.train_texts, dim), data.train_labels,
-                                              embed(data.test_texts, dim), data.test_labels)
-    return metrics.bitext_metrics(embed(data.source, dim), embed(data.target, dim))
+        predicted = metrics.classification_predictions(embed(data.train_texts, dim), data.train_labels,
+                                                       embed(data.test_texts, dim))
+        return metrics.classification_metrics(data.test_labels, predicted), predicted == np.asarray(data.test_labels)
+    hits = metrics.bitext_hits(embed(data.source, dim), embed(data.target, dim))
+    return {"accuracy": float(hits.mean())}, hits
 
 
 def score_bm25(data: tasks.Retrieval) -> dict:
@@ -97,15 +104,24 @@ def evaluate(cfg: EvalConfig) -> dict:
     main = next(iter(models))
     dims = cfg.dims or models[main].dims
     scores: dict = {}
+    items: dict = {}  # {label: {task: [per-item values of each subset at the model's full size]}}
     for label, encoder in models.items():
         embed = EmbeddingCache(encoder)
         model_dims = dims if label == main else [encoder.dimension]
         for task, subsets in loaded.items():
             for subset, data in subsets.items():
-                for dim in model_dims:
-                    scores.setdefault(label, {}).setdefault(task, {}).setdefault(subset, {})[str(dim)] = \
-                        score_subset(data, embed, dim)
+                for dim in sorted(model_dims):
+                    values, per_item = score_subset(data, embed, dim)
+                    scores.setdefault(label, {}).setdefault(task, {}).setdefault(subset, {})[str(dim)] = values
+                items.setdefault(label, {}).setdefault(task, []).append(per_item)  # the largest dim's
             say(f"[eval] {label} {task}: {summary(scores[label][task], kind_of(next(iter(subsets.values()))))}")
+    kinds = {task: kind_of(next(iter(subsets.values()))) for task, subsets in loaded.items()}
+    differences = {label: {task: metrics.paired_bootstrap(kinds[task], items[main][task], items[label][task])
+                           for task in loaded} for label in models if label != main}
+    for label, by_task in differences.items():
+        verdicts = [verdict(d) for d in by_task.values()]
+        say(f"[eval] {main} vs {label}: " + ", ".join(f"{v} on {verdicts.count(v)}" for v in VERDICTS)
+            + f" of {len(verdicts)} tasks (paired bootstrap, 95 %)")
     if cfg.bm25:
         for task, subsets in loaded.items():
             if all(isinstance(d, tasks.Retrieval) for d in subsets.values()):
@@ -120,11 +136,19 @@ def evaluate(cfg: EvalConfig) -> dict:
                 scores.setdefault(f"{main} (mteb)", {}).setdefault(task, {}).setdefault(subset, {})[str(dim)] = values
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"model": main, "dims": dims, "tasks": {t: kind_of(next(iter(s.values()))) for t, s in loaded.items()},
-              "max_length": evaluated.max_length, "scores": scores}
+    result = {"model": main, "dims": dims, "tasks": kinds, "max_length": evaluated.max_length, "scores": scores,
+              "differences": differences}
     (out / "scores.json").write_text(json.dumps(result, indent=1))
     write_report(result, out, models[main] if cfg.plots else None, cfg)
     return result
+
+
+VERDICTS = ("better", "worse", "within noise")
+
+
+def verdict(difference: dict) -> str:
+    """"better" or "worse" when a difference's interval excludes 0, else "within noise"."""
+    return "better" if difference["low"] > 0 else "worse" if difference["high"] < 0 else "within noise"
 
 
 def summary(task_scores: dict, kind: str) -> str:
