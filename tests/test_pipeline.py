@@ -5,10 +5,11 @@ What it asserts on 2 cores with the tiny preset (issue 13; README, Training qual
 below its corpus's unigram entropy; the weak model beats the random init on held-out XQuAD; the supervised model beats
 the random init (beyond the paired-bootstrap noise of the held-out items) and the weak model on the three supervised
 tasks (XQuAD retrieval, STS-B, Banking77); every contrastive loss of the supervised stage ends below 0.6 · log N at
-every Matryoshka dimension and random pairs of passages end below cosine 0.6 in both embedding stages. The demo measured (5 languages here, 500 items; see README)
-margins of about +0.1 over the init on XQuAD and STS-B and +0.3 on Banking77, and over the weak model about +0.01 on
-XQuAD, +0.02 on STS-B and +0.3 on Banking77; loss ratios 0.36-0.48 (retrieval) and 0.55 (classification). Not
-asserted, because at this scale they are noise (README): cross-lingual STS-B and Tatoeba against the random init."""
+every Matryoshka dimension and random pairs of passages end below cosine 0.6 in both embedding stages. The demo
+measured (5 languages here, 500 items; see README) margins of about +0.1 over the init on XQuAD and STS-B and +0.3 on
+Banking77, and over the weak model about +0.01 on XQuAD, +0.02 on STS-B and +0.3 on Banking77; loss ratios 0.36-0.48
+(retrieval) and 0.55 (classification). Not asserted, because at this scale they are noise (README): cross-lingual
+STS-B and Tatoeba against the random init."""
 
 from __future__ import annotations
 
