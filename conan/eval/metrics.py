@@ -18,8 +18,12 @@ def rank(query_emb: np.ndarray, doc_emb: np.ndarray, k: int) -> np.ndarray:
 
 def retrieval_metrics(ranked: list[list[str]], qrels: list[dict[str, float]], ks=(1, 10, 20, 100)) -> dict:
     """nDCG@10, Recall@k and MRR@10 averaged over queries; ranked[i] are query i's document ids, best first."""
-    return {name: float(values.mean()) if len(values) else 0.0
-            for name, values in per_query_retrieval(ranked, qrels, ks).items()}
+    return query_means(per_query_retrieval(ranked, qrels, ks))
+
+
+def query_means(per_query: dict[str, np.ndarray]) -> dict:
+    """Each per-query metric averaged over the queries (0 when there are none)."""
+    return {name: float(values.mean()) if len(values) else 0.0 for name, values in per_query.items()}
 
 
 def per_query_retrieval(ranked: list[list[str]], qrels: list[dict[str, float]], ks=(1, 10, 20, 100)) -> dict:

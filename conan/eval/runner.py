@@ -59,7 +59,7 @@ def score_subset(data, embed, dim: int) -> tuple[dict, np.ndarray]:
                            100)
         per_query = metrics.per_query_retrieval([[doc_ids[j] for j in row] for row in top],
                                                 [data.qrels[q] for q in query_ids])
-        return {name: float(v.mean()) for name, v in per_query.items()}, per_query["ndcg@10"]
+        return metrics.query_means(per_query), per_query["ndcg@10"]
     if isinstance(data, tasks.STS):
         cosine = (embed(data.left, dim) * embed(data.right, dim)).sum(1)
         return metrics.sts_metrics(cosine, data.scores), np.stack([cosine, np.asarray(data.scores)], axis=1)
@@ -105,6 +105,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     dims = cfg.dims or models[main].dims
     scores: dict = {}
     items: dict = {}  # {label: {task: [per-item values of each subset at the model's full size]}}
+    kinds = {task: kind_of(next(iter(subsets.values()))) for task, subsets in loaded.items()}
     for label, encoder in models.items():
         embed = EmbeddingCache(encoder)
         model_dims = dims if label == main else [encoder.dimension]
@@ -114,8 +115,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                     values, per_item = score_subset(data, embed, dim)
                     scores.setdefault(label, {}).setdefault(task, {}).setdefault(subset, {})[str(dim)] = values
                 items.setdefault(label, {}).setdefault(task, []).append(per_item)  # the largest dim's
-            say(f"[eval] {label} {task}: {summary(scores[label][task], kind_of(next(iter(subsets.values()))))}")
-    kinds = {task: kind_of(next(iter(subsets.values()))) for task, subsets in loaded.items()}
+            say(f"[eval] {label} {task}: {summary(scores[label][task], kinds[task])}")
     differences = {label: {task: metrics.paired_bootstrap(kinds[task], items[main][task], items[label][task])
                            for task in loaded} for label in models if label != main}
     for label, by_task in differences.items():
