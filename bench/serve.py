@@ -4,10 +4,10 @@ Two randomly initialised models share one byte-level BPE trained here on real se
 "realistic", preset small-20m (6 layers × 384 hidden, ~22M parameters, the size of the small sentence encoders
 people serve), and "tiny" (2 × 128, a text in well under a millisecond: its ratio measures the HTTP path).
 Texts: a seeded sample of Tatoeba and STS-B sentences from the data root. Offline, per model, in this process,
-before and after the server runs: Encoder.encode over all texts in its batches of 64; the server's forward passes
-with every text queued at once, packed (Encoder.encode_packed, as the server runs them) and padded over the texts
-sorted by length (less padding than any online arrival order allows). The baseline is the best of the six, so a
-ratio is never flattered by a slow baseline. The server is `conan serve` in a subprocess (uvicorn, dynamic
+before and after the server runs: Encoder.encode over all texts (sorted by length, packed passes of 64); the
+server's forward passes with every text queued at once, packed (Encoder.encode_packed, as the server runs them), in
+arrival order and over the texts sorted by length (attention groups of like lengths, which no online arrival order
+gives). The baseline is the best of the six, so a ratio is never flattered by a slow baseline. The server is `conan serve` in a subprocess (uvicorn, dynamic
 batching, ServeConfig's defaults); the client is another process: `concurrency` keep-alive connections, each
 sending one request at a time, 1 or 16 texts per request, float vectors. The client is raw asyncio HTTP/1.1 with
 pre-built bodies, because on a 2-core machine a client library's own CPU time would be measured instead of the
@@ -40,7 +40,7 @@ from conan.config import ServeConfig, load_config
 from conan.serve.batcher import DynamicBatcher
 
 MODELS = {"realistic": "small-20m", "tiny": "tiny"}
-ENCODE_64 = "Encoder.encode in batches of 64"
+ENCODE_64 = "Encoder.encode in packed passes of 64"
 REQUEST_HEAD = (b"POST /v1/embeddings HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n")
 
@@ -97,9 +97,9 @@ def build_models(corpus: list[str], out: Path) -> dict[str, Path]:
 
 
 def offline_rates(model_dir: Path, texts: list[str], serve: ServeConfig) -> dict[str, float]:
-    """Texts/s of offline encoding over texts, after a warm-up: Encoder.encode in its own batches of 64 (padded,
-    sorted by length), and the server's forward passes with every text known at once (one request of all texts to
-    the batcher): packed as the server runs them, and padded over the texts sorted by length (the least padding)."""
+    """Texts/s of offline encoding over texts, after a warm-up: Encoder.encode (sorted by length, packed passes of
+    64), and the server's forward passes with every text known at once (one request of all texts to the batcher),
+    packed as the server runs them: in arrival order, and over the texts sorted by length."""
     from conan.encoder import Encoder
 
     encoder = Encoder(model_dir, batch_size=64)
@@ -108,22 +108,19 @@ def offline_rates(model_dir: Path, texts: list[str], serve: ServeConfig) -> dict
     encoder.encode(texts)
     rates = {ENCODE_64: len(texts) / (time.perf_counter() - start)}
 
-    async def all_at_once(encode, ordered: list[str]) -> None:
-        batcher = DynamicBatcher(encoder.token_counts, encode, encoder.max_length, encoder.max_length,
+    async def all_at_once(ordered: list[str]) -> None:
+        batcher = DynamicBatcher(encoder.token_counts, encoder.encode_packed, encoder.max_length, encoder.max_length,
                                  serve.max_batch_size, serve.forward_tokens, max_queued_texts=len(texts))
         batcher.start()
         await batcher.submit(ordered, None, lambda vectors, counts: vectors)
         await batcher.stop()
 
-    encoder.batch_size = serve.max_batch_size
     counts = encoder.token_counts(texts)
     by_length = [texts[i] for i in sorted(range(len(texts)), key=counts.__getitem__)]
-    for name, encode, ordered in (("Encoder.encode_packed in the server's passes, all texts at once",
-                                   encoder.encode_packed, texts),
-                                  ("Encoder.encode (padded) in the server's passes, texts sorted by length",
-                                   encoder.encode, by_length)):
+    for name, ordered in (("Encoder.encode_packed in the server's passes, all texts at once", texts),
+                          ("Encoder.encode_packed in the server's passes, texts sorted by length", by_length)):
         start = time.perf_counter()
-        asyncio.run(all_at_once(encode, ordered))
+        asyncio.run(all_at_once(ordered))
         rates[name] = len(texts) / (time.perf_counter() - start)
     return rates
 
@@ -218,7 +215,7 @@ def main() -> None:
                 ratios[f"{name}_c{c}_{kind}"], p99[f"{name}_c{c}_{kind}"] = rate / offline, p99_s * 1000
                 print(f"  {per_request:2d} texts/request, concurrency {c:3d}: {rate:8.1f} texts/s"
                       f"   p50 {p50 * 1000:7.1f} ms   p99 {p99_s * 1000:7.1f} ms   server/offline = {rate / offline:.3f}"
-                      f"   (÷ encode in batches of 64: {rate / plain:.2f})")
+                      f"   (÷ encode in packed passes of 64: {rate / plain:.2f})")
     client.close()
     print(f"serve realistic_c32_single={ratios['realistic_c32_single']:.3f} "
           f"realistic_c32_batch16={ratios['realistic_c32_batch16']:.3f} "

@@ -104,15 +104,20 @@ def test_documents_that_are_not_texts_in_row_order_are_refused(documents, why):
         model(torch.randint(3, 300, (1, 4)), documents=torch.tensor(documents))
 
 
-def test_the_encoders_packed_pass_gives_its_padded_vectors(small_embedding_model_dir, data_root):
+def test_the_encoders_packed_passes_give_the_models_padded_vectors(small_embedding_model_dir, data_root):
+    """encode (sorted, batch_size a packed pass) and encode_packed (one pass, given order) against the model's padded
+    batch, the way sentence-transformers runs it."""
     from conan.encoder import Encoder
 
-    encoder = Encoder(small_embedding_model_dir)
+    encoder = Encoder(small_embedding_model_dir, batch_size=2)
     lines = (data_root / "tatoeba" / "tatoeba.deu-eng.deu").read_text(encoding="utf-8").splitlines()
     texts = [lines[0], "x", lines[1] * 40, lines[2], "日本語の文です。"]  # one text cut at max_length
     assert max(encoder.token_counts(texts)) > encoder.max_length
+    batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=encoder.max_length, return_tensors="pt")
     for dim in (None, 32):
-        packed, padded = encoder.encode_packed(texts, dim), encoder.encode(texts, dim)
-        assert packed.shape == padded.shape == (len(texts), dim or encoder.dimension)
-        assert np.abs(packed - padded).max() < 1e-5
-    assert encoder.encode_packed([]).shape == (0, encoder.dimension)
+        with torch.no_grad():
+            padded = encoder.model(batch["input_ids"], batch["attention_mask"], dim=dim).numpy()
+        packed, passes = encoder.encode_packed(texts, dim), encoder.encode(texts, dim)
+        assert packed.shape == passes.shape == padded.shape == (len(texts), dim or encoder.dimension)
+        assert np.abs(packed - padded).max() < 1e-5 and np.abs(passes - padded).max() < 1e-5
+    assert encoder.encode_packed([]).shape == encoder.encode([]).shape == (0, encoder.dimension)
