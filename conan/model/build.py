@@ -16,8 +16,8 @@ def model_config_for(spec: ModelSpec, tokenizer) -> ConanConfig:
 
 
 def load_or_init(model_class, spec: ModelSpec, tokenizer):
-    """`model_class` loaded from spec.init_from (any Conan head's export), else randomly initialised; with
-    spec.activation_checkpointing its layers recompute their activations in the backward pass."""
+    """`model_class` loaded from spec.init_from (any Conan head's export), else randomly initialised, in training
+    mode; with spec.activation_checkpointing its layers recompute their activations in the backward pass."""
     if spec.init_from:
         path = Path(spec.init_from)
         if not (path / "config.json").is_file():
@@ -27,4 +27,6 @@ def load_or_init(model_class, spec: ModelSpec, tokenizer):
         model = model_class(model_config_for(spec, tokenizer))
     if spec.activation_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    return model
+    # from_pretrained returns a model in eval mode, where the layers skip activation checkpointing and the LM head
+    # makes the logits a training step does not use.
+    return model.train()

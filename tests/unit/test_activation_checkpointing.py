@@ -18,7 +18,9 @@ def _saved_bytes_and_grads(model, ids) -> tuple[int, dict[str, torch.Tensor]]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, labels=ids).loss
+        output = model(ids, labels=ids)
+    assert output.logits is None  # a training step makes no logits tensor (lm_loss)
+    loss = output.loss
     loss.backward()
     return saved[0], {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -27,10 +29,13 @@ def test_checkpointed_layers_keep_less_and_give_the_same_gradients(tmp_path):
     torch.manual_seed(0)
     ConanForCausalLM(ConanConfig.from_preset("tiny", vocab_size=300, num_hidden_layers=4)).save_pretrained(tmp_path)
     ids = torch.randint(3, 300, (2, 128))
-    plain = load_or_init(ConanForCausalLM, ModelSpec(init_from=str(tmp_path)), tokenizer=None).train()
+    # As a stage builds it from the previous stage's export (from_pretrained alone gives eval mode, where the layers
+    # skip checkpointing).
+    plain = load_or_init(ConanForCausalLM, ModelSpec(init_from=str(tmp_path)), tokenizer=None)
     checkpointed = load_or_init(ConanForCausalLM, ModelSpec(init_from=str(tmp_path), activation_checkpointing=True),
-                                tokenizer=None).train()
+                                tokenizer=None)
     assert checkpointed.model.gradient_checkpointing and not plain.model.gradient_checkpointing
+    assert plain.training and checkpointed.training
     plain_bytes, plain_grads = _saved_bytes_and_grads(plain, ids)
     kept_bytes, grads = _saved_bytes_and_grads(checkpointed, ids)
     assert kept_bytes < 0.5 * plain_bytes, (kept_bytes, plain_bytes)
