@@ -122,6 +122,22 @@ def test_beir_folder_is_a_task(tmp_path, embedding_model_dir, data_root):
     assert 0 < result["scores"]["m"]["beir:mini"]["default"]["128"]["mrr@10"] <= 1.0
 
 
+def test_a_beir_folder_whose_judgements_match_no_query_is_one_error_line(tmp_path, capsys):
+    """qrels naming queries queries.jsonl lacks: `conan evaluate` says so and exits 2 before loading any model."""
+    from conan.cli import main
+
+    beir = tmp_path / "mismatched"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "text": "Berlin is in Germany"}))
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "capital of Germany"}))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq7\td1\t1\n")
+    code = main(["evaluate", "--set", f"model_dir={tmp_path / 'no-model'}", "--set", "tasks=[]",
+                 "--set", f"beir=[{beir}]", "--set", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{beir}: no query of queries.jsonl has a positive judgement" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_mteb_custom_tasks_agree_with_our_metrics(embedding_model_dir, data_root):
     """The same XQuAD, STS-B and Tatoeba rows through mteb's evaluators give our nDCG@10, Spearman and bitext
     accuracy."""

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from conan.config import ConfigError
 from conan.data.public_sets import TATOEBA_DEV_LINES, XQUAD_LANGS, stsb_rows, tatoeba_lines, xquad_rows
 
 
@@ -152,6 +153,9 @@ def beir(folder: Path, limit: int | None) -> dict[str, Retrieval]:
         for r in csv.DictReader(f, delimiter="\t"):
             if float(r["score"]) > 0 and r["query-id"] in queries:
                 qrels.setdefault(r["query-id"], {})[r["corpus-id"]] = float(r["score"])
+    if not qrels:
+        raise ConfigError(f"beir: {folder}: no query of queries.jsonl has a positive judgement in qrels/test.tsv "
+                          f"({len(queries)} queries read)")
     kept = list(qrels)[:limit]
     return {"default": Retrieval({q: queries[q] for q in kept}, corpus, {q: qrels[q] for q in kept})}
 
