@@ -7,11 +7,11 @@ Texts: a seeded sample of Tatoeba and STS-B sentences from the data root. Offlin
 before and after the server runs: Encoder.encode over all texts (sorted by length, packed passes of 64); the
 server's forward passes with every text queued at once, packed (Encoder.encode_packed, as the server runs them), in
 arrival order and over the texts sorted by length (attention groups of like lengths, which no online arrival order
-gives). The baseline is the best of the six, so a ratio is never flattered by a slow baseline. The server is `conan serve` in a subprocess (uvicorn, dynamic
-batching, ServeConfig's defaults); the client is another process: `concurrency` keep-alive connections, each
-sending one request at a time, 1 or 16 texts per request, float vectors. The client is raw asyncio HTTP/1.1 with
-pre-built bodies, because on a 2-core machine a client library's own CPU time would be measured instead of the
-server's.
+gives). The baseline is the best of the six, so a ratio is never flattered by a slow baseline. The server is
+`conan serve` in a subprocess (uvicorn, dynamic batching, ServeConfig's defaults); the client is another process:
+`concurrency` keep-alive connections, each sending one request at a time, 1 or 16 texts per request, float vectors.
+The client is raw asyncio HTTP/1.1 with pre-built bodies, because on a 2-core machine a client library's own CPU
+time would be measured instead of the server's.
 
     python bench/serve.py [--texts 1024] [--concurrency 1 8 32] [--threads 1]
 
