@@ -121,3 +121,24 @@ def test_the_encoders_packed_passes_give_the_models_padded_vectors(small_embeddi
         assert packed.shape == passes.shape == padded.shape == (len(texts), dim or encoder.dimension)
         assert np.abs(packed - padded).max() < 1e-5 and np.abs(passes - padded).max() < 1e-5
     assert encoder.encode_packed([]).shape == encoder.encode([]).shape == (0, encoder.dimension)
+
+
+def test_encode_tokenizes_one_block_at_a_time_and_keeps_input_order(small_embedding_model_dir, data_root,
+                                                                      monkeypatch):
+    """A corpus larger than SORT_BLOCK is tokenized a block at a time (never all its token ids at once) and each
+    vector still lands at its text's index."""
+    from conan.encoder import Encoder
+
+    encoder = Encoder(small_embedding_model_dir, batch_size=2)
+    lines = (data_root / "tatoeba" / "tatoeba.deu-eng.deu").read_text(encoding="utf-8").splitlines()
+    texts = [lines[i] * (1 + i % 3) for i in range(11)]
+    whole = encoder.encode(texts)
+    monkeypatch.setattr(Encoder, "SORT_BLOCK", 4)
+    tokenized = []
+    token_ids = encoder.token_ids
+    monkeypatch.setattr(encoder, "token_ids", lambda block: tokenized.append(len(block)) or token_ids(block))
+    blocks = encoder.encode(texts)
+    assert tokenized == [4, 4, 3]
+    assert np.abs(blocks - whole).max() < 1e-5
+    alone = np.stack([encoder.encode([t])[0] for t in texts])
+    assert np.abs(blocks - alone).max() < 1e-5
