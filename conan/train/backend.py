@@ -136,9 +136,11 @@ def deepspeed_config(cfg: JobConfig, backend: Backend, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        # ZeRO partitions optimizer state across ranks; a single rank has nothing to partition and
-        # ZeRO-1's extra copies cost ~8% of a tiny model's step, so one worker runs stage 0.
-        "zero_optimization": {"stage": cfg.train.zero_stage if world_size > 1 else 0},
+        # ZeRO partitions optimizer state across ranks; a single fp32 rank has nothing to partition and ZeRO-1's
+        # extra copies cost ~8% of a tiny model's step, so it runs stage 0. A bf16 rank keeps ZeRO: at stage 0
+        # DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer, whose fp32 masters master_weights cannot read,
+        # and the export would be the bf16-rounded module.
+        "zero_optimization": {"stage": cfg.train.zero_stage if world_size > 1 or backend.precision == "bf16" else 0},
         "bf16": {"enabled": backend.precision == "bf16"},
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,

@@ -1,10 +1,33 @@
 """Device, collective backend and precision per cluster; what DeepSpeed builds on CPU."""
 
+import contextlib
+
 import pytest
 
 import torch
 
 from conan.train.backend import cpu_multiplies_bf16, resolve_backend, skip_unused_deepspeed_ops
+
+
+@contextlib.contextmanager
+def single_rank_engine(model: torch.nn.Module, ds_config: dict, port: int):
+    """A real single-rank DeepSpeed engine on gloo; on exit its process group is destroyed and DeepSpeed's cached
+    world group forgotten (a worker process has one group for life, a test process one per engine)."""
+    import os
+
+    import deepspeed
+    import deepspeed.utils.groups
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    try:
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                                       config=ds_config, dist_init_required=True)
+        yield engine, optimizer
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        deepspeed.utils.groups._WORLD_GROUP = None
 
 
 def test_backend_follows_the_cluster_resources():
@@ -39,11 +62,6 @@ def test_deepspeed_steps_with_torchs_fused_adamw_on_cuda():
     """CUDA's config asks for torch's fused AdamW (none to compile), CPU and NPU keep the default loop; DeepSpeed hands
     the flag to torch (a real single-rank engine on gloo, stepping CUDA's config on CPU, where torch fuses too) and its
     steps equal torch's own fused AdamW."""
-    import os
-
-    import deepspeed
-    import torch.distributed as dist
-
     from conan.config import JobConfig
     from conan.train.backend import deepspeed_config, fused_adamw
 
@@ -55,11 +73,8 @@ def test_deepspeed_steps_with_torchs_fused_adamw_on_cuda():
     torch.manual_seed(0)
     model, reference = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
     reference.load_state_dict(model.state_dict())
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     skip_unused_deepspeed_ops(resolve_backend("cpu"))
-    try:
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                                       config=ds_config, dist_init_required=True)
+    with single_rank_engine(model, ds_config, 29517) as (engine, optimizer):
         assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["fused"] is True
         torch_adamw = torch.optim.AdamW(reference.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                         eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
@@ -71,6 +86,27 @@ def test_deepspeed_steps_with_torchs_fused_adamw_on_cuda():
             torch_adamw.step()
             torch_adamw.zero_grad()
         assert torch.equal(engine.module.weight, reference.weight)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def test_a_single_bf16_rank_exports_its_fp32_master_weights():
+    """One worker in bf16 (one GPU, or a CPU with bf16 instructions): master_weights gives the optimizer's fp32
+    masters, of which the module holds bf16 roundings, not the rounded module itself (a real single-rank engine on
+    gloo, bf16 emulated on this CPU)."""
+    from conan.config import JobConfig
+    from conan.model import ConanConfig, ConanForEmbedding
+    from conan.train.backend import Backend, deepspeed_config, master_weights
+
+    backend = Backend("cpu", "gloo", "bf16")
+    torch.manual_seed(0)
+    model = ConanForEmbedding(ConanConfig.from_preset("tiny", vocab_size=300))
+    skip_unused_deepspeed_ops(backend)
+    with single_rank_engine(model, deepspeed_config(JobConfig(), backend, 1), 29518) as (engine, _):
+        ids = torch.randint(3, 300, (4, 9))
+        for _ in range(3):
+            engine.backward(engine(ids)[:, 0].sum())
+            engine.step()
+        weights = master_weights(engine)
+        for name, param in engine.module.named_parameters():
+            assert param.dtype == torch.bfloat16 and weights[name].dtype == torch.float32
+            assert torch.equal(weights[name].bfloat16(), param.detach()), name  # the module rounds the master
+        up = weights["model.layers.0.mlp.up_proj.weight"]
+        assert not torch.equal(up, up.bfloat16().float())  # fp32 bits the rounded module does not have
