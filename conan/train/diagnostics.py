@@ -20,7 +20,8 @@ def contrastive_stats(scores: torch.Tensor, positive_index: torch.Tensor, candid
     """Mean cosines of the positives, of every other candidate, of the queries' own hard negatives (when given), of
     random pairs of distinct positive passages, and log N (candidates per query) — from the loss's (N, M) cosines.
 
-    positives: the rows' positive passage embeddings (any norm); hard_negatives: (N, k) cosines of own negatives."""
+    positives: the rows' positive passage embeddings (any norm); hard_negatives: (N, k) cosines of own negatives,
+    NaN in the slots a row could not fill."""
     n = len(positive_index)
     rows = torch.arange(n, device=scores.device)
     allowed = torch.ones_like(scores, dtype=torch.bool) if candidates is None else candidates.clone()
@@ -34,7 +35,7 @@ def contrastive_stats(scores: torch.Tensor, positive_index: torch.Tensor, candid
            "random_pair_cos": float(pairs[off_diagonal].mean()) if len(unit) > 1 else float("nan"),
            "log_candidates": float(counts.log().mean())}
     if hard_negatives is not None:
-        out["hard_negative_cos"] = float(hard_negatives.mean())
+        out["hard_negative_cos"] = float(hard_negatives.nanmean())
     return out
 
 

@@ -384,15 +384,17 @@ class SupervisedStage(Stage):
         for start in range(0, len(rows), self.RESCORE_CHUNK):
             part = rows[start:start + self.RESCORE_CHUNK]
             assigned = self.pool.assign([r["query_id"] for r in part])
-            kept = [(r["query_id"], r["query_ids"], ids) for r, ids in zip(part, assigned) if ids is not None]
+            kept = [(r["query_id"], r["query_ids"], ids) for r, ids in zip(part, assigned) if ids]
             if not kept:
                 continue
             negatives, _ = self.passages.take_tokens([j for *_, ids in kept for j in ids])
             with torch.no_grad():
                 q = model(**to_device(pad_batch([query for _, query, _ in kept], self.pad_id), device))
                 n = model(**to_device(pad_batch(negatives, self.pad_id), device))
-            scores = torch.einsum("qd,qkd->qk", q, n.view(len(kept), -1, n.shape[-1]))
-            self.pool.report([qid for qid, *_ in kept], [ids for *_, ids in kept], scores.tolist())
+            counts = [len(ids) for *_, ids in kept]  # a query with few mined candidates has fewer than k
+            owner = torch.repeat_interleave(torch.arange(len(kept), device=device), torch.tensor(counts, device=device))
+            scores = (q[owner] * n).sum(-1).split(counts)
+            self.pool.report([qid for qid, *_ in kept], [ids for *_, ids in kept], [s.tolist() for s in scores])
 
     def metrics(self) -> dict:
         """Per-task figures since the last report (loss per Matryoshka dim, cosines, log N) and the pool's counters."""

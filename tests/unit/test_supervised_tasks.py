@@ -3,6 +3,7 @@ as the padded ones in the supervised and weak stages (no Ray)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -244,3 +245,37 @@ def test_packed_texts_train_as_the_padded_ones(stage_name, tmp_path, small_token
         assert (grad_b - grad_a).norm() <= 1e-5 * grad_a.norm()
         seen.add(task)
     assert seen == ({"weak"} if stage_name == "weak" else {"retrieval", "sts"}) and pads > 0
+
+
+def test_rows_with_fewer_negatives_than_k_train_on_the_ones_they_have(tmp_path, small_tokenizer,
+                                                                     small_embedding_model_dir):
+    """Retrieval rows with 2, 1 or no hard negatives at k = 2 (a user's pairs; a query with few mined candidates):
+    every rank still holds b + b·k passages, the empty slots are no candidate of any query, and the loss equals
+    InfoNCE over the passages the rows do have."""
+    from conan.losses import infonce_loss, positive_copies_mask
+    from conan.train.tasks.contrastive import EMPTY_SLOT
+
+    rows = task_rows("retrieval", 24)
+    for i, row in enumerate(rows):
+        row["negatives"] = [f"other {i} {j}" for j in range(i % 3)]
+    stage = supervised_stage(tmp_path, small_tokenizer, {"retrieval": 1.0}, rows, "supervised.num_negatives=2")
+    model = ConanForEmbedding.from_pretrained(str(small_embedding_model_dir))
+    dims = model.config.matryoshka_dims
+    empty_slots = 0
+    for index in range(6):
+        batch = stage.batch(index)
+        b, keys = len(batch["query_ids"]), batch["passage_keys"]
+        filled = keys != EMPTY_SLOT
+        assert len(keys) == b + 2 * b and bool(filled[:b].all())
+        empty_slots += int((~filled).sum())
+        loss, _ = stage.loss(Engine(model), batch, index)
+        with torch.no_grad():
+            queries = model(**batch["query"], raw=True)
+            passages = model(**batch["passage"], raw=True)[filled]
+        target = torch.arange(b)
+        expected, _ = matryoshka_loss(infonce_loss, (queries, passages), dims, target, stage.cfg.loss.temperature,
+                                      positive_copies_mask(keys[filled], target))
+        assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    figures = stage.metrics()
+    assert empty_slots > 0 and all(np.isfinite(figures[f"retrieval_{key}"]) for key in (
+        "hard_negative_cos", "negative_cos", "log_candidates"))  # averages of the filled slots, not NaN

@@ -12,6 +12,8 @@ from conan.train.batching import gather_detached
 from conan.train.diagnostics import contrastive_stats
 from conan.train.tasks.base import SupervisedTask
 
+EMPTY_SLOT = -(2**63)  # the mask key of a negative slot a row cannot fill (no content key takes it: 2⁻⁶⁴ odds)
+
 
 class ContrastiveTask(SupervisedTask):
     """(query, positive, negatives) rows. A passage is identified by its key (positive_key / negative_keys: a passage
@@ -36,7 +38,9 @@ class ContrastiveTask(SupervisedTask):
 
     def collate(self, stage, rows):
         """Queries; passages = every row's positive, then every row's k negatives (the pool's where it manages the
-        row); their mask keys; which rows the pool manages and with which candidate ids."""
+        row); their mask keys; which rows the pool manages and with which candidate ids. A row with fewer than k
+        negatives (a user's pairs, a query with few mined candidates) fills its slots with a one-token placeholder
+        keyed EMPTY_SLOT, which the loss masks for every query: every rank keeps b + b·k passages in row order."""
         k = stage.cfg.supervised.num_negatives
         negatives = [r["negatives_ids"][:k] for r in rows]
         negative_keys = [r["negative_mask_keys"][:k] for r in rows]
@@ -46,8 +50,10 @@ class ContrastiveTask(SupervisedTask):
         negative_ids = [ids for ids in assigned if ids is not None]
         for i, ids in zip(managed, negative_ids):
             negatives[i], negative_keys[i] = stage.passages.take_tokens(ids)
-        passages = [r["positive_ids"] for r in rows] + [n for negs in negatives for n in negs]
-        keys = [r["positive_mask_key"] for r in rows] + [key for keys in negative_keys for key in keys]
+        passages = [r["positive_ids"] for r in rows] + [n for negs in negatives
+                                                         for n in [*negs, *[[stage.pad_id]] * (k - len(negs))]]
+        keys = [r["positive_mask_key"] for r in rows] + [key for keys in negative_keys
+                                                          for key in [*keys, *[EMPTY_SLOT] * (k - len(keys))]]
         return {"query": stage.text_batch([r["query_ids"] for r in rows]),
                 "passage": stage.text_batch(passages),
                 "passage_keys": torch.tensor(keys, dtype=torch.int64),
@@ -64,7 +70,8 @@ class ContrastiveTask(SupervisedTask):
         target = torch.arange(b, device=queries.device) + stage.rank * per_rank
         # Another copy of a row's positive (the paragraph of another question, the same question in another
         # language, a repeated label) is no negative of that row.
-        allowed = positive_copies_mask(gather_detached(batch["passage_keys"]), target)
+        keys = gather_detached(batch["passage_keys"])
+        allowed = positive_copies_mask(keys, target) & (keys != EMPTY_SLOT)[None, :]
         loss, per_dim = matryoshka_loss(infonce_loss, (queries, passages), dims, target,
                                         stage.cfg.loss.temperature, allowed)
         scores = per_dim[max(per_dim)][1]
@@ -78,12 +85,14 @@ class ContrastiveTask(SupervisedTask):
         report them to the DHNM pool for the rows it manages."""
         b, k = len(batch["query_ids"]), stage.cfg.supervised.num_negatives
         own = torch.stack([scores[i, base + b + i * k: base + b + (i + 1) * k] for i in range(b)])
-        stage.note({"negative_score": float(own.mean())})
+        filled = (batch["passage_keys"][b:] != EMPTY_SLOT).view(b, k).to(own.device)
+        own = own.masked_fill(~filled, float("nan"))  # empty slots: no cosine to average or report
+        stage.note({"negative_score": float(own.nanmean())})
         mined_rows = [i for i in range(b) if batch["query_ids"][i]]  # rows DHNM may manage, DHNM on or off
         if mined_rows:
-            stage.note({"negative_score_mined_queries": float(own[mined_rows].mean())})
+            stage.note({"negative_score_mined_queries": float(own[mined_rows].nanmean())})
         dhnm = batch["dhnm"]
         if dhnm["rows"] and not stage.cfg.dhnm.rescore_every:
             stage.pool.report([batch["query_ids"][i] for i in dhnm["rows"]], dhnm["negative_ids"],
-                              [own[i].tolist() for i in dhnm["rows"]])
+                              [own[i, :len(ids)].tolist() for i, ids in zip(dhnm["rows"], dhnm["negative_ids"])])
         return own
