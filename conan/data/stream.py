@@ -234,11 +234,13 @@ class GroupedStream:
     micro-batch is that group's ShardStream's k-th batch on this rank."""
 
     def __init__(self, files: Mapping[str, Sequence[tuple[Path, int]]], weights: Mapping[str, float], total: int,
-                 seed: int, rank: int, world: int, batch_size: int, columns: list[str] | None = None,
+                 seed: int, rank: int, world: int, batch_size: int | Callable[[str], int],
+                 columns: list[str] | None = None,
                  pool: Callable[[str], str] = lambda g: "mixed", window: int = SHUFFLE_WINDOW, bucket: int = 0,
                  memory_bytes: int = READER_MEMORY):
         """files: every group's (path, rows); weights: a group's share of micro-batches (0 = never drawn); groups
-        too small to give every rank `batch_size` rows are pooled into pool(group), their weights added; bucket:
+        too small to give every rank the rows of one of their micro-batches (`batch_size`, or batch_size(group)
+        where tasks read batches of different sizes) are pooled into pool(group), their weights added; bucket:
         ShardStream's length bucketing (pooled groups are not bucketed); memory_bytes: the row groups held over all
         groups, each group's window cut to fit its share."""
         first_id, first_ids = 0, {}
@@ -282,9 +284,10 @@ class GroupedStream:
         return self.schedule[index % len(self.schedule)]
 
     def batch(self, index: int, batch_size: int) -> tuple[str, list[dict]]:
-        """(group, rows) of the index-th micro-batch."""
-        group = self.group(index)
-        return group, self.streams[group].batch(self.occurrence[index % len(self.schedule)], batch_size)
+        """(group, rows) of the index-th micro-batch: batch_size rows, or every row of this rank's slice of a group
+        that, pooled or not, holds fewer (ranks hold equal slices, so their batches stay equal; no row repeats)."""
+        group, stream = self.group(index), self.streams[self.group(index)]
+        return group, stream.batch(self.occurrence[index % len(self.schedule)], min(batch_size, stream.per_rank))
 
 
 class PooledStream:
@@ -330,8 +333,10 @@ def rows_within(files: Sequence[tuple[Path, int]], columns: list[str] | None, bu
     return max(group_rows, int(budget / per_row) - group_rows)
 
 
-def merge_small_groups(per_rank: Mapping[Hashable, int], minimum: int,
+def merge_small_groups(per_rank: Mapping[Hashable, int], minimum: int | Callable[[Hashable], int],
                        pooled: Callable[[Hashable], Hashable] = lambda g: "mixed") -> dict[Hashable, Hashable]:
-    """Map each group to itself, or to pooled(group) when it gives each rank fewer than `minimum` rows (so no
-    micro-batch repeats a row); per_rank[group] = rows each rank gets."""
-    return {g: g if n >= minimum else pooled(g) for g, n in per_rank.items()}
+    """Map each group to itself, or to pooled(group) when it gives each rank fewer than `minimum` rows (or
+    minimum(group): its own micro-batch), so small groups fill batches together; per_rank[group] = rows each rank
+    gets."""
+    least = minimum if callable(minimum) else lambda g: minimum
+    return {g: g if n >= least(g) else pooled(g) for g, n in per_rank.items()}

@@ -84,7 +84,7 @@ class Stage:
         """Open this worker's stream over the shards' groups (files: group → [(path, rows)]; stats: the manifest's)."""
         self.stream = GroupedStream(files, self.group_weights({g: sum(n for _, n in fs) for g, fs in files.items()}),
                                     self.cfg.train.steps * self.cfg.train.grad_accum, self.cfg.train.seed, self.rank,
-                                    self.world_size, self.smallest_batch(), pool=lambda g: f"{g.split('/')[0]}/mixed"
+                                    self.world_size, self.group_batch, pool=lambda g: f"{g.split('/')[0]}/mixed"
                                     if "/" in g else "mixed", window=self.cfg.data.shuffle_window,
                                     bucket=self.cfg.data.bucket_batches,
                                     memory_bytes=self.cfg.data.reader_memory_mb << 20)
@@ -99,8 +99,8 @@ class Stage:
         """Each group's share of the micro-batches: its rows."""
         return {g: float(n) for g, n in rows.items()}
 
-    def smallest_batch(self) -> int:
-        """The smallest micro-batch any group is read in (smaller groups are pooled)."""
+    def group_batch(self, group: str) -> int:
+        """The rows a micro-batch of this group reads (a group with fewer per rank is pooled)."""
         return self.cfg.train.micro_batch_size
 
     def rows(self, index: int, batch_size: int | None = None) -> tuple[str, list[dict]]:
@@ -334,10 +334,9 @@ class SupervisedStage(Stage):
             per_task[task_of(g)] += n
         return {g: task_weights[task_of(g)] * n / per_task[task_of(g)] for g, n in rows.items()}
 
-    def smallest_batch(self):
-        """Groups are pooled by the smallest task batch (supervised.batch_sizes)."""
-        weights = self.cfg.supervised.task_weights
-        return min(n for t, n in self.cfg.supervised.batch_sizes.items() if weights.get(t, 0) > 0)
+    def group_batch(self, group):
+        """Its task's batch (supervised.batch_sizes): an STS group of 20 rows a rank is pooled at batch 32."""
+        return self.cfg.supervised.batch_sizes[task_of(group)]
 
     def prepare(self, files, stats):
         super().prepare(files, stats)
@@ -364,7 +363,7 @@ class SupervisedStage(Stage):
         size = self.cfg.supervised.batch_sizes[task]
         prefetched, self.prefetched_rows = self.prefetched_rows, None
         rows = prefetched[1] if prefetched and prefetched[0] == index else self.rows(index, size)[1]
-        return task, size, rows
+        return task, len(rows), rows
 
     def loss(self, engine, batch, step):
         dims = self.dims or engine.module.config.matryoshka_dims

@@ -222,3 +222,26 @@ def test_a_stage_says_when_its_memory_budget_cuts_the_shuffle_windows(tmp_path, 
                     "rows") in out
         else:
             assert "shuffle windows cut" not in out
+
+
+def test_a_group_is_pooled_by_its_own_tasks_batch_and_no_micro_batch_repeats_a_row(tmp_path):
+    """Tasks read batches of different sizes (supervised.batch_sizes): an STS group of 10 rows a rank is pooled at
+    STS's batch of 32, not at retrieval's 4; a group that even pooled holds fewer rows a rank than its batch gives
+    each rank its whole slice, once, in every batch of it (equal on both ranks)."""
+    files = {}
+    for g, n in {"sts/fr": 20, "sts/de": 200, "retrieval/en": 400}.items():
+        path = tmp_path / f"{g.replace('/', '_')}.parquet"
+        pq.write_table(pa.table({"x": list(range(n))}), path)
+        files[g] = [(path, n)]
+    batch_of = {"sts": 32, "retrieval": 4}
+    ranks = [GroupedStream(files, {g: 1.0 for g in files}, 60, 0, rank, 2, lambda g: batch_of[g.split("/")[0]],
+                           pool=lambda g: f"{g.split('/')[0]}/mixed") for rank in range(2)]
+    assert ranks[0].groups == ["retrieval/en", "sts/de", "sts/mixed"]
+    sizes = {}
+    for i in range(60):
+        batches = [stream.batch(i, batch_of[stream.group(i).split("/")[0]]) for stream in ranks]
+        (group, rows), (_, other) = batches
+        ids = [r["row_id"] for r in rows]
+        assert len(set(ids)) == len(ids) == len(other) and not set(ids) & {r["row_id"] for r in other}
+        sizes.setdefault(group, set()).add(len(ids))
+    assert sizes == {"retrieval/en": {4}, "sts/de": {32}, "sts/mixed": {10}}
