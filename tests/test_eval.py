@@ -37,6 +37,30 @@ def test_bm25_matches_the_formula():
     assert index.search("the cat", 2) == ranked[:2] and index.search("垫子", 1) == [3]
 
 
+def test_bm25_words_keep_their_combining_marks_and_a_query_without_words_scores_zero():
+    """Hindi's vowel signs and virama, Arabic's diacritics are part of the word (`re`'s \\w split Hindi words into
+    consonants); a query of punctuation or emoji has no term and scores every document 0 instead of failing."""
+    assert tokenize("हिन्दी भाषा बहुत सुंदर है") == ["हिन्दी", "भाषा", "बहुत", "सुंदर", "है"]
+    assert tokenize("مُحَمَّد رسول") == ["مُحَمَّد", "رسول"] and tokenize("Café, naïve_1") == ["café", "naïve_1"]
+    index = BM25(["हिन्दी भाषा", "हाथी", "भाषा"])
+    assert index.search("हिन्दी", 1) == [0] and index.scores("हिन्दी")[1] == 0  # no shared consonant matches
+    assert index.scores("?!").tolist() == index.scores("").tolist() == [0.0, 0.0, 0.0]
+
+
+def test_graded_ndcg_is_trec_evals():
+    """Graded judgements take linear gain, as trec_eval (pytrec_eval, which mteb and BEIR use) scores them."""
+    import pytrec_eval
+
+    ranked = [[f"d{i}" for i in range(10)], ["d3", "d1", "d0"]]
+    qrels = [{"d1": 2, "d2": 1, "d5": 3}, {"d0": 1, "d1": 1, "d9": 2}]
+    ours = metrics.per_query_retrieval(ranked, qrels)["ndcg@10"]
+    evaluator = pytrec_eval.RelevanceEvaluator({f"q{i}": rel for i, rel in enumerate(qrels)}, {"ndcg_cut.10"})
+    runs = {f"q{i}": {d: float(len(docs) - r) for r, d in enumerate(docs)} for i, docs in enumerate(ranked)}
+    theirs = evaluator.evaluate(runs)
+    assert ours.tolist() == pytest.approx([theirs[f"q{i}"]["ndcg_cut_10"] for i in range(2)], abs=1e-9)
+    assert ours[0] == pytest.approx(0.5944, abs=1e-4)
+
+
 def test_retrieval_metrics_by_hand():
     ranked = [["a", "b", "c"], ["x", "y", "z"]]
     qrels = [{"b": 1.0}, {"q": 1.0}]
@@ -116,10 +140,25 @@ def test_beir_folder_is_a_task(tmp_path, embedding_model_dir, data_root):
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
     cfg = EvalConfig(model_dir=str(embedding_model_dir), model_name="m", output_dir=str(tmp_path / "out"),
                      data_root=str(data_root),
-                     tasks=[], beir=[str(beir)], plots=False)
+                     tasks=[], beir=[str(beir)], plots=False, dims=[64, 32])
     result = evaluate(cfg)
     assert result["scores"]["BM25"]["beir:mini"]["default"]["lexical"]["mrr@10"] == 1.0
-    assert 0 < result["scores"]["m"]["beir:mini"]["default"]["128"]["mrr@10"] <= 1.0
+    assert 0 < result["scores"]["m"]["beir:mini"]["default"]["64"]["mrr@10"] <= 1.0
+    # dims in any order: the report's full size is the largest
+    assert result["dims"] == [32, 64] and "## Per language at 64 dims" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_baseline_named_like_another_model_is_labelled_by_its_run(tmp_path):
+    """Two runs' `supervised` models side by side: the baseline is labelled with its run's folder (it replaced the
+    evaluated model's scores under one key before)."""
+    from conan.eval.runner import unique_label
+
+    taken = {"supervised": None}
+    assert unique_label("supervised", tmp_path / "run-b" / "supervised" / "model", taken) == "run-b/supervised"
+    taken["run-b/supervised"] = None
+    assert unique_label("supervised", tmp_path / "run-b" / "supervised" / "model", taken) == "run-b/supervised-2"
+    assert unique_label("my-model", tmp_path / "other" / "my-model", {"my-model": None}) == "other/my-model"
+    assert unique_label("weak", tmp_path / "run-b" / "weak" / "model", taken) == "weak"
 
 
 def test_a_beir_folder_whose_judgements_match_no_query_is_one_error_line(tmp_path, capsys):

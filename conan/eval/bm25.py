@@ -5,16 +5,17 @@
 
 Okapi's (k1 + 1) factor is left out as Lucene does: a constant that changes no ranking.
 Tokens are ours, not bm25s's English tokenizer: lower-cased words, and single characters for CJK / Thai scripts
-(no spaces between words), so every language of the evaluation is split into terms.
+(no spaces between words), so every language of the evaluation is split into terms. A word keeps its combining marks
+(Hindi's vowel signs and virama, Arabic's diacritics), which `re`'s \\w does not match: split there, Hindi words
+fell apart into consonants.
 """
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
+import regex
 
-TOKEN = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|\w+", re.UNICODE)
+TOKEN = regex.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]|[\w\p{M}]+")
 
 
 def tokenize(text: str) -> list[str]:
@@ -28,12 +29,13 @@ class BM25:
     def __init__(self, documents: list[str], k1: float = 1.5, b: float = 0.75):
         import bm25s
 
-        self.index = bm25s.BM25(k1=k1, b=b, method="lucene")
+        self.index, self.num_documents = bm25s.BM25(k1=k1, b=b, method="lucene"), len(documents)
         self.index.index([tokenize(d) for d in documents], show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
-        """BM25 score of every document for the query."""
-        return self.index.get_scores(tokenize(query))
+        """BM25 score of every document for the query (all 0 for a query without a word: punctuation, emoji)."""
+        terms = tokenize(query)
+        return self.index.get_scores(terms) if terms else np.zeros(self.num_documents, dtype=np.float32)
 
     def search(self, query: str, k: int) -> list[int]:
         """Indices of the k best documents, best first (ties by index)."""

@@ -32,8 +32,9 @@ def per_query_retrieval(ranked: list[list[str]], qrels: list[dict[str, float]], 
     for docs, rel in zip(ranked, qrels):
         gains = [rel.get(d, 0.0) for d in docs[:10]]
         ideal = sorted(rel.values(), reverse=True)[:10]
-        idcg = sum((2 ** g - 1) / math.log2(i + 2) for i, g in enumerate(ideal))
-        out["ndcg@10"].append(sum((2 ** g - 1) / math.log2(i + 2) for i, g in enumerate(gains)) / idcg if idcg else 0.0)
+        # Linear gain, as trec_eval / pytrec_eval (mteb, BEIR) score graded judgements; binary ones score alike.
+        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+        out["ndcg@10"].append(sum(g / math.log2(i + 2) for i, g in enumerate(gains)) / idcg if idcg else 0.0)
         out["mrr@10"].append(next((1 / (i + 1) for i, g in enumerate(gains) if g > 0), 0.0))
         relevant = {d for d, g in rel.items() if g > 0}
         for k in ks:

@@ -91,6 +91,20 @@ def load_tasks(cfg: EvalConfig) -> dict[str, dict]:
     return {name: subsets for name, subsets in loaded.items() if subsets}
 
 
+def unique_label(name: str, model_dir: str | Path, taken: dict) -> str:
+    """A baseline's label: its name, or, when a model evaluated beside it has that name (two runs' `supervised`),
+    its run's folder before it ("run-b/supervised"), then a count."""
+    if name not in taken:
+        return name
+    path = Path(model_dir).resolve()
+    label = base = f"{(path.parent.parent if path.name == 'model' else path.parent).name}/{name}"
+    count = 1
+    while label in taken:
+        count += 1
+        label = f"{base}-{count}"
+    return label
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Score the model (each dim), the baseline (full size) and BM25; write scores.json and the report."""
     from conan.eval.report import write_report
@@ -100,9 +114,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     models = {model_name(cfg.model_dir, cfg.model_name): evaluated}
     # Like for like: every baseline reads the same (truncated) texts as the evaluated model.
     for baseline in cfg.baselines:
-        models[model_name(baseline)] = Encoder(baseline, max_length=evaluated.max_length, batch_size=cfg.batch_size)
+        models[unique_label(model_name(baseline), baseline, models)] = Encoder(
+            baseline, max_length=evaluated.max_length, batch_size=cfg.batch_size)
     main = next(iter(models))
-    dims = cfg.dims or models[main].dims
+    dims = sorted(cfg.dims or models[main].dims)  # the report's full size is the last
     scores: dict = {}
     items: dict = {}  # {label: {task: [per-item values of each subset at the model's full size]}}
     kinds = {task: kind_of(next(iter(subsets.values()))) for task, subsets in loaded.items()}
