@@ -168,6 +168,20 @@ def test_malformed_json_is_a_400(server):
     assert response.status_code == 400 and response.json()["error"]["message"]
 
 
+def test_behind_a_path_prefix_the_api_still_wants_its_key(embedding_model_dir, monkeypatch):
+    """Served under a root path (uvicorn --root-path, a proxy's prefix), /api/v1/embeddings without the key is a 401
+    as /v1/embeddings is; with it, the embeddings."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("CONAN_PREFIX_KEY", TOKEN)
+    cfg = ServeConfig(model_dir=str(embedding_model_dir), model_name="conan-test", api_key_env="CONAN_PREFIX_KEY")
+    body = {"model": "conan-test", "input": "hi"}
+    with TestClient(create_app(cfg), root_path="/api") as client:
+        assert client.post("/api/v1/embeddings", json=body).status_code == 401
+        answer = client.post("/api/v1/embeddings", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert answer.status_code == 200 and len(answer.json()["data"]) == 1
+
+
 # All of Unicode: lone surrogates and control characters (NUL included) drawn as often as the rest.
 CHARS = st.characters(categories=["L", "M", "N", "P", "S", "Z", "C"]) | st.characters(categories=["Cs"]) | \
     st.characters(max_codepoint=0x1F)

@@ -113,7 +113,10 @@ class AuthAndReplicaHeader:
                 message["headers"] = [*message.get("headers", []), (b"x-conan-replica", self.replica)]
             await send(message)
 
-        if self.expected and scope["path"].startswith("/v1/"):
+        # The route's path: behind a proxy prefix (uvicorn --root-path, a Serve route_prefix) scope["path"] starts
+        # with root_path, which routing strips; checking the raw path let /api/v1/… through without a key.
+        root, path = scope.get("root_path", ""), scope["path"]
+        if self.expected and (path[len(root):] if root and path.startswith(root) else path).startswith("/v1/"):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(given, self.expected):  # bytes: any header, ASCII or not, compares
                 self.metrics.requests.labels("401").inc()
