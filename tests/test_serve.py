@@ -115,6 +115,7 @@ def test_openai_client_gets_embeddings_of_the_requested_dimension(server, encode
 
     client = OpenAI(base_url=f"{server}/v1", api_key=TOKEN)
     assert [m.id for m in client.models.list().data] == ["conan-test"]
+    assert client.models.retrieve("conan-test").id == "conan-test"
     full = client.embeddings.create(model="conan-test", input=TEXTS, encoding_format="float")
     assert [d.index for d in full.data] == list(range(len(TEXTS)))
     assert np.abs(np.array([d.embedding for d in full.data]) - encoder.encode(TEXTS)).max() < 1e-5
@@ -160,6 +161,14 @@ def test_bad_requests_get_a_4xx_with_a_message(server, body, token, status, para
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["param"] == param
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/v1/embeddings", 405), ("GET", "/v1/models/other-model", 404), ("POST", "/v1/nothing", 404),
+    ("GET", "/nothing", 404)])
+def test_unknown_routes_methods_and_models_get_openais_error_body(server, method, path, status):
+    response = httpx.request(method, f"{server}{path}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert response.status_code == status and response.json()["error"]["message"], response.text
 
 
 def test_malformed_json_is_a_400(server):

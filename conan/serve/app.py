@@ -27,6 +27,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from conan.config import ServeConfig
@@ -164,6 +165,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         metrics.requests.labels(str(err.status)).inc()
         return error_response(err)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, err: StarletteHTTPException):
+        """No such route (404) or method (405): OpenAI's error body too, counted like any answer."""
+        metrics.requests.labels(str(err.status_code)).inc()
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return error_response(APIError(err.status_code, message, headers=dict(err.headers or {})))
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception):
         metrics.requests.labels("500").inc()
@@ -174,11 +182,22 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         """Liveness and the served model."""
         return {"status": "ok", "model": name}
 
+    def served_model(request: Request) -> dict:
+        """OpenAI's model object of the served model."""
+        return {"id": name, "object": "model", "created": request.app.state.created, "owned_by": "conan"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         """The one served model, OpenAI's list shape."""
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": request.app.state.created,
-                                            "owned_by": "conan"}]}
+        return {"object": "list", "data": [served_model(request)]}
+
+    @app.get("/v1/models/{model}")
+    async def model(request: Request, model: str):
+        """The served model by its id, OpenAI's retrieve shape; any other id is a 404."""
+        if model != name:
+            raise APIError(404, f"model {model!r} is not served here; this server serves {name!r}", "model",
+                           "model_not_found")
+        return served_model(request)
 
     @app.get("/metrics")
     async def prometheus():
