@@ -66,12 +66,16 @@ def mteb_task(name: str, data, lang: str = "en"):
     return task_class()
 
 
-def run_mteb(model_dir: str, named_data: dict[str, object], dim: int | None = None) -> dict[str, dict]:
-    """mteb's scores {task name: {metric: value}} of the model (truncated to dim) on each named subset."""
+def run_mteb(model_dir: str, named_data: dict[str, object], dim: int | None = None,
+             max_length: int | None = None) -> dict[str, dict]:
+    """mteb's scores {task name: {metric: value}} of the model (truncated to dim, texts cut at max_length tokens as
+    the platform's Encoder cuts them) on each named subset."""
     import mteb
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(model_dir), device="cpu", truncate_dim=dim)
+    if max_length:
+        model.max_seq_length = max_length
     built = [mteb_task(name, data, name.rsplit("/", 1)[-1]) for name, data in named_data.items()]
     results = mteb.evaluate(model, tasks=built, cache=None)
     return {r.task_name: r.scores["test"][0] for r in results.task_results}

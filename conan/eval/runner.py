@@ -146,7 +146,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
         named = {f"{task}/{subset}": data for task, subsets in loaded.items() for subset, data in subsets.items()}
         for dim in dims:
-            for key, values in run_mteb(cfg.model_dir, named, dim).items():
+            for key, values in run_mteb(cfg.model_dir, named, dim, evaluated.max_length).items():
                 task, subset = key.split("/", 1)
                 scores.setdefault(f"{main} (mteb)", {}).setdefault(task, {}).setdefault(subset, {})[str(dim)] = values
     out = Path(cfg.output_dir)

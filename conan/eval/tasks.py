@@ -106,7 +106,8 @@ def stsb_cross(root: Path, limit: int | None, langs: list[str] | None) -> dict[s
 
 
 def banking77(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, Classification]:
-    """Banking77 intents (English); train capped at 4 × limit rows."""
+    """Banking77 intents (English); train thinned to every (rows // (4 × limit))-th row: about 4 × limit rows, all
+    10,003 from a limit of 1,251 up."""
     def read(split):
         with (root / "banking77" / "banking_data" / f"{split}.csv").open(encoding="utf-8", newline="") as f:
             return [(r["text"], r["category"]) for r in csv.DictReader(f)]
