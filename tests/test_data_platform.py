@@ -33,6 +33,12 @@ def test_validate_every_kind():
     assert record == {"query": "q", "positive": "p", "negatives": [], "query_lang": "", "doc_lang": "",
                       "task": "retrieval", "query_id": ""}
     assert validate("sft", {"input": "i", "output": " "}) == (None, "empty_text:output")
+    # What JSON can say but no column can hold: NaN / Infinity, lone surrogates (\ud800 escapes)
+    assert validate("sts", {"s1": "a", "s2": "b", "score": float("nan")}) == (None, "not_finite:score")
+    assert validate("sts", {"s1": "a", "s2": "b", "score": float("-inf")}) == (None, "not_finite:score")
+    assert validate("sft", {"input": "i", "output": "o \ud800"}) == (None, "invalid_unicode:output")
+    assert validate("retrieval", {"query": "q", "positive": "p", "negatives": ["n", "\udfff"]}) == \
+        (None, "invalid_unicode:negatives")
     assert validate("pretrain", ["not", "a", "dict"]) == (None, "not_an_object")
 
 
@@ -201,6 +207,7 @@ def _curation_input(data_root: Path, path: Path) -> dict[int, str]:
         "missing_field:positive": json.dumps({"query": "a query without a positive"}).encode(),
         "empty_text:positive": json.dumps({"query": "a query", "positive": "   "}).encode(),
         "bad_utf8": b'{"query": "caf\xe9", "positive": "latin-1 bytes"}',
+        "invalid_unicode:positive": b'{"query": "a lone surrogate", "positive": "half a pair \\ud800 here"}',
         "exact_duplicate": lines[3],
         "near_duplicate": json.dumps({**english, "output": english["output"].replace(" the ", " a ", 2)},
                                      ensure_ascii=False).encode(),
@@ -371,6 +378,22 @@ def test_clr_language_draw_follows_table7():
         draw_targets(keys[:50], ["zh"] * 50, target_proportions(), seed=0)
     assert draw_targets(keys[:50], ["zh"] * 50, target_proportions(), seed=1) != \
         draw_targets(keys[:50], ["zh"] * 50, target_proportions(), seed=0)
+    # Only German allowed: an English query goes to German, a German one has no target (a reject, not German)
+    assert draw_targets(["k1", "k2"], ["en", "de"], {"de": 1.0}, seed=0) == ["de", ""]
+
+
+def test_clr_rows_keep_their_source_id_apart_from_other_sources():
+    """A translation's query_id is "<target>:<source id>", the source language's own prefix dropped: XQuAD's "en:q7"
+    becomes "de:q7", and two sources' ids "nq:7" and "msmarco:7" stay two queries."""
+    import pyarrow as pa
+
+    from conan.data.clr import finish_rows
+
+    batch = pa.table({"query": ["a", "b", "c", "d"], "query_lang": ["en"] * 4, "target_lang": ["de"] * 4,
+                      "query_id": ["en:q7", "nq:7", "msmarco:7", "en:q8"], "reject_reason": ["", "", "", "wrong"]})
+    rows = finish_rows(batch)
+    assert rows["query_id"].to_pylist() == ["de:q7", "de:nq:7", "de:msmarco:7", "en:q8"]
+    assert rows["query_lang"].to_pylist() == ["de", "de", "de", "en"] and set(rows["task"].to_pylist()) == {"clr"}
 
 
 def test_clean_translation():

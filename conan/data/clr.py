@@ -42,14 +42,18 @@ def target_proportions(languages: list[str] | None = None) -> dict[str, float]:
 
 def draw_targets(keys: list[str], sources: list[str], proportions: dict[str, float], seed: int) -> list[str]:
     """A target language per query from a hash of (seed, key); the source language is excluded and the rest
-    renormalised, so the draw never asks for a translation into the query's own language."""
+    renormalised, so the draw never asks for a translation into the query's own language ("" where the proportions
+    allow no other)."""
     langs = list(proportions)
     cdfs: dict[str, np.ndarray] = {}
     out = []
     for key, source in zip(keys, sources):
         if source not in cdfs:
             w = np.array([0.0 if lang == source else proportions[lang] for lang in langs])
-            cdfs[source] = np.cumsum(w / w.sum())
+            cdfs[source] = np.cumsum(w / w.sum()) if w.sum() > 0 else np.zeros(0)
+        if not len(cdfs[source]):  # the only language allowed is the query's own
+            out.append("")
+            continue
         digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
         u = int.from_bytes(digest, "little") / 2.0 ** 64
         out.append(langs[min(int(np.searchsorted(cdfs[source], u, side="right")), len(langs) - 1)])
@@ -75,17 +79,20 @@ class TargetSampler:
             langs[column] = values
         keys = [qid or q for qid, q in zip(batch["query_id"].to_pylist(), query)]
         targets = draw_targets(keys, langs["query_lang"], self.proportions, self.seed)
-        return with_columns(batch, **langs, target_lang=targets)
+        reasons = [r or ("" if t else "no_target_language") for r, t in zip(batch["reject_reason"].to_pylist(),
+                                                                            targets)]
+        return with_columns(batch, **langs, target_lang=targets, reject_reason=reasons)
 
 
 def finish_rows(batch: pa.Table) -> pa.Table:
-    """Translated rows become CLR rows: query_lang = the target, task = clr, query_id = "<target>:<source id>"
-    (a query and its translations are different queries to DHNM)."""
+    """Translated rows become CLR rows: query_lang = the target, task = clr, query_id = "<target>:<source id>",
+    the source id without its "<source language>:" prefix where it has one ("en:q7" → "de:q7", "nq:7" →
+    "de:nq:7"), so a query and its translations are different queries to DHNM and two sources' ids stay apart."""
     done = [r == "" for r in batch["reject_reason"].to_pylist()]
-    targets = batch["target_lang"].to_pylist()
-    query_lang = [t if d else q for d, t, q in zip(done, targets, batch["query_lang"].to_pylist())]
-    query_id = [f"{t}:{q.split(':', 1)[-1]}" if d and q else q
-                for d, t, q in zip(done, targets, batch["query_id"].to_pylist())]
+    targets, sources = batch["target_lang"].to_pylist(), batch["query_lang"].to_pylist()
+    query_lang = [t if d else q for d, t, q in zip(done, targets, sources)]
+    query_id = [f"{t}:{q.removeprefix(f'{src}:')}" if d and q else q
+                for d, t, src, q in zip(done, targets, sources, batch["query_id"].to_pylist())]
     return with_columns(batch.drop_columns(["target_lang"]), query_lang=query_lang, query_id=query_id,
                         task=["clr"] * len(done))
 

@@ -8,6 +8,7 @@ came from (`path:line` for JSONL, `path` for parquet), so a reject can be found 
 from __future__ import annotations
 
 import json
+import math
 from typing import Iterator
 
 import pyarrow as pa
@@ -64,13 +65,28 @@ def validate(kind: str, row: dict) -> tuple[dict | None, str | None]:
                 return None, f"wrong_type:{field.name}"
             if not value.strip() and field.name not in optional:
                 return None, f"empty_text:{field.name}"
+            if not is_unicode(value):
+                return None, f"invalid_unicode:{field.name}"
         elif pa.types.is_list(field.type):
             if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
                 return None, f"wrong_type:{field.name}"
+            if not all(map(is_unicode, value)):
+                return None, f"invalid_unicode:{field.name}"
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             return None, f"wrong_type:{field.name}"
+        elif not math.isfinite(value):  # JSON's NaN / Infinity: a NaN target poisons the loss
+            return None, f"not_finite:{field.name}"
         record[field.name] = value
     return record, None
+
+
+def is_unicode(text: str) -> bool:
+    """Whether text encodes as UTF-8: JSON's \\ud800 escapes decode to lone surrogates, which no column holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_line(kind: str, line: bytes, convert=None) -> tuple[dict | None, str | None]:

@@ -8,8 +8,8 @@
     → sink: parquet shards of kept pairs and of rejects (with the reason), counts per outcome → stats.json
 
 Every input row ends as exactly one outcome: kept, or one reject reason (bad_json, bad_utf8, missing_field:*,
-empty_text:*, wrong_type:*, too_short:*, too_long:*, repeated_chars, blocklist, wrong_language,
-language_not_allowed, exact_duplicate, near_duplicate, low_score).
+empty_text:*, wrong_type:*, invalid_unicode:*, not_finite:*, too_short:*, too_long:*, repeated_chars, blocklist,
+wrong_language, language_not_allowed, exact_duplicate, near_duplicate, low_score).
 """
 
 from __future__ import annotations
