@@ -96,14 +96,19 @@ class ShardStream:
         self.cache = cache or RowGroupCache(READER_MEMORY)
         self._run: tuple[tuple | None, list] = (None, [])
         self._group_starts: dict[int, np.ndarray] = {}  # first row of each row group, per file touched
+        # Caches of this stream's own (a method's lru_cache is one cache for every stream and keeps each alive),
+        # holding the row orders of every file a shuffle window spans, so reading a window computes each once.
+        spans = int(self.window // max(1, int(self.sizes.min()))) + 2
+        self._file_order = functools.lru_cache(maxsize=4)(self._compute_file_order)
+        self._row_order = functools.lru_cache(maxsize=min(len(self.paths), spans) + 1)(self._compute_row_order)
+        self._window_order = functools.lru_cache(maxsize=4)(self._compute_window_order)
 
-    @functools.lru_cache(maxsize=4)
-    def _file_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _compute_file_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's order of the files and the first position of each in it."""
         order = np.random.default_rng([*self.seed, epoch]).permutation(len(self.paths))
         return order, np.concatenate([[0], np.cumsum(self.sizes[order])])
 
-    @functools.lru_cache(maxsize=4)
-    def _row_order(self, epoch: int, file: int) -> np.ndarray:
+    def _compute_row_order(self, epoch: int, file: int) -> np.ndarray:
         """A file's rows in this epoch's order: each row group's rows permuted in turn, then the row groups' order
         (one generator per seed, epoch and file), so a run of positions stays within few row groups."""
         rng = np.random.default_rng([*self.seed, epoch, file, 1])
@@ -119,8 +124,8 @@ class ShardStream:
             self._group_starts[file] = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         return self._group_starts[file]
 
-    @functools.lru_cache(maxsize=4)
-    def _window_order(self, epoch: int, window: int) -> np.ndarray:
+    def _compute_window_order(self, epoch: int, window: int) -> np.ndarray:
+        """The permutation of one shuffle window of this rank's slice."""
         size = min(self.window, self.per_rank - window * self.window)
         return np.random.default_rng([*self.seed, epoch, window, 2]).permutation(size)
 
@@ -297,9 +302,10 @@ class PooledStream:
         self.parts, self.seed = streams, list(seed)
         self.per_rank = sum(s.per_rank for s in streams)
         self.bounds = np.cumsum([0, *(s.per_rank for s in streams)])
+        self._order = functools.lru_cache(maxsize=2)(self._compute_order)  # this stream's own (see ShardStream)
 
-    @functools.lru_cache(maxsize=4)
-    def _order(self, epoch: int) -> np.ndarray:
+    def _compute_order(self, epoch: int) -> np.ndarray:
+        """This epoch's permutation of the pooled rows."""
         return np.random.default_rng([*self.seed, epoch]).permutation(self.per_rank)
 
     def batch(self, index: int, batch_size: int) -> list[dict]:

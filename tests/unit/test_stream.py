@@ -245,3 +245,26 @@ def test_a_group_is_pooled_by_its_own_tasks_batch_and_no_micro_batch_repeats_a_r
         assert len(set(ids)) == len(ids) == len(other) and not set(ids) & {r["row_id"] for r in other}
         sizes.setdefault(group, set()).add(len(ids))
     assert sizes == {"retrieval/en": {4}, "sts/de": {32}, "sts/mixed": {10}}
+
+
+def test_a_stream_keeps_its_own_orders_and_orders_each_file_of_a_window_once(tmp_path):
+    """A window over 10 files of 50 rows computes each file's row order once (a cache of 4 shared by every stream
+    recomputed most of them per row), and a stream dropped is freed (the shared cache kept every stream alive)."""
+    import gc
+    import weakref
+
+    files = []
+    for f in range(10):
+        path = tmp_path / f"{f}.parquet"
+        pq.write_table(pa.table({"x": list(range(50))}), path)
+        files.append((path, 50))
+    stream = ShardStream(files, [0], 0, 1, window=500)
+    positions = stream.positions(0, 500)
+    assert sorted(positions) == [(f, r) for f in range(10) for r in range(50)]
+    assert stream._row_order.cache_info().misses == 10
+    other = ShardStream(files, [1], 0, 1, window=500)
+    assert other.positions(0, 500) != positions and stream._row_order.cache_info().misses == 10
+    alive = weakref.ref(other)
+    del other
+    gc.collect()
+    assert alive() is None
