@@ -9,7 +9,8 @@ Memory is bounded by byte budgets (conan.config.MiningConfig), whatever the corp
   their texts streamed `query_chunk_bytes` of embeddings at a time;
 - the search loads one corpus shard and its index at a time (an IVF / HNSW index is built once per shard, one Ray
   task a shard, written beside it and read back for every query chunk and deeper pass), searches the queries in
-  batches of `query_batch` and keeps each query's best `depth` over the shards seen, merged by score;
+  batches of `query_batch` and keeps each query's best `depth` over the shards seen, merged by score; queries still
+  short of top_k under the guard when a pass would read the whole corpus are scored exactly, a block at a time;
 - with Ray running, each query chunk is searched by a Ray task on any node (`search_tasks` at once, `search_cpus`
   each) while the next chunk is embedded; results are written in chunk order.
 
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 from conan.config import MiningConfig
 from conan.data.shards import map_jobs, remote_or_local, resolved
 
+EXACT_BLOCK, EXACT_QUERIES = 16_384, 256  # the exact pass's scores at once: 16 MiB (and 32 MiB of indices)
 MINED_SCHEMA = pa.schema([("query_id", pa.string()), ("candidate_ids", pa.list_(pa.int64())),
                           ("candidate_scores", pa.list_(pa.float32()))])
 
@@ -238,8 +240,10 @@ def mine_candidates(query_emb: np.ndarray, shards: Sequence[np.ndarray | Path], 
     across them in order), positives removed and the false-negative guard at `false_negative_ratio` applied.
 
     The guard drops the best-scoring passages, so a search top_k deep leaves most queries short: queries left with
-    fewer than top_k candidates are searched again 4× deeper, down to the whole corpus, so every query whose corpus
-    holds top_k passages under the guard gets top_k."""
+    fewer than top_k candidates are searched again 4× deeper, and those still short when the next pass would read
+    the whole corpus are scored exactly against every passage (`guarded_top_k`: an IVF index probes an eighth of
+    its lists and HNSW returns a few hundred rows whatever the depth), so every query whose corpus holds top_k
+    passages under the guard gets top_k."""
     cfg = cfg or MiningConfig()
     arrays = [_array(shard) for shard in shards]
     starts = np.cumsum([0] + [len(a) for a in arrays])
@@ -257,7 +261,7 @@ def mine_candidates(query_emb: np.ndarray, shards: Sequence[np.ndarray | Path], 
     out: list[tuple[list[int], list[float]]] = [([], [])] * len(positives)
     pending = np.arange(len(positives))
     depth = min(n, top_k + max(map(len, positives), default=0))
-    while len(pending):
+    while len(pending) and depth < n:
         scores, rows = search_shards(query_emb[pending], shards, depth, cfg)
         short = []
         for q, s_row, r_row in zip(pending, scores, rows):
@@ -266,9 +270,49 @@ def mine_candidates(query_emb: np.ndarray, shards: Sequence[np.ndarray | Path], 
             out[q] = ([c for c, _ in kept], [s for _, s in kept])
             if len(kept) < top_k:
                 short.append(q)
-        if depth == n:
-            break
         pending, depth = np.asarray(short, dtype=np.int64), min(n, depth * 4)
+    exact = guarded_top_k(query_emb[pending], shards, [positives[q] for q in pending],
+                          np.array([limits[q] for q in pending], dtype=np.float64), top_k, cfg) if len(pending) else []
+    for q, found in zip(pending, exact):
+        out[q] = found
+    return out
+
+
+def guarded_top_k(query_emb: np.ndarray, shards: Sequence[np.ndarray | Path], positives: list[set[int]],
+                  limits: np.ndarray, top_k: int, cfg: MiningConfig) -> list[tuple[list[int], list[float]]]:
+    """Each query's top_k passages scoring at most its limit, its positives excluded, by exact inner products with
+    every passage (best first; equal scores by row, except where a block's top_k cut falls between them). Queries
+    go EXACT_QUERIES (at most cfg.query_batch) at a time against EXACT_BLOCK passages, so memory holds one block of
+    scores whatever the corpus size."""
+    out, batch = [], min(cfg.query_batch, EXACT_QUERIES)
+    for q0 in range(0, len(query_emb), batch):
+        q = np.ascontiguousarray(query_emb[q0:q0 + batch], dtype=np.float32)
+        limit = limits[q0:q0 + batch, None]
+        best_scores = np.full((len(q), top_k), -np.inf, dtype=np.float32)
+        best_rows = np.full((len(q), top_k), -1, dtype=np.int64)
+        offset = 0
+        for shard in shards:
+            array = _array(shard)
+            for start in range(0, len(array), EXACT_BLOCK):
+                block = np.asarray(array[start:start + EXACT_BLOCK], dtype=np.float32)
+                scores = q @ block.T
+                scores[scores > limit] = -np.inf
+                first = offset + start
+                for i, pos in enumerate(positives[q0:q0 + batch]):
+                    scores[i, [p - first for p in pos if first <= p < first + len(block)]] = -np.inf
+                rows = np.broadcast_to(np.arange(first, first + len(block)), scores.shape)
+                if len(block) > top_k:  # the block's top_k only, then the exact merge
+                    top = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+                    scores, rows = np.take_along_axis(scores, top, axis=1), np.take_along_axis(rows, top, axis=1)
+                merged_scores = np.concatenate([best_scores, scores], axis=1)
+                merged_rows = np.concatenate([best_rows, rows], axis=1)
+                order = np.lexsort((merged_rows, -merged_scores), axis=1)[:, :top_k]
+                best_scores = np.take_along_axis(merged_scores, order, axis=1)
+                best_rows = np.take_along_axis(merged_rows, order, axis=1)
+            offset += len(array)
+        for s_row, r_row in zip(best_scores, best_rows):
+            found = s_row > -np.inf
+            out.append((r_row[found].tolist(), s_row[found].astype(float).tolist()))
     return out
 
 

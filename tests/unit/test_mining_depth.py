@@ -1,6 +1,7 @@
 """Mining searches deep enough: the false-negative guard drops the best passages, and a query must still get k."""
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,6 +31,30 @@ def test_every_query_with_enough_candidates_under_the_guard_gets_k():
         assert all(x <= limit + 1e-6 for x in s) and pos not in ids
         short += len(eligible) < 10
     assert short < 10  # most queries do have k candidates under the guard (the test would pass vacuously otherwise)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_an_approximate_index_leaves_no_query_short(kind):
+    """A topic of 6,000 near-copies among 20,000 passages: the guard rules out every copy scoring near the positive,
+    so a query's candidates lie deep. HNSW returns a few hundred rows however deep it is asked (it left queries
+    with 0 to 15 candidates where thousands exist), an IVF index probes an eighth of its lists; the exact pass
+    still gives each query 30 under the guard (the best 30 with the flat index)."""
+    rng = np.random.default_rng(0)
+    center = unit_rows(rng, 1, 32)
+    topic = center + 0.05 * rng.normal(size=(6000, 32)).astype(np.float32)
+    corpus = np.concatenate([topic / np.linalg.norm(topic, axis=1, keepdims=True), unit_rows(rng, 14000, 32)])
+    queries = center + 0.05 * rng.normal(size=(20, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    positives = [{q} for q in range(20)]
+    mined = mine_candidates(queries, [corpus], positives, 30, 0.95, MiningConfig(index=kind, query_batch=7))
+    scores = queries @ corpus.T
+    for q, (ids, s) in enumerate(mined):
+        limit = scores[q, q] - 0.05 * abs(scores[q, q])
+        eligible = [int(j) for j in np.argsort(-scores[q], kind="stable") if j != q and scores[q, j] <= limit]
+        assert len(eligible) > 1000 and len(ids) == 30 and q not in ids, q
+        assert np.allclose(s, scores[q, ids], atol=1e-5) and max(s) <= limit + 1e-5 and s == sorted(s, reverse=True)
+        if kind == "flat":
+            assert ids == eligible[:30], q
 
 
 def test_shards_searched_one_at_a_time_merge_into_the_single_index_result():
