@@ -130,15 +130,38 @@ def group_keys(table: pa.Table, columns: list[str]) -> pa.Array:
     return pc.if_else(pc.equal(joined, ""), "all", joined)
 
 
-def _input_batches(path: Path, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of a parquet file or JSON-lines file, streamed."""
+def _input_batches(path: Path, batch_rows: int, spec: RowSpec | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of a parquet file or JSON-lines file, streamed. JSON columns the spec reads take their known
+    types (pyarrow infers a type from the first block: `"negatives": []` rows first, then one with a negative, was
+    an error), and a known column with no value in a block is left out of it, so its default applies."""
     if path.suffix == ".parquet":
         yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
     elif path.suffix in (".jsonl", ".json"):
         import pyarrow.json as pajson
-        yield from pajson.open_json(path)
+        types = json_types(spec) if spec else {}
+        options = pajson.ParseOptions(explicit_schema=pa.schema(list(types.items())),
+                                      unexpected_field_behavior="infer")
+        for batch in pajson.open_json(path, parse_options=options):
+            absent = [c for c in types if batch.column(c).null_count == batch.num_rows]
+            yield batch.drop_columns(absent) if absent else batch
     else:
         raise ShardError(f"{path}: expected .parquet or .jsonl")
+
+
+def json_types(spec: RowSpec) -> dict[str, pa.DataType]:
+    """The Arrow type of each column the spec reads (and of its alias), where the record schemas or its default
+    say it."""
+    from conan.data.schemas import SCHEMAS
+
+    known = {f.name: f.type for schema in SCHEMAS.values() for f in schema}
+    by_default = {str: pa.string(), int: pa.int64(), float: pa.float64(), list: pa.list_(pa.string())}
+    types = {}
+    for column in spec.columns:
+        kind = known.get(column) or by_default.get(type(spec.defaults.get(column)))
+        for name in filter(None, (column, spec.aliases.get(column))):
+            if kind is not None:
+                types[name] = kind
+    return types
 
 
 def input_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -175,10 +198,11 @@ class RowSpec:
             raise ShardError(f"{source} lacks columns {missing} (has {table.column_names})")
         out = {}
         for c in self.columns:
-            if c in names:
-                out[c] = table[c]
-            elif self.aliases.get(c) in names:
-                out[c] = table[self.aliases[c]]
+            if c in names or self.aliases.get(c) in names:
+                column = table[c if c in names else self.aliases[c]]
+                if c in self.defaults and column.null_count:  # JSON's null, or a field some rows leave out
+                    column = pc.fill_null(column, pa.scalar(self.defaults[c], column.type))
+                out[c] = column
             else:
                 out[c] = pa.array([self.defaults[c]] * table.num_rows)
         return pa.table(out)
@@ -194,24 +218,29 @@ def write_shard(table: pa.Table, path: Path, row_group_bytes: int = ROW_GROUP_BY
 def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.ndarray | None = None,
                rows_per_shard: int = ROWS_PER_SHARD) -> dict[str, list[ShardFile]]:
     """Stream one input file into group-partitioned parquet shards `<prefix>-g<group digest>-<n>.parquet` under out_dir
-    (a group's files share its digest whatever the input file);
+    (a group's files share its 64-bit digest whatever the input file; two groups of a file with one digest are an
+    error, never one file);
     `keep`: sorted row indices of the file to keep (None = all). Returns the files written per group."""
     buffers: dict[str, list[pa.Table]] = {}
     written: dict[str, list[ShardFile]] = {}
+    digests: dict[str, str] = {}  # digest → group, in this file
 
     def flush(group: str, final: bool) -> None:
         table = pa.concat_tables(buffers.pop(group, []))
+        digest = hashlib.sha1(group.encode()).hexdigest()[:16]  # 8 hex digits collided from ~76k groups on
+        if digests.setdefault(digest, group) != group:
+            raise ShardError(f"{src}: groups {digests[digest]!r} and {group!r} share the shard name digest {digest}")
         while table.num_rows >= rows_per_shard or (final and table.num_rows):
             part, table = table.slice(0, rows_per_shard), table.slice(rows_per_shard)
             n = len(written.setdefault(group, []))
-            path = out_dir / f"{prefix}-g{hashlib.sha1(group.encode()).hexdigest()[:8]}-{n:05d}.parquet"
+            path = out_dir / f"{prefix}-g{digest}-{n:05d}.parquet"
             write_shard(part, path)
             written[group].append(ShardFile(path.name, part.num_rows, file_sha256(path)))
         if table.num_rows:
             buffers[group] = [table]
 
     offset = 0
-    for batch in _input_batches(src, rows_per_shard):
+    for batch in _input_batches(src, rows_per_shard, spec):
         table = pa.Table.from_batches([batch])
         if keep is not None:
             local = keep[(keep >= offset) & (keep < offset + table.num_rows)] - offset
@@ -278,10 +307,11 @@ def _sample(files: list[Path], max_rows: int | None, seed: int) -> dict[int, lis
 
 
 def _count_rows(path: Path) -> int:
-    """Rows of a parquet file (from its footer) or a JSON-lines file (streamed)."""
+    """Rows of a parquet file (from its footer) or a JSON-lines file (its non-blank lines, streamed)."""
     if path.suffix == ".parquet":
         return pq.ParquetFile(path).metadata.num_rows
-    return sum(b.num_rows for b in _input_batches(path, ROWS_PER_SHARD))
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def remote_or_local(fn, num_cpus: float):

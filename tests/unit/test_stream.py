@@ -268,3 +268,42 @@ def test_a_stream_keeps_its_own_orders_and_orders_each_file_of_a_window_once(tmp
     del other
     gc.collect()
     assert alive() is None
+
+
+def test_jsonl_columns_keep_their_types_past_the_first_block(tmp_path):
+    """20,000 pairs without negatives or ids, then 20,000 with them (pyarrow infers a JSON column's type from its
+    first ~1 MB block: `[]` and absent fields first made the later values an error): every row is sharded, the
+    first ones with the defaults (also in the block where the fields begin), the later ones with their values."""
+    import json
+
+    from conan.data.shards import shard_file
+
+    spec = RowSpec(("query", "positive", "negatives", "query_id", "positive_id"),
+                   defaults={"negatives": [], "query_id": "", "positive_id": -1})
+    rows = [{"query": f"q{i}", "positive": f"p{i}", "negatives": []} for i in range(20000)]
+    rows += [{"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}"], "query_id": f"id{i}", "positive_id": i}
+             for i in range(20000)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "out").mkdir()
+    written = shard_file(tmp_path / "rows.jsonl", tmp_path / "out", "f00000", spec)
+    table = pa.concat_tables([pq.read_table(tmp_path / "out" / f.path) for f in written["all"]])
+    assert table.num_rows == 40000 and table["negatives"].to_pylist()[::20000] == [[], ["n0"]]
+    assert table["positive_id"].to_pylist()[19999:20001] == [-1, 0] and table["query_id"][-1].as_py() == "id19999"
+
+
+def test_two_groups_of_one_digest_are_an_error_not_one_file(tmp_path, monkeypatch):
+    """Shard names carry a group's 64-bit digest; were two groups of a file ever to share it, one file would hold one
+    group and list under both: it is an error instead (simulated by a constant digest)."""
+    import hashlib
+
+    from conan.data import shards
+
+    pq.write_table(pa.table({"query": ["a", "b"], "lang": ["en", "de"]}), tmp_path / "rows.parquet")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out2").mkdir()
+    spec = RowSpec(("query", "lang"), group_by=("lang",))
+    assert sorted(shards.shard_file(tmp_path / "rows.parquet", tmp_path / "out", "f0", spec)) == ["de", "en"]
+    sha1 = hashlib.sha1
+    monkeypatch.setattr(shards.hashlib, "sha1", lambda data: sha1(b"one digest"))
+    with pytest.raises(ShardError, match="share the shard name digest"):
+        shards.shard_file(tmp_path / "rows.parquet", tmp_path / "out2", "f0", spec)
