@@ -514,15 +514,38 @@ def _build(cls: type[T], data: Any, prefix: str = "") -> T:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict, dotted: str, value: Any, cls: type | None = None) -> None:
+    """Set tree[a][b]… = value for 'a.b.…'. A mapping field the tree does not hold yet starts from its default, so
+    `supervised.task_weights.clr=0.5` changes one weight and keeps the others (cls: the dataclass of the tree)."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        default = _field_default(cls, part)
+        cls = _field_type(cls, part)
+        child = node.setdefault(part, dict(default) if isinstance(default, dict) else {})
         if not isinstance(child, dict):
             raise ConfigError(f"{dotted}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _field_type(cls: type | None, name: str) -> type | None:
+    """The dataclass annotated on cls.name (None when it is not a dataclass)."""
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return None
+    tp = typing.get_type_hints(cls).get(name)
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _field_default(cls: type | None, name: str) -> Any:
+    """cls.name's default value (None when cls is no dataclass or the field has none)."""
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return None
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else (
+                None if f.default is dataclasses.MISSING else f.default)
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -530,7 +553,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: its value is not valid YAML ({str(e).splitlines()[0]})") from e
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None,
@@ -541,11 +567,14 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for text in overrides or []:
-        _set_dotted(data, *parse_override(text))
+        _set_dotted(data, *parse_override(text), cls)
     return _build(cls, data)
 
 

@@ -52,6 +52,26 @@ def test_bad_yaml_key_is_named(tmp_path):
         load_config(PipelineConfig, None, ["no-equals-sign"])
 
 
+def test_a_dotted_override_of_one_mapping_key_keeps_the_others(tmp_path):
+    """`supervised.task_weights.clr=0.5` changes one weight, whether the YAML lists the mapping or leaves it to the
+    default (it replaced the default mapping: the other tasks then trained at weight 0)."""
+    default = JobConfig().supervised
+    cfg = load_config(JobConfig, None, ["supervised.task_weights.clr=0.5", "supervised.batch_sizes.retrieval=8"])
+    assert cfg.supervised.task_weights == {**default.task_weights, "clr": 0.5}
+    assert cfg.supervised.batch_sizes == {**default.batch_sizes, "retrieval": 8}
+    path = _write(tmp_path, {"supervised": {"task_weights": {"retrieval": 3.0, "sts": 0.5}}})
+    assert load_config(JobConfig, path, ["supervised.task_weights.sts=1.0"]).supervised.task_weights == \
+        {"retrieval": 3.0, "sts": 1.0}  # the YAML's mapping is the one overridden
+
+
+def test_invalid_yaml_is_a_config_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="'data.paths=\\[a': its value is not valid YAML"):
+        load_config(JobConfig, None, ["data.paths=[a"])
+    (tmp_path / "bad.yaml").write_text("train: {steps: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(JobConfig, tmp_path / "bad.yaml")
+
+
 def test_shipped_configs_load():
     from pathlib import Path
     configs = sorted(Path(__file__).resolve().parents[1].glob("jobs/configs/*.yaml"))

@@ -81,3 +81,22 @@ def test_configs_after_the_demo_point_at_what_it_writes():
     exported = f"{demo['output_dir']}/{load(demo['stages'][-1])['stage']}/model"
     for config in ("jobs/configs/serve_tiny.yaml", "jobs/configs/eval_tiny.yaml"):
         assert load(config)["model_dir"] == exported, config
+
+
+@pytest.mark.parametrize("override, line", [
+    ("supervised.task_weights.retreival=3.0", "supervised.task_weights: unknown task 'retreival'"),
+    ("supervised.batch_sizes={retrieval: 16}", "supervised.batch_sizes: no batch size for task 'classification'")])
+def test_a_misspelt_or_unsized_task_is_one_line_before_ray(override, line, small_tokenizer, tmp_path, capsys,
+                                                           monkeypatch):
+    """A misspelt task trained at weight 0 without a word; a weighted task without a batch size failed in a worker."""
+    import conan.runtime
+    import conan.train.launcher
+
+    small_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    for module in (conan.runtime, conan.train.launcher):
+        monkeypatch.setattr(module, "init_ray", lambda *_, **__: pytest.fail("Ray was joined"))
+    assert main(["train", "supervised", "--config", "jobs/configs/supervised_tiny.yaml", "--set", "model.init_from=null",
+                 "--set", f"tokenizer.path={tmp_path / 'tok'}", "--set", f"output_dir={tmp_path / 'out'}",
+                 "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"conan train: error: {line}"), err
