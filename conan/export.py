@@ -31,8 +31,9 @@ def add_sentence_transformers_files(model_dir: str | Path) -> Path:
     model_dir = Path(model_dir)
     config = ConanConfig.from_pretrained(str(model_dir))
     encoder = Transformer(str(model_dir), max_seq_length=config.max_seq_length or config.max_position_embeddings)
+    # local_files_only: else its model card looks the directory's last two path parts up on the Hub as a repo.
     model = SentenceTransformer(modules=[encoder, Pooling(config.hidden_size, ST_POOLING[config.pooling]), Normalize()],
-                                device="cpu", similarity_fn_name="cosine")
+                                device="cpu", similarity_fn_name="cosine", local_files_only=True)
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
         # Only sentence-transformers' own files: the weights, config and tokenizer stay as the stage wrote them.
