@@ -8,6 +8,7 @@ Unknown keys and values of the wrong type raise ConfigError naming the dotted ke
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -546,6 +547,12 @@ def _field_default(cls: type | None, name: str) -> Any:
             return f.default_factory() if f.default_factory is not dataclasses.MISSING else (
                 None if f.default is dataclasses.MISSING else f.default)
     return None
+
+
+def setting(key: str, value: Any) -> str:
+    """The override `key=value` for a value the platform itself passes on: written as JSON (which YAML reads back
+    exactly), so a path holding "#" or ": " stays that path."""
+    return f"{key}={json.dumps(value)}"
 
 
 def parse_override(text: str) -> tuple[str, Any]:

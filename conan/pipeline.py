@@ -6,12 +6,11 @@ supervised) → evaluate.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from conan.config import (PIPELINE_STEPS, CLRConfig, CurationConfig, EvalConfig, JobConfig, PipelineConfig, load_config,
-                          to_dict)
+                          setting, to_dict)
 from conan.console import say
 from conan.data.corpus import write_corpus
 from conan.encoder import model_name
@@ -51,8 +50,9 @@ def _data_step(name: str, config_cls, yaml_path: str, out: Path, cfg: PipelineCo
         import shutil
 
         shutil.rmtree(step_dir, ignore_errors=True)  # a half-written step starts again
-        step_cfg = load_config(config_cls, yaml_path, [f"output_dir={step_dir}", f"data_root={cfg.data_root}",
-                                                       f"ray_address={cfg.ray_address or 'null'}"])
+        step_cfg = load_config(config_cls, yaml_path, [setting("output_dir", str(step_dir)),
+                                                       setting("data_root", cfg.data_root),
+                                                       setting("ray_address", cfg.ray_address)])
         stats = run(step_cfg)
         say(f"[pipeline] {name}: {stats['rows_in']} rows in, {stats['rows_out']} kept, rejected "
             f"{stats['rejected']} ({time.perf_counter() - t:.0f}s)")
@@ -116,12 +116,19 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
     model_dir = out / "model_init"
     _step("model", (model_dir / "config.json").is_file())
     if not (model_dir / "config.json").is_file():
+        import shutil
+
         import torch
 
         torch.manual_seed(cfg.seed)
         model = ConanForCausalLM(model_config_for(cfg.model, tokenizer))
-        model.save_pretrained(str(model_dir))
-        tokenizer.save_pretrained(str(model_dir))
+        # Written aside, then renamed: transformers writes config.json before the weights, so a run killed while
+        # saving would have left a model_init this check takes for done.
+        partial = out / "model_init.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+        partial.rename(model_dir)
     config = ConanConfig.from_pretrained(str(model_dir))
     say(f"[pipeline] model: preset {cfg.model.preset}, {count_parameters(config):,} parameters, "
         f"vocab {config.vocab_size}, hidden {config.hidden_size}, layers {config.num_hidden_layers} "
@@ -130,8 +137,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
     previous = model_dir
     for stage_yaml in cfg.stages:
         stage_cfg = load_config(JobConfig, stage_yaml, [
-            *cfg.stage_overrides, f"model.init_from={previous}", f"tokenizer.path={tok_dir}",
-            f"data.root={cfg.data_root}", f"ray_address={cfg.ray_address or 'null'}"])
+            *cfg.stage_overrides, setting("model.init_from", str(previous)), setting("tokenizer.path", str(tok_dir)),
+            setting("data.root", cfg.data_root), setting("ray_address", cfg.ray_address)])
         if stage_cfg.stage == "pretrain" and not stage_cfg.data.paths:  # what the tokenizer learned from
             stage_cfg.data.paths = [str(corpus)]
         stage_cfg.output_dir = str(out / stage_cfg.stage)  # before mining: it writes the stage's input there
@@ -149,8 +156,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
 
         # Baselines: the untrained init (the reference), then the weak-stage model when there is one.
         baselines = [str(model_dir), *([paths["weak"]] if "weak" in paths and paths["weak"] != str(previous) else [])]
-        eval_cfg = load_config(EvalConfig, cfg.evaluation, [f"model_dir={previous}", f"baselines={json.dumps(baselines)}",
-                                                            f"output_dir={out / 'eval'}", f"data_root={cfg.data_root}"])
+        eval_cfg = load_config(EvalConfig, cfg.evaluation, [
+            setting("model_dir", str(previous)), setting("baselines", baselines), setting("output_dir", str(out / "eval")),
+            setting("data_root", cfg.data_root)])
         report = Path(eval_cfg.output_dir) / "report.md"
         t = _step("evaluate", report.is_file())
         if not report.is_file():

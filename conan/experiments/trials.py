@@ -12,17 +12,18 @@ import os
 import time
 from pathlib import Path
 
-from conan.config import EvalConfig, ExperimentConfig, JobConfig, from_dict, load_config, to_dict
+from conan.config import EvalConfig, ExperimentConfig, JobConfig, from_dict, load_config, setting, to_dict
 from conan.train.launcher import absolute_paths, check_inputs
 
 GROUPS = ("Multi", "Eng", "Zh")
 
 
 def trial_stage(yaml_path: str, output_dir: Path, exp: ExperimentConfig, *overrides: str) -> dict:
-    """A stage config for a trial as plain data: the YAML, the experiment's overrides, then the trial's, with absolute
-    paths (the Tune function runs in its own working directory)."""
-    cfg = load_config(JobConfig, yaml_path, [*exp.overrides, *overrides, f"output_dir={output_dir}",
-                                             f"ray_address={exp.ray_address or 'null'}"])
+    """A stage config for a trial as plain data: the YAML, the experiment's data_root, its overrides, then the
+    trial's, with absolute paths (the Tune function runs in its own working directory)."""
+    cfg = load_config(JobConfig, yaml_path, [setting("data.root", exp.data_root), *exp.overrides, *overrides,
+                                             setting("output_dir", str(output_dir)),
+                                             setting("ray_address", exp.ray_address)])
     return to_dict(absolute_paths(cfg))
 
 
@@ -65,7 +66,7 @@ def run_trials(name: str, trials: dict[str, dict], exp: ExperimentConfig) -> dic
         check_inputs(from_dict(JobConfig, stage))
     init_ray(exp.ray_address)
     evaluation = to_dict(load_config(EvalConfig, exp.evaluation, [
-        "baselines=[]", "bm25=false", "plots=false", f"data_root={Path(exp.data_root).resolve()}"]))
+        "baselines=[]", "bm25=false", "plots=false", setting("data_root", str(Path(exp.data_root).resolve()))]))
     storage = Path(exp.output_dir).resolve() / "tune"
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"cpu": exp.trial_cpus}),
