@@ -187,3 +187,16 @@ def test_every_path_of_a_stage_config_is_made_absolute_for_ray_workers(tmp_path,
     paths = [cfg.output_dir, cfg.model.init_from, cfg.tokenizer.path, cfg.data.root, *cfg.data.paths,
              *cfg.supervised.clr_paths, cfg.dhnm.candidates, cfg.dhnm.passages]
     assert len(paths) == 9 and all(Path(p).is_absolute() and Path(p).parent == tmp_path.resolve() for p in paths)
+
+
+def test_each_commands_help_shows_an_override_its_config_takes():
+    """`conan <command> --help` gives a --set example; each is a key of that command's config (every command
+    showed optim.lr, which only the stage configs have)."""
+    from conan.cli import SET_EXAMPLES
+
+    configs = {"pipeline": PipelineConfig, "curate": CurationConfig, "clr": CLRConfig, "sweep": SweepConfig,
+               "ablation": AblationConfig, "serve": ServeConfig, "evaluate": EvalConfig}
+    assert set(SET_EXAMPLES) == set(configs)
+    for command, cls in configs.items():
+        load_config(cls, None, [SET_EXAMPLES[command]])
+    load_config(JobConfig, None, ["optim.lr=2e-5"])  # the stage commands' example
