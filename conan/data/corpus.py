@@ -14,6 +14,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conan.config import ConfigError
 from conan.data.public_sets import (XQUAD_LANGS, csl_title_pairs, held_out_texts, stsb_rows, tatoeba_lines,
                                    xquad_rows)
 
@@ -66,10 +67,12 @@ def iter_corpus(root: str | Path, sources: list[str] | None = None,
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (set data.root or $CONAN_DATA_ROOT)")
+    if unknown := sorted(set(sources or []) - set(SOURCES)):
+        raise ConfigError(f"unknown corpus source {unknown[0]!r}; known: {sorted(SOURCES)}")
+    if max_per_source is not None and max_per_source < 1:
+        raise ConfigError(f"the cap on texts per source must be at least 1, got {max_per_source}")
     held_out = held_out_texts(root)
     for name in sources or list(SOURCES):
-        if name not in SOURCES:
-            raise ValueError(f"unknown corpus source {name!r}; known: {sorted(SOURCES)}")
         count = 0
         for text, lang, source in SOURCES[name](root):
             if text and text.strip() not in held_out:

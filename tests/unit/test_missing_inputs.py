@@ -100,3 +100,13 @@ def test_a_misspelt_or_unsized_task_is_one_line_before_ray(override, line, small
                  "--set", override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"conan train: error: {line}"), err
+
+
+@pytest.mark.parametrize("argv, line", [(["--sources", "wiki"], "unknown corpus source 'wiki'"),
+                                        (["--max-per-source", "0"], "the cap on texts per source must be at least 1")])
+def test_a_bad_corpus_request_is_one_line(argv, line, tmp_path, capsys):
+    """A cap of 0 or less wrote one text per source; an unknown source was a traceback."""
+    assert main(["corpus", "--out", str(tmp_path / "c.parquet"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"conan corpus: error: {line}"), err
+    assert not (tmp_path / "c.parquet").exists()
