@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -74,6 +74,8 @@ class TokenizerConfig:
 class DataConfig:
     """Where the stage's input lives."""
 
+    LEAST: ClassVar[dict[str, int]] = {"seq_len": 2, "shuffle_window": 1, "max_rows": 1}
+
     root: str = field(default_factory=default_data_root)
     paths: list[str] = field(default_factory=list)  # stage inputs: parquet / jsonl / text files or dirs
     max_rows: int | None = None  # a seeded random sample of this many rows (None = all)
@@ -106,6 +108,8 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay (paper App. A defaults)."""
 
+    ABOVE: ClassVar[dict[str, float]] = {"lr": 0.0}
+
     lr: float = 1e-4
     warmup_ratio: float = 0.05
     weight_decay: float = 0.001
@@ -128,6 +132,8 @@ class SoftMaskConfig:
 class LossConfig:
     """Contrastive loss settings."""
 
+    ABOVE: ClassVar[dict[str, float]] = {"temperature": 0.0}
+
     temperature: float = 0.05
     cosent_scale: float = 20.0
     matryoshka_dims: list[int] | None = None  # None = the model config's matryoshka_dims
@@ -136,6 +142,8 @@ class LossConfig:
 @dataclass
 class SupervisedConfig:
     """Task mixture of the supervised stage (App. A: batch 4 for retrieval, 32 for STS per worker)."""
+
+    LEAST: ClassVar[dict[str, int]] = {"num_negatives": 0, "max_per_task": 1}
 
     num_negatives: int = 7
     batch_sizes: dict[str, int] = field(default_factory=lambda: {
@@ -189,6 +197,8 @@ class MiningConfig:
 class DHNMConfig:
     """Dynamic hard-negative mining of the supervised stage (§3.4, eq. 6); thresholds default to the paper's."""
 
+    LEAST: ClassVar[dict[str, int]] = {"pool_size": 1, "num_shards": 1}
+
     enabled: bool = False
     candidates: str | None = None  # mined parquet (jobs/mine_negatives.py); None = mine with model.init_from first
     # The passage corpus (parquet, column text) that rows' positive_id and the candidates' ids index; with data.paths
@@ -212,6 +222,11 @@ class DHNMConfig:
 @dataclass
 class TrainConfig:
     """Loop, parallelism and checkpointing."""
+
+    LEAST: ClassVar[dict[str, int]] = {"steps": 1, "micro_batch_size": 1, "grad_accum": 1, "num_workers": 1,
+                                       "log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
+                                       "max_failures": 0}
+    ABOVE: ClassVar[dict[str, float]] = {"cpus_per_worker": 0.0}
 
     steps: int = 50
     micro_batch_size: int = 8
@@ -327,6 +342,8 @@ class ExperimentConfig:
 class SweepConfig(ExperimentConfig):
     """The soft-mask sweep (jobs/sweep_mask.py): every schedule × rank-reduction × temperature on the weak stage."""
 
+    NOT_EMPTY: ClassVar[tuple[str, ...]] = ("schedules", "temperatures")
+
     schedules: list[Literal["linear", "accelerating", "decelerating"]] = field(
         default_factory=lambda: ["linear", "accelerating", "decelerating"])
     rank_reduction: list[bool] = field(default_factory=lambda: [True, False])
@@ -337,6 +354,10 @@ class SweepConfig(ExperimentConfig):
 class AblationConfig(ExperimentConfig):
     """The ablation of Tables 4 and 12 (jobs/ablation.py): the weak stage with each soft-mask schedule and without
     the soft mask, then the supervised stage from each with CLR and DHNM toggled, every row once per seed."""
+
+    NOT_EMPTY: ClassVar[tuple[str, ...]] = ("schedules",)
+
+    LEAST: ClassVar[dict[str, int]] = {"seeds": 1}
 
     supervised: str = "jobs/configs/supervised_tiny.yaml"
     seeds: int = 3  # runs per row (train.seed 0 … seeds-1): the table shows mean ± std
@@ -419,6 +440,8 @@ EVAL_TASKS = ("xquad-retrieval", "xquad-clr", "stsb", "stsb-cross", "banking77",
 @dataclass
 class EvalConfig:
     """Evaluation of an exported embedding model (`conan evaluate`) on local data, with baselines."""
+
+    LEAST: ClassVar[dict[str, int]] = {"max_items": 1, "batch_size": 1}
 
     model_dir: str = "runs/tiny/supervised/model"
     model_name: str | None = None  # label in the report (default: the directory's name)
@@ -512,7 +535,26 @@ def _build(cls: type[T], data: Any, prefix: str = "") -> T:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"unknown config key {key!r} (valid keys here: {sorted(names)})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    _check_bounds(built, prefix)
+    return built
+
+
+def _check_bounds(config: Any, prefix: str) -> None:
+    """ConfigError naming the key of a value under its class's LEAST (minimum), at or under its ABOVE (exclusive
+    bound), or an empty list of its NOT_EMPTY: a negative step count trained nothing and exported the init,
+    log_every=0 failed inside a worker, an empty sweep grid failed after Ray started."""
+    for name, least in getattr(config, "LEAST", {}).items():
+        value = getattr(config, name)
+        if value is not None and value < least:
+            raise ConfigError(f"{f'{prefix}.{name}' if prefix else name}: must be at least {least}, got {value}")
+    for name, bound in getattr(config, "ABOVE", {}).items():
+        value = getattr(config, name)
+        if value is not None and not value > bound:
+            raise ConfigError(f"{f'{prefix}.{name}' if prefix else name}: must be above {bound}, got {value}")
+    for name in getattr(config, "NOT_EMPTY", ()):
+        if not getattr(config, name):
+            raise ConfigError(f"{f'{prefix}.{name}' if prefix else name}: must name at least one value")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, cls: type | None = None) -> None:

@@ -36,11 +36,28 @@ def test_yaml_and_overrides_fill_typed_fields(tmp_path):
     ("optim.betas=[0.9, x]", "optim.betas[1]"),
     ("stage=finetune", "stage"),
     ("data.max_rows=many", "data.max_rows"),
+    # Values out of range: a negative step count exported the untrained init; log_every=0 failed in a worker
+    ("train.steps=-5", "train.steps: must be at least 1"),
+    ("train.log_every=0", "train.log_every: must be at least 1"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.num_workers=0", "train.num_workers"),
+    ("optim.lr=0", "optim.lr: must be above 0"),
+    ("loss.temperature=-0.1", "loss.temperature"),
+    ("data.seq_len=1", "data.seq_len"),
 ])
 def test_bad_key_or_type_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(JobConfig, None, [override])
     assert key in str(err.value)
+
+
+def test_an_empty_experiment_grid_or_no_seeds_is_refused():
+    with pytest.raises(ConfigError, match="temperatures: must name at least one value"):
+        load_config(SweepConfig, None, ["temperatures=[]"])
+    with pytest.raises(ConfigError, match="seeds: must be at least 1, got 0"):
+        load_config(AblationConfig, None, ["seeds=0"])
+    with pytest.raises(ConfigError, match="max_items: must be at least 1"):
+        load_config(EvalConfig, None, ["max_items=-3"])
 
 
 def test_bad_yaml_key_is_named(tmp_path):
