@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a stage's input from the demo data source (the bundled datasets)",
                         description="Write the rows of the stage's input kind (documents, instructions, pairs, "
                                     "tasks) built from the bundled (or $CONAN_DATA_ROOT) datasets to "
-                                    "<output_dir>/demo/records.parquet and, for the supervised stage, the passage "
+                                    "<output_dir>/demo/<kind>-<digest>/records.parquet (one folder per kind and "
+                                    "setting) and, for the supervised stage, the passage "
                                     "corpus DHNM indexes to passages.parquet. `conan train` does this itself when "
                                     "data.paths is empty; point data.paths (and dhnm.passages) at your own files "
                                     "instead.")

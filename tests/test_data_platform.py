@@ -523,6 +523,24 @@ def test_vllm_backend_without_vllm_says_how_to_get_it(monkeypatch):
 
 # ---------------------------------------------------------------- feeding training
 
+def test_the_demo_input_is_written_per_stage_kind_and_setting(data_root, tmp_path):
+    """One output_dir, several stages and settings: each reads demo rows written for its kind and setting (one
+    demo/ folder was reused whatever wrote it: the weak stage then read the supervised stage's task rows)."""
+    from conan.config import JobConfig, from_dict
+    from conan.train.launcher import with_demo_data
+    from conan.train.stages import SFTStage, WeakStage
+
+    def demo(stage_class, **sections):
+        cfg = from_dict(JobConfig, {"stage": stage_class.name, "output_dir": str(tmp_path),
+                                    "data": {"root": str(data_root), "max_rows": 40}, **sections})
+        return with_demo_data(cfg, stage_class).data.paths[0]
+
+    weak, sft, other_seed = demo(WeakStage), demo(SFTStage), demo(WeakStage, train={"seed": 1})
+    assert len({weak, sft, other_seed}) == 3 and demo(WeakStage) == weak  # written once per setting
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "demo").iterdir()) == ["instructions", "pairs", "pairs"]
+    assert pq.read_table(weak).num_rows == 40 and "output" in pq.read_table(weak).column_names
+
+
 def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
     """The weak stage reads a curation output directory (query/positive stand in for input/output); the demo data
     source swaps its built-in CLR rows for a built CLR set, with passage ids into the passages it writes beside them,
@@ -553,7 +571,8 @@ def test_stages_read_curated_pairs_and_clr(data_root, tmp_path):
                                 "data": {"root": str(data_root)},
                                 "supervised": {"clr_paths": [str(tmp_path / "clr.parquet")], "max_per_task": 20}})
     cfg = with_demo_data(cfg, SupervisedStage)
-    assert cfg.data.paths == [str(tmp_path / "sup" / "demo" / "records.parquet")]
+    (written,) = (tmp_path / "sup" / "demo").iterdir()  # one folder per kind and setting: tasks-<digest>
+    assert written.name.startswith("tasks-") and cfg.data.paths == [str(written / "records.parquet")]
     rows = pq.read_table(cfg.data.paths[0]).to_pylist()
     clr_rows = [r for r in rows if r["task"] == "clr"]
     assert len(clr_rows) == 1 and clr_rows[0]["positive_id"] == 5 and clr_rows[0]["query_id"] == "de:abc"

@@ -54,8 +54,8 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     assert f"model:  {model_dir}" in out and f"report: {run / 'eval' / 'report.md'}" in out
     assert all(f.is_file() for f in (run / "eval").glob("*.png")) and "mrl_dims.png" in out
     # The demo data source wrote the SFT and supervised inputs (and DHNM's passages) inside the run, as any input.
-    assert (run / "sft" / "demo" / "records.parquet").is_file()
-    assert (run / "supervised" / "demo" / "passages.parquet").is_file()
+    assert [p.parent.name.split("-")[0] for p in (run / "sft" / "demo").glob("*/records.parquet")] == ["instructions"]
+    assert [p.parent.name.split("-")[0] for p in (run / "supervised" / "demo").glob("*/passages.parquet")] == ["tasks"]
     # A quiet console: the platform's lines and one progress line per training report, with its ETA; Ray's, Ray
     # Data's and the workers' own output in the run's log.
     assert any(line.startswith("[weak] step 600/600 loss") and "ETA 0m00s" in line for line in out.splitlines())

@@ -60,30 +60,47 @@ def check_inputs(cfg: JobConfig) -> Path:
 
 def with_demo_data(cfg: JobConfig, stage: type[Stage]) -> JobConfig:
     """The config itself when data.paths names the input; else one reading the demo data source's rows of the
-    stage's kind (and, for DHNM, its passages), written once under <output_dir>/demo as `conan demo` writes them.
+    stage's kind (and, for DHNM, its passages), written once under `demo_dir` as `conan demo` writes them.
 
     A built CLR set (supervised.clr_paths) joins the supervised stage's input either way: it replaces the demo's CLR
     rows, or is added to the user's data.paths."""
     if cfg.data.paths:
         extra = [p for p in cfg.supervised.clr_paths if p not in cfg.data.paths] if stage.input_kind == "tasks" else []
         return replace(cfg, data=replace(cfg.data, paths=[*cfg.data.paths, *extra])) if extra else cfg
+    import shutil
+
     from conan.data.stage_data import DEMO_PASSAGES, DEMO_RECORDS, write_demo
 
-    out = Path(cfg.output_dir) / "demo"
-    if not (out / DEMO_RECORDS).is_file():
+    out = demo_dir(cfg, stage)
+    if not out.is_dir():
         clr = None
         if stage.input_kind == "tasks" and cfg.supervised.clr_paths:  # a built CLR set replaces the demo's CLR rows
             spec = stage.row_spec(cfg)
             clr = [r for f in input_files(cfg.supervised.clr_paths)
                    for r in spec.select(pq.read_table(f), "supervised.clr_paths").to_pylist()]
+        partial = out.with_name(out.name + ".partial")  # whole or absent: records and passages are read together
+        shutil.rmtree(partial, ignore_errors=True)
         try:
-            write_demo(stage.input_kind, cfg, out, clr)
+            write_demo(stage.input_kind, cfg, partial, clr)
         except ValueError as e:
             raise ConfigError(f"stage {cfg.stage}: {e}") from e
+        partial.rename(out)
     cfg = replace(cfg, data=replace(cfg.data, paths=[str(out / DEMO_RECORDS)]))
     if (out / DEMO_PASSAGES).is_file() and not cfg.dhnm.passages:
         cfg = replace(cfg, dhnm=replace(cfg.dhnm, passages=str(out / DEMO_PASSAGES)))
     return cfg
+
+
+def demo_dir(cfg: JobConfig, stage: type[Stage]) -> Path:
+    """<output_dir>/demo/<kind>-<digest of what decides the demo rows>: another stage, seed, data root, row cap or
+    task setting reads rows written for it, never those written for another (one demo/ was reused for all)."""
+    decides = {"kind": stage.input_kind, "root": cfg.data.root, "max_rows": cfg.data.max_rows, "seed": cfg.train.seed}
+    if stage.input_kind == "tasks":
+        sup = cfg.supervised
+        decides.update(num_negatives=sup.num_negatives, max_per_task=sup.max_per_task,
+                       retrieval_langs=sup.retrieval_langs, clr_paths=sup.clr_paths)
+    digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.output_dir) / "demo" / f"{stage.input_kind}-{digest}"
 
 
 def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path | None = None) -> list[str]:
