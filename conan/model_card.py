@@ -51,8 +51,11 @@ def write_model_card(model_dir: str | Path, config: dict, result: dict | None = 
     name = model_name(model_dir)
     paths = config.get("data", {}).get("paths") or []
     root = config.get("data", {}).get("root")
-    # The demo data source and the pipeline's data steps read the bundled sets (data.root).
-    demo = bool(root) and Path(root).resolve() == Path(BUNDLED_DATA).resolve()
+    # The demo data source and the pipeline's data steps read the bundled sets (data.root) and write inside the run
+    # (beside the stage's output_dir); a user's own files anywhere else came from them (data.root is set either way).
+    run = Path(config.get("output_dir") or ".").resolve().parent
+    demo = bool(root) and Path(root).resolve() == Path(BUNDLED_DATA).resolve() and all(
+        Path(p).resolve().is_relative_to(run) for p in paths)
     front = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
              "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity", "conan", "matryoshka"],
              "language": DEMO_LANGUAGES if demo else ["multilingual"],
@@ -61,7 +64,10 @@ def write_model_card(model_dir: str | Path, config: dict, result: dict | None = 
              "license_link": "README.md#data"}
     if result is not None:
         front["model-index"] = model_index(name, result, model or name)
-    dims = json.loads((model_dir / "config.json").read_text()).get("matryoshka_dims")
+    model_config = json.loads((model_dir / "config.json").read_text())
+    dims = model_config.get("matryoshka_dims")
+    pooling = "take the last token's state" if model_config.get("pooling") == "last" else \
+        "mean-pool over the attention mask"
     inputs = "\n".join(f"- `{p}`" for p in paths) or "- the demo data source's rows"
     sources = (f"Inputs:\n\n{inputs}\n\n" + (
         "They come from the datasets bundled with Conan (`conan/data/bundled`):\n\n" +
@@ -80,8 +86,8 @@ model = SentenceTransformer("{model_dir}", trust_remote_code=True, truncate_dim=
 embeddings = model.encode(["a query", "a passage"], normalize_embeddings=True)
 ```
 
-transformers: `AutoModel.from_pretrained(path, trust_remote_code=True)` returns token states (mean-pool over the
-attention mask and L2-normalise). Served over the OpenAI-compatible API: `conan serve --config
+transformers: `AutoModel.from_pretrained(path, trust_remote_code=True)` returns token states ({pooling} and
+L2-normalise). Served over the OpenAI-compatible API: `conan serve --config
 jobs/configs/serve_tiny.yaml --set model_dir={model_dir}`, then `POST /v1/embeddings` with `input` and `dimensions`.
 
 ## Training

@@ -39,3 +39,18 @@ def test_card_front_matter_and_model_index(tmp_path):
     front = yaml.safe_load(card.split("---\n", 2)[1])
     assert "model-index" not in front and front["language"] == ["multilingual"]
     assert "s3://bucket/pairs/" in card and "XQuAD" not in card
+
+
+def test_a_users_files_are_not_called_the_bundled_sets(tmp_path):
+    """data.root keeps its default (the bundled sets) when a user names their own files: the card lists those files
+    and no bundled licence; the demo's and the pipeline's inputs, written inside the run, are the bundled sets. The
+    card names the export's pooling."""
+    model_dir = tmp_path / "run" / "supervised" / "model"
+    ConanForEmbedding(ConanConfig.from_preset("tiny", vocab_size=300, pooling="last")).save_pretrained(str(model_dir))
+    config = to_dict(JobConfig(stage="supervised", output_dir=str(tmp_path / "run" / "supervised")))
+    config["data"].update(root=str(BUNDLED_DATA), paths=[str(tmp_path / "company" / "pairs.parquet")])
+    card = write_model_card(model_dir, config).read_text()
+    assert yaml.safe_load(card.split("---\n", 2)[1])["language"] == ["multilingual"]
+    assert "pairs.parquet" in card and "XQuAD" not in card and "last token" in card
+    config["data"]["paths"] = [str(tmp_path / "run" / "curated" / "data")]  # the pipeline's curation step
+    assert "XQuAD: CC BY-SA 4.0" in write_model_card(model_dir, config).read_text()
