@@ -95,8 +95,19 @@ def _mine_step(stage_cfg: JobConfig, path: Path) -> JobConfig:
     return stage_cfg
 
 
+def check_step_configs(cfg: PipelineConfig) -> None:
+    """Load every step's config before the first step runs: a missing file, an unknown key or a bad value in the
+    evaluation's or a later stage's YAML is one line now, not after hours of training."""
+    for stage_yaml in cfg.stages:
+        load_config(JobConfig, stage_yaml, cfg.stage_overrides)
+    for config_cls, yaml_path in ((CurationConfig, cfg.curation), (CLRConfig, cfg.clr), (EvalConfig, cfg.evaluation)):
+        if yaml_path:
+            load_config(config_cls, yaml_path)
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
     """Corpus → tokenizer → initial model → the configured stages, under cfg.output_dir; return the paths."""
+    check_step_configs(cfg)
     out = Path(cfg.output_dir)
     corpus = out / "corpus" / "corpus.parquet"
     t = _step("corpus", corpus.is_file())

@@ -36,6 +36,17 @@ def test_bad_override_is_a_clear_error(capsys):
     assert "tokenizer.vocab" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, named", [("evaluation=/nonexistent/eval.yaml", "/nonexistent/eval.yaml"),
+                                             ("stage_overrides=[train.stepz=3]", "train.stepz")])
+def test_a_later_steps_bad_config_is_one_line_before_the_first_step(override, named, tmp_path, capsys):
+    """The evaluation's YAML (read after training) and the stages' overrides are checked before the corpus step."""
+    assert main(["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", f"output_dir={tmp_path}",
+                 "--set", override]) == 2
+    captured = capsys.readouterr()
+    assert named in captured.err and "[pipeline] corpus" not in captured.out
+    assert [p.name for p in tmp_path.iterdir()] == ["logs"]  # no step wrote anything
+
+
 def test_pipeline_builds_tokenizer_and_model_then_skips(tmp_path, ray_cluster, capsys, data_root):
     from conan.model import ConanConfig
 
