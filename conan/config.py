@@ -542,8 +542,9 @@ def _build(cls: type[T], data: Any, prefix: str = "") -> T:
 
 def _check_bounds(config: Any, prefix: str) -> None:
     """ConfigError naming the key of a value under its class's LEAST (minimum), at or under its ABOVE (exclusive
-    bound), or an empty list of its NOT_EMPTY: a negative step count trained nothing and exported the init,
-    log_every=0 failed inside a worker, an empty sweep grid failed after Ray started."""
+    bound), or an empty list or a repeated value in its NOT_EMPTY: a negative step count trained nothing and
+    exported the init, log_every=0 failed inside a worker, an empty sweep grid failed after Ray started, a repeated
+    one misaligned the results table."""
     for name, least in getattr(config, "LEAST", {}).items():
         value = getattr(config, name)
         if value is not None and value < least:
@@ -552,9 +553,11 @@ def _check_bounds(config: Any, prefix: str) -> None:
         value = getattr(config, name)
         if value is not None and not value > bound:
             raise ConfigError(f"{f'{prefix}.{name}' if prefix else name}: must be above {bound}, got {value}")
-    for name in getattr(config, "NOT_EMPTY", ()):
-        if not getattr(config, name):
-            raise ConfigError(f"{f'{prefix}.{name}' if prefix else name}: must name at least one value")
+    for name in getattr(config, "NOT_EMPTY", ()):  # grids: one trial per value, each value once
+        values = getattr(config, name)
+        if not values or len(set(values)) < len(values):
+            raise ConfigError(f"{f'{prefix}.{name}' if prefix else name}: must name at least one value, each once "
+                              f"(got {values})")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, cls: type | None = None) -> None:

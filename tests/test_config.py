@@ -54,6 +54,8 @@ def test_bad_key_or_type_names_the_key(override, key):
 def test_an_empty_experiment_grid_or_no_seeds_is_refused():
     with pytest.raises(ConfigError, match="temperatures: must name at least one value"):
         load_config(SweepConfig, None, ["temperatures=[]"])
+    with pytest.raises(ConfigError, match=r"temperatures: .*each once \(got \[0.05, 0.05\]\)"):
+        load_config(SweepConfig, None, ["temperatures=[0.05, 0.050]"])
     with pytest.raises(ConfigError, match="seeds: must be at least 1, got 0"):
         load_config(AblationConfig, None, ["seeds=0"])
     with pytest.raises(ConfigError, match="max_items: must be at least 1"):

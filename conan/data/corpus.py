@@ -91,6 +91,8 @@ def write_corpus(root: str | Path, out_path: str | Path, sources: list[str] | No
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     texts, langs, srcs = zip(*rows) if rows else ((), (), ())
+    partial = out_path.with_name(out_path.name + ".partial")  # whole or absent: the pipeline skips a corpus that is
     pq.write_table(pa.table({"text": list(texts), "lang": list(langs), "source": list(srcs)},
-                            schema=CORPUS_SCHEMA), out_path)
+                            schema=CORPUS_SCHEMA), partial)
+    partial.rename(out_path)
     return len(rows)

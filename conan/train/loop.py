@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from conan.config import JobConfig, from_dict
 from conan.data.shards import load_manifest, merge_manifests
-from conan.data.stream import DataPosition
+from conan.data.stream import DataPosition, DataPositionError
 from conan.metrics import TrainMetrics
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
@@ -69,6 +69,10 @@ def train_worker(loop_config: dict) -> None:
 
     start = restore(engine, stage, rank, position, ray.train.get_checkpoint(),
                     log=lambda message: print(f"[{cfg.stage}] {message}", flush=True))
+    if start > cfg.train.steps:  # the loop would run no step and export that run's model as one of train.steps
+        raise DataPositionError(f"{cfg.output_dir} holds this stage's run at step {start}, past train.steps = "
+                                f"{cfg.train.steps}: continue it with train.steps >= {start}, or start a new run "
+                                "(another output_dir)")
     if start:
         print(f"[{cfg.stage}] rank {rank} resumed at step {start}", flush=True)
 
