@@ -335,8 +335,9 @@ class SupervisedStage(Stage):
         return {g: task_weights[task_of(g)] * n / per_task[task_of(g)] for g, n in rows.items()}
 
     def group_batch(self, group):
-        """Its task's batch (supervised.batch_sizes): an STS group of 20 rows a rank is pooled at batch 32."""
-        return self.cfg.supervised.batch_sizes[task_of(group)]
+        """Its task's batch (supervised.batch_sizes): an STS group of 20 rows a rank is pooled at batch 32. A task
+        without one has weight 0 (check_inputs refuses a weighted one): its groups are never drawn."""
+        return self.cfg.supervised.batch_sizes.get(task_of(group), 1)
 
     def prepare(self, files, stats):
         super().prepare(files, stats)

@@ -279,3 +279,11 @@ def test_rows_with_fewer_negatives_than_k_train_on_the_ones_they_have(tmp_path, 
     figures = stage.metrics()
     assert empty_slots > 0 and all(np.isfinite(figures[f"retrieval_{key}"]) for key in (
         "hard_negative_cos", "negative_cos", "log_candidates"))  # averages of the filled slots, not NaN
+
+
+def test_rows_of_an_unweighted_task_without_a_batch_size_are_never_drawn(tmp_path, small_tokenizer):
+    """A task at weight 0 needs no batch size (the DHNM tests train retrieval alone on rows that hold every task)."""
+    rows = task_rows("retrieval", 24) + [{**r, "text": f"utterance {i}", "label": "a"}
+                                         for i, r in enumerate(task_rows("classification", 24))]
+    stage = supervised_stage(tmp_path, small_tokenizer, {"retrieval": 1.0}, rows)
+    assert {stage.batch(i)["task"] for i in range(6)} == {"retrieval"}
