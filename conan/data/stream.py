@@ -291,7 +291,8 @@ class GroupedStream:
     def batch(self, index: int, batch_size: int) -> tuple[str, list[dict]]:
         """(group, rows) of the index-th micro-batch: batch_size rows, or every row of this rank's slice of a group
         that, pooled or not, holds fewer (ranks hold equal slices, so their batches stay equal; no row repeats)."""
-        group, stream = self.group(index), self.streams[self.group(index)]
+        group = self.group(index)
+        stream = self.streams[group]
         return group, stream.batch(self.occurrence[index % len(self.schedule)], min(batch_size, stream.per_rank))
 
 
