@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conan.tokenizer import encode_texts, load_tokenizer, token_ids
+
 
 def check_model_dir(model_dir: str | Path) -> Path:
     """The model directory, or a FileNotFoundError that names it and what writes one."""
@@ -40,7 +42,6 @@ class Encoder:
     def __init__(self, model_dir: str | Path, device: str = "cpu", max_length: int | None = None,
                  batch_size: int = 32):
         from conan.model import ConanForEmbedding
-        from conan.tokenizer import load_tokenizer
 
         self.model = ConanForEmbedding.from_pretrained(str(check_model_dir(model_dir)),
                                                        use_safetensors=True).to(device).eval()
@@ -65,12 +66,11 @@ class Encoder:
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Tokens of each text, special tokens included, before truncation (what usage reports)."""
-        ids = self.counting_tokenizer(texts)["input_ids"]
-        return [len(x) for x in ids]
+        return [len(x) for x in token_ids(self.counting_tokenizer, texts)]
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, cut at max_length."""
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"] if texts else []
+        return encode_texts(self.tokenizer, texts, self.max_length)
 
     def encode(self, texts: list[str], dim: int | None = None) -> np.ndarray:
         """(len(texts), dim or hidden) float32 in input order: each block of SORT_BLOCK texts tokenized, sorted by

@@ -68,6 +68,27 @@ def train_tokenizer(paths: list[str], out_dir: str | Path, vocab_size: int, min_
     return tokenizer
 
 
+def token_ids(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids with the post-processor's <|eos|>, as `tokenizer(texts)["input_ids"]` gives them. Each
+    distinct text is tokenized once (training rows repeat their passages: the demo's supervised rows hold 154k distinct
+    texts in 708k, 6x less time) and the Rust tokenizer is called directly (transformers' per-text conversion costs a
+    quarter of the time). Equal texts share one list: read it, do not change it."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation or backend.padding:  # what a `tokenizer(..., truncation=True)` call left set
+        backend.no_truncation()
+        backend.no_padding()
+    unique = list(dict.fromkeys(texts))
+    ids = dict(zip(unique, (e.ids for e in backend.encode_batch(unique, add_special_tokens=True))))
+    return [ids[t] for t in texts]
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of texts (each ending with <|eos|>), cut at max_length keeping the <|eos|>: what training, the
+    evaluation and the server feed the model (the same as `tokenizer(texts, truncation=True, max_length=...)`)."""
+    eos = tokenizer.eos_token_id
+    return [ids if len(ids) <= max_length else ids[:max_length - 1] + [eos] for ids in token_ids(tokenizer, texts)]
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a saved Conan tokenizer directory (local files only)."""
     path = Path(path)

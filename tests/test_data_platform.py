@@ -630,7 +630,8 @@ def test_weak_pairs_are_tokenized_upstream_file_for_file(ray_cluster, tokenizer_
     from conan.config import JobConfig, from_dict
     from conan.data.dedup import content_keys
     from conan.data.shards import load_manifest, merge_manifests
-    from conan.data.tokenize import encode_texts, tokenize_shards
+    from conan.data.tokenize import tokenize_shards
+    from conan.tokenizer import encode_texts
     from conan.train.launcher import stage_shards
     from conan.train.stages import WeakStage
 

@@ -39,7 +39,7 @@ def test_lookup_with_a_tokenizer_holds_each_passages_ids_and_mask_key(tmp_path, 
 
     from conan.data.dedup import content_keys
     from conan.data.public_sets import csl_rows
-    from conan.data.tokenize import encode_texts
+    from conan.tokenizer import encode_texts
 
     texts = [abstract for abstract, _ in csl_rows(data_root, "ts", "dev")][:500]
     pq.write_table(pa.table({"text": texts}), tmp_path / "passages.parquet")

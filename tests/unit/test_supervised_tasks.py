@@ -141,7 +141,7 @@ def test_supervised_rows_are_tokenized_upstream(tmp_path, small_tokenizer, data_
     from conan.data.dedup import content_keys
     from conan.data.passages import PassageLookup, write_passage_lookup
     from conan.data.public_sets import tatoeba_lines
-    from conan.data.tokenize import encode_texts
+    from conan.tokenizer import encode_texts
 
     lines = tatoeba_lines(data_root / "tatoeba" / "tatoeba.deu-eng.eng", "train")[:200]
     blank = {"query": "", "positive": "", "negatives": [], "query_id": "", "positive_key": "", "negative_keys": [],
