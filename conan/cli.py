@@ -227,9 +227,10 @@ def cmd_tokenizer(args) -> int:
     """Train a byte-level BPE tokenizer."""
     from conan.config import require_paths
     from conan.runtime import init_ray
-    from conan.tokenizer import train_tokenizer
+    from conan.tokenizer import check_vocab_size, train_tokenizer
 
     require_paths(args.inputs, "conan tokenizer inputs")
+    check_vocab_size(args.vocab_size)
     init_ray(args.ray_address)
     tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.min_frequency, args.max_texts)
     print(f"tokenizer with {len(tok)} tokens → {args.out}")

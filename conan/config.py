@@ -434,7 +434,8 @@ class CLRConfig:
     inject_failure_at: str | None = None  # chaos test: the translator holding this input row (file:line) dies once
 
 
-EVAL_TASKS = ("xquad-retrieval", "xquad-clr", "stsb", "stsb-cross", "banking77", "csl-categories", "tatoeba")
+EvalTask = Literal["xquad-retrieval", "xquad-clr", "stsb", "stsb-cross", "banking77", "csl-categories", "tatoeba"]
+EVAL_TASKS: tuple[str, ...] = typing.get_args(EvalTask)
 
 
 @dataclass
@@ -450,7 +451,7 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=list)
     output_dir: str = "runs/tiny/eval"
     data_root: str = field(default_factory=default_data_root)
-    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
+    tasks: list[EvalTask] = field(default_factory=lambda: list(EVAL_TASKS))
     beir: list[str] = field(default_factory=list)  # BEIR folders: corpus.jsonl, queries.jsonl, qrels/test.tsv
     dims: list[int] | None = None  # Matryoshka dims to score (default: the model's matryoshka_dims)
     max_items: int | None = 500  # cap per task and language: queries, pairs, test texts, sentences

@@ -17,7 +17,7 @@ from conan.encoder import model_name
 from conan.model import ConanConfig, ConanForCausalLM, count_parameters
 from conan.model.build import model_config_for
 from conan.runtime import init_ray
-from conan.tokenizer import load_tokenizer, train_tokenizer
+from conan.tokenizer import check_vocab_size, load_tokenizer, train_tokenizer
 from conan.train.launcher import is_finished, run_stage
 
 
@@ -97,7 +97,11 @@ def _mine_step(stage_cfg: JobConfig, path: Path) -> JobConfig:
 
 def check_step_configs(cfg: PipelineConfig) -> None:
     """Load every step's config before the first step runs: a missing file, an unknown key or a bad value in the
-    evaluation's or a later stage's YAML is one line now, not after hours of training."""
+    evaluation's or a later stage's YAML is one line now, not after hours of training; so is an unknown model
+    preset or a vocabulary too small for the tokenizer."""
+    ConanConfig.from_preset(cfg.model.preset)
+    if not cfg.tokenizer.path:
+        check_vocab_size(cfg.tokenizer.vocab_size)
     for stage_yaml in cfg.stages:
         load_config(JobConfig, stage_yaml, cfg.stage_overrides)
     for config_cls, yaml_path in ((CurationConfig, cfg.curation), (CLRConfig, cfg.clr), (EvalConfig, cfg.evaluation)):

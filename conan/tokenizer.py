@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from conan.config import ConfigError
+
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 # Markers the SFT and embedding stages put around instruction/input/output, queries and documents.
 INSTRUCTION, INPUT, OUTPUT = "<|instruction|>", "<|input|>", "<|output|>"
@@ -29,11 +31,16 @@ CHAT_TEMPLATE = ("{%- for m in messages -%}"
                  "{%- if add_generation_prompt -%}" + OUTPUT + "{%- endif -%}")
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """ConfigError unless the vocabulary holds the 256 bytes and the special tokens (checked before Ray starts)."""
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ConfigError(f"vocab_size {vocab_size} must leave room for 256 bytes and {len(SPECIAL_TOKENS)} specials")
+
+
 def train_tokenizer_from_iterator(texts: Iterable[str], vocab_size: int,
                                   min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on an iterator of strings and wrap it as a PreTrainedTokenizerFast."""
-    if vocab_size < len(SPECIAL_TOKENS) + 256:
-        raise ValueError(f"vocab_size {vocab_size} must leave room for 256 bytes and {len(SPECIAL_TOKENS)} specials")
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

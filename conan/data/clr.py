@@ -119,6 +119,8 @@ def build_clr(cfg: CLRConfig, job: str = "build_clr") -> dict:
 
     started = time.perf_counter()
     require_paths(cfg.inputs, "inputs")
+    if cfg.backend != "lookup" and not cfg.model:
+        raise ConfigError(f"model: backend {cfg.backend} translates with a model; name its directory")
     out, langid_path = start_step(cfg.output_dir, "build_clr", cfg.ray_address, cfg.data_root)
     inputs = cfg.inputs or [str(xquad_triples(cfg.data_root, cfg.num_negatives, out / "source" / "xquad_en.parquet"))]
     languages = cfg.languages

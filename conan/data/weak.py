@@ -187,6 +187,7 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
 
     started = time.perf_counter()
     require_paths(cfg.inputs, "inputs")
+    require_paths([cfg.score_model] if cfg.score_model else [], "score_model")
     out, langid_path = start_step(cfg.output_dir, "curation", cfg.ray_address, cfg.data_root)
     inputs = cfg.inputs or [str(sft_records_file(cfg.data_root, out / "source" / "sft.jsonl"))]
     shards = [ray.remote(DedupShard).options(num_cpus=0).remote() for _ in range(cfg.dedup_shards)]

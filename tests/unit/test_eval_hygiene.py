@@ -55,3 +55,11 @@ def test_weak_pairs_take_sts_b_train_paraphrases_only(data_root):
     assert len({lang for *_, lang in pairs}) == 11 and len(pairs) > 10_000
     sts = {(r["s1"], r["s2"]) for r in supervised_records(data_root) if r["task"] == "sts"}
     assert len(sts) > 50_000 and not sts & test and not {(s1, s2) for s1, s2, _ in pairs} & test
+
+
+def test_every_configurable_task_has_a_loader():
+    """The config checks task names when it loads (EvalConfig.tasks); the runner loads by the same names."""
+    from conan.config import EVAL_TASKS
+    from conan.eval.tasks import LOADERS
+
+    assert sorted(EVAL_TASKS) == sorted(LOADERS)

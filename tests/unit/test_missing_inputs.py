@@ -110,3 +110,39 @@ def test_a_bad_corpus_request_is_one_line(argv, line, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"conan corpus: error: {line}"), err
     assert not (tmp_path / "c.parquet").exists()
+
+
+WRONG_VALUES = [
+    (["model-info", "--preset", "huge"], "unknown model preset 'huge'"),
+    (["tokenizer", "CORPUS", "--out", "OUT/tok", "--vocab-size", "10"], "vocab_size 10 must leave room"),
+    (["evaluate", "--config", "jobs/configs/eval_tiny.yaml", "--set", "tasks=[xquad-retreival]"],
+     "tasks[0]: expected one of ['xquad-retrieval', "),
+    (["clr", "--config", "jobs/configs/clr_tiny.yaml", "--set", "backend=hf"],
+     "model: backend hf translates with a model"),
+    (["curate", "--config", "jobs/configs/curate_tiny.yaml", "--set", f"score_model={NOPE}/scorer"],
+     f"score_model: {NOPE}/scorer does not exist"),
+    (["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", "model.preset=huge"],
+     "unknown model preset 'huge'"),
+    (["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", "tokenizer.vocab_size=10"],
+     "vocab_size 10 must leave room"),
+]
+
+
+@pytest.mark.parametrize("argv, line", WRONG_VALUES, ids=lambda x: " ".join(x[:1] + x[-1:]) if isinstance(x, list) else "")
+def test_a_wrong_value_is_one_line_before_ray(argv, line, tmp_path, capsys, monkeypatch):
+    """Each was a traceback, the tokenizer's and the curation's after Ray had started (the curation's after its
+    whole Ray pipeline ran), the pipeline's after the corpus and tokenizer steps."""
+    import conan.runtime
+    import conan.train.launcher
+
+    for module in (conan.runtime, conan.train.launcher):
+        monkeypatch.setattr(module, "init_ray", lambda *_, **__: pytest.fail("Ray was joined"))
+    (tmp_path / "corpus.txt").write_text("a text\n")
+    args = [a.replace("CORPUS", str(tmp_path / "corpus.txt")).replace("OUT", str(tmp_path)) for a in argv]
+    if argv[0] not in ("model-info", "tokenizer"):
+        args += ["--set", f"output_dir={tmp_path / 'out'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"conan {argv[0]}: error: {line}"), err
+    written = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
+    assert written in ([], ["logs"]) and not (tmp_path / "tok").exists()  # the command's log, no data
