@@ -243,7 +243,8 @@ def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.nd
     for batch in _input_batches(src, rows_per_shard, spec):
         table = pa.Table.from_batches([batch])
         if keep is not None:
-            local = keep[(keep >= offset) & (keep < offset + table.num_rows)] - offset
+            first, last = np.searchsorted(keep, [offset, offset + table.num_rows])  # keep is sorted
+            local = keep[first:last] - offset
             offset += table.num_rows
             table = table.take(pa.array(local, pa.int64()))
         table = spec.select(table, str(src))
@@ -292,8 +293,10 @@ def _first_schema(out_dir: Path, groups: dict[str, list[ShardFile]]) -> tuple[li
     return schema.names, schema.types
 
 
-def _sample(files: list[Path], max_rows: int | None, seed: int) -> dict[int, list[int]]:
-    """Per input file, the row indices of a seeded random sample of max_rows rows over all files ({} = keep all)."""
+def _sample(files: list[Path], max_rows: int | None, seed: int) -> dict[int, np.ndarray]:
+    """Per input file, the row indices of a seeded random sample of max_rows rows over all files ({} = keep all).
+    8 bytes a kept row, split in one pass (a Python list per file took 36 bytes a row, and masking the whole sample
+    for each file took files × rows)."""
     if max_rows is None:
         return {}
     counts = [_count_rows(f) for f in files]
@@ -302,8 +305,8 @@ def _sample(files: list[Path], max_rows: int | None, seed: int) -> dict[int, lis
         return {}
     chosen = np.sort(np.random.default_rng([seed, 11]).choice(total, max_rows, replace=False))
     starts = np.cumsum([0, *counts])
-    return {i: (chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]).tolist()
-            for i in range(len(files))}
+    bounds = np.searchsorted(chosen, starts)
+    return {i: chosen[bounds[i]:bounds[i + 1]] - starts[i] for i in range(len(files))}
 
 
 def _count_rows(path: Path) -> int:
