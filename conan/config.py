@@ -311,6 +311,8 @@ class PipelineConfig:
     corpus_max_per_source: int | None = None
     ray_address: str | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # The initial model: preset and overrides; activation_checkpointing on turns it on in every stage; init_from is a
+    # stage's setting (conan train), an error here.
     model: ModelSpec = field(default_factory=ModelSpec)
     # Stage YAMLs run in order after the model is built; each starts from the previous export and
     # writes under output_dir/<stage>. Overrides apply to every stage (e.g. train.steps=10).

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conan.config import (PIPELINE_STEPS, CLRConfig, CurationConfig, EvalConfig, JobConfig, PipelineConfig, load_config,
-                          setting, to_dict)
+from conan.config import (PIPELINE_STEPS, CLRConfig, ConfigError, CurationConfig, EvalConfig, JobConfig, PipelineConfig,
+                          load_config, setting, to_dict)
 from conan.console import say
 from conan.data.corpus import write_corpus
 from conan.encoder import model_name
@@ -95,15 +95,26 @@ def _mine_step(stage_cfg: JobConfig, path: Path) -> JobConfig:
     return stage_cfg
 
 
+def stage_overrides(cfg: PipelineConfig) -> list[str]:
+    """What every stage's config gets from the pipeline before the run's paths: model.activation_checkpointing when the
+    pipeline's is on, then stage_overrides."""
+    on = [setting("model.activation_checkpointing", True)] if cfg.model.activation_checkpointing else []
+    return [*on, *cfg.stage_overrides]
+
+
 def check_step_configs(cfg: PipelineConfig) -> None:
     """Load every step's config before the first step runs: a missing file, an unknown key or a bad value in the
     evaluation's or a later stage's YAML is one line now, not after hours of training; so is an unknown model
     preset or a vocabulary too small for the tokenizer."""
+    if cfg.model.init_from:
+        raise ConfigError("model.init_from: the pipeline builds its own initial model (model.preset, model.overrides);"
+                          " to start a stage from an export, run it alone: conan train <stage> --set "
+                          "model.init_from=DIR")
     ConanConfig.from_preset(cfg.model.preset)
     if not cfg.tokenizer.path:
         check_vocab_size(cfg.tokenizer.vocab_size)
     for stage_yaml in cfg.stages:
-        load_config(JobConfig, stage_yaml, cfg.stage_overrides)
+        load_config(JobConfig, stage_yaml, stage_overrides(cfg))
     for config_cls, yaml_path in ((CurationConfig, cfg.curation), (CLRConfig, cfg.clr), (EvalConfig, cfg.evaluation)):
         if yaml_path:
             load_config(config_cls, yaml_path)
@@ -152,7 +163,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
     previous = model_dir
     for stage_yaml in cfg.stages:
         stage_cfg = load_config(JobConfig, stage_yaml, [
-            *cfg.stage_overrides, setting("model.init_from", str(previous)), setting("tokenizer.path", str(tok_dir)),
+            *stage_overrides(cfg), setting("model.init_from", str(previous)), setting("tokenizer.path", str(tok_dir)),
             setting("data.root", cfg.data_root), setting("ray_address", cfg.ray_address)])
         if stage_cfg.stage == "pretrain" and not stage_cfg.data.paths:  # what the tokenizer learned from
             stage_cfg.data.paths = [str(corpus)]

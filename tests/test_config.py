@@ -219,3 +219,15 @@ def test_each_commands_help_shows_an_override_its_config_takes():
     for command, cls in configs.items():
         load_config(cls, None, [SET_EXAMPLES[command]])
     load_config(JobConfig, None, ["optim.lr=2e-5"])  # the stage commands' example
+
+
+def test_the_pipelines_activation_checkpointing_reaches_every_stage():
+    """It was accepted and ignored: every stage trained without it. A stage override still has the last word."""
+    from conan.pipeline import stage_overrides
+
+    cfg = load_config(PipelineConfig, "jobs/configs/pipeline_tiny.yaml", ["model.activation_checkpointing=true"])
+    assert all(load_config(JobConfig, s, stage_overrides(cfg)).model.activation_checkpointing for s in cfg.stages)
+    cfg.stage_overrides = ["model.activation_checkpointing=false"]
+    assert not any(load_config(JobConfig, s, stage_overrides(cfg)).model.activation_checkpointing for s in cfg.stages)
+    plain = load_config(PipelineConfig, "jobs/configs/pipeline_tiny.yaml")
+    assert not any(load_config(JobConfig, s, stage_overrides(plain)).model.activation_checkpointing for s in plain.stages)

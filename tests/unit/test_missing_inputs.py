@@ -125,6 +125,8 @@ WRONG_VALUES = [
      "unknown model preset 'huge'"),
     (["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", "tokenizer.vocab_size=10"],
      "vocab_size 10 must leave room"),
+    (["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", f"model.init_from={NOPE}/model"],
+     "model.init_from: the pipeline builds its own initial model"),
 ]
 
 
