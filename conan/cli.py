@@ -58,15 +58,21 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    """Train one stage on Ray Train."""
+def stage_config(args, stage: str):
+    """The command's JobConfig for `stage`: a config file configuring another stage is a mistake, not an override."""
     from conan.config import JobConfig
-    from conan.train.launcher import run_stage
 
     cfg = load_config(JobConfig, args.config, args.overrides)
-    if args.config and cfg.stage != args.stage:
-        raise ConfigError(f"stage: {args.config} configures stage {cfg.stage!r}, not {args.stage!r}")
-    cfg = load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"])
+    if args.config and cfg.stage != stage:
+        raise ConfigError(f"stage: {args.config} configures stage {cfg.stage!r}, not {stage!r}")
+    return load_config(JobConfig, args.config, [*args.overrides, f"stage={stage}"])
+
+
+def cmd_train(args) -> int:
+    """Train one stage on Ray Train."""
+    from conan.train.launcher import run_stage
+
+    cfg = stage_config(args, args.stage)
     with _quiet(args, cfg.output_dir):
         result = run_stage(cfg)
     print(json.dumps({"stage": cfg.stage, "model": str(result.model_dir), "skipped": result.skipped,
@@ -76,12 +82,11 @@ def cmd_train(args) -> int:
 
 def cmd_shard(args) -> int:
     """Write a stage's input as shards (what `conan train` would do first), without training."""
-    from conan.config import JobConfig
     from conan.runtime import init_ray
     from conan.train.launcher import absolute_paths, check_inputs, stage_shards, with_demo_data
     from conan.train.stages import stage_class
 
-    cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"]))
+    cfg = absolute_paths(stage_config(args, args.stage))
     tokenizer_dir = check_inputs(cfg)  # what `conan train` checks first; the upstream tokenization needs it
     with _quiet(args, cfg.output_dir):
         init_ray(cfg.ray_address)
@@ -94,11 +99,10 @@ def cmd_shard(args) -> int:
 def cmd_demo(args) -> int:
     """Write a stage's input from the demo data source (the bundled datasets), as `conan train` does when
     data.paths is empty."""
-    from conan.config import JobConfig
     from conan.train.launcher import absolute_paths, with_demo_data
     from conan.train.stages import stage_class
 
-    cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, f"stage={args.stage}"]))
+    cfg = absolute_paths(stage_config(args, args.stage))
     if cfg.data.paths:
         raise ConfigError(f"data.paths is set ({cfg.data.paths}): the stage reads that, not the demo data")
     cfg = with_demo_data(cfg, stage_class(args.stage))
@@ -108,12 +112,11 @@ def cmd_demo(args) -> int:
 
 def cmd_mine(args) -> int:
     """Mine hard-negative candidates for the supervised stage's queries."""
-    from conan.config import JobConfig
     from conan.runtime import init_ray
     from conan.train.launcher import absolute_paths, check_inputs, mine_negatives, with_demo_data
     from conan.train.stages import stage_class
 
-    cfg = absolute_paths(load_config(JobConfig, args.config, [*args.overrides, "stage=supervised"]))
+    cfg = absolute_paths(stage_config(args, "supervised"))
     check_inputs(cfg)
     with _quiet(args, cfg.output_dir):
         init_ray(cfg.ray_address)

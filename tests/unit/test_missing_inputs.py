@@ -125,6 +125,10 @@ WRONG_VALUES = [
      "unknown model preset 'huge'"),
     (["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", "tokenizer.vocab_size=10"],
      "vocab_size 10 must leave room"),
+    *[(argv, "stage: jobs/configs/weak_tiny.yaml configures stage 'weak', not ") for argv in (
+        ["shard", "supervised", "--config", "jobs/configs/weak_tiny.yaml"], ["demo", "sft", "--config",
+                                                                              "jobs/configs/weak_tiny.yaml"],
+        ["mine", "--config", "jobs/configs/weak_tiny.yaml"])],
     (["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", f"model.init_from={NOPE}/model"],
      "model.init_from: the pipeline builds its own initial model"),
 ]
