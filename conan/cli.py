@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from conan.config import PIPELINE_STEPS, STAGES, USER_ERRORS, ConfigError, PipelineConfig, load_config
 
@@ -41,11 +42,12 @@ def _quiet(args, output_dir: str):
 
 def cmd_pipeline(args) -> int:
     """Run the end-to-end pipeline."""
-    from conan.pipeline import run_pipeline
+    from conan.pipeline import check_step_configs, run_pipeline
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     if args.from_step:
         from conan.pipeline import reset_from
+        check_step_configs(cfg)  # a mistake in a config must not cost the outputs --from removes
         for path in reset_from(cfg.output_dir, args.from_step):
             print(f"[pipeline] --from {args.from_step}: removed {path}", flush=True)
     start = time.perf_counter()
@@ -59,13 +61,17 @@ def cmd_pipeline(args) -> int:
 
 
 def stage_config(args, stage: str):
-    """The command's JobConfig for `stage`: a config file configuring another stage is a mistake, not an override."""
+    """The command's JobConfig for `stage`: a config file that names another stage is a mistake, not an override (one
+    that names none takes the command's)."""
+    import yaml
+
     from conan.config import JobConfig
 
-    cfg = load_config(JobConfig, args.config, args.overrides)
-    if args.config and cfg.stage != stage:
-        raise ConfigError(f"stage: {args.config} configures stage {cfg.stage!r}, not {stage!r}")
-    return load_config(JobConfig, args.config, [*args.overrides, f"stage={stage}"])
+    cfg = load_config(JobConfig, args.config, [*args.overrides, f"stage={stage}"])  # its own errors first
+    named = (yaml.safe_load(Path(args.config).read_text()) or {}).get("stage") if args.config else None
+    if named is not None and named != stage:
+        raise ConfigError(f"stage: {args.config} configures stage {named!r}, not {stage!r}")
+    return cfg
 
 
 def cmd_train(args) -> int:
@@ -274,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a stage's input (data.paths) as parquet shards with a manifest, without training",
                         description="Stream data.paths (parquet / JSONL files or directories) into shards grouped by "
                                     "the stage's batch columns, one Ray task per input file, under "
-                                    "<output_dir>/shards, then tokenize upstream on a Ray Data actor pool "
+                                    "<output_dir>/shards, then tokenize upstream on a Ray Data actor pool (in process "
+                                    "below 250,000 rows) "
                                     "(pretraining: token blocks; weak: the pairs' token ids). `conan train` does the "
                                     "same first and reuses them; like it, this needs the tokenizer (tokenizer.path "
                                     "or model.init_from).")

@@ -152,3 +152,26 @@ def test_a_wrong_value_is_one_line_before_ray(argv, line, tmp_path, capsys, monk
     assert len(err) == 1 and err[0].startswith(f"conan {argv[0]}: error: {line}"), err
     written = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
     assert written in ([], ["logs"]) and not (tmp_path / "tok").exists()  # the command's log, no data
+
+
+def test_a_config_naming_no_stage_takes_the_commands(tmp_path):
+    """Only a config that names another stage is refused (a file without `stage:` is not a pretraining config)."""
+    from types import SimpleNamespace
+
+    from conan.cli import stage_config
+
+    text = "\n".join(line for line in open("jobs/configs/supervised_tiny.yaml").read().splitlines()
+                     if not line.startswith("stage:"))
+    (tmp_path / "nostage.yaml").write_text(text)
+    cfg = stage_config(SimpleNamespace(config=str(tmp_path / "nostage.yaml"), overrides=[]), "supervised")
+    assert cfg.stage == "supervised" and cfg.supervised.batch_sizes["retrieval"] == 16
+
+
+def test_pipeline_from_a_step_keeps_the_outputs_when_a_config_is_wrong(tmp_path, capsys):
+    """--from removed the later steps' outputs, then the config check refused the run."""
+    for step in ("weak", "supervised"):
+        (tmp_path / "out" / step).mkdir(parents=True)
+    assert main(["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--from", "weak", "--set",
+                 f"output_dir={tmp_path / 'out'}", "--set", f"model.init_from={NOPE}/model"]) == 2
+    assert "model.init_from: the pipeline builds its own initial model" in capsys.readouterr().err
+    assert (tmp_path / "out" / "weak").is_dir() and (tmp_path / "out" / "supervised").is_dir()
