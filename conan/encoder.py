@@ -46,8 +46,9 @@ class Encoder:
         self.model = ConanForEmbedding.from_pretrained(str(check_model_dir(model_dir)),
                                                        use_safetensors=True).to(device).eval()
         self.tokenizer = load_tokenizer(model_dir)
-        # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the server counts
-        # tokens on its event loop while a worker thread encodes, so counting has its own instance.
+        # A fast tokenizer must not be used from two threads at once ("Already borrowed"): the server's batcher
+        # counts and encodes in its worker thread, but a caller may count on its own thread meanwhile (usage checks,
+        # the serving bench), so counting has its own instance.
         self.counting_tokenizer = load_tokenizer(model_dir)
         self.device, self.batch_size = device, batch_size
         config = self.model.config

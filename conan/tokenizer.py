@@ -78,8 +78,8 @@ def train_tokenizer(paths: list[str], out_dir: str | Path, vocab_size: int, min_
 def token_ids(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
     """Each text's token ids with the post-processor's <|eos|>, as `tokenizer(texts)["input_ids"]` gives them. Each
     distinct text is tokenized once (training rows repeat their passages: the demo's supervised rows hold 154k distinct
-    texts in 708k, 6x less time) and the Rust tokenizer is called directly (transformers' per-text conversion costs a
-    quarter of the time). Equal texts share one list: read it, do not change it."""
+    texts in 708k; their token shards took 34.5 s, now 9.2 s) and the Rust tokenizer is called directly
+    (transformers' per-text conversion cost a quarter of the time). Equal texts share one list: read it, do not change it."""
     backend = tokenizer.backend_tokenizer
     if backend.truncation or backend.padding:  # what a `tokenizer(..., truncation=True)` call left set
         backend.no_truncation()

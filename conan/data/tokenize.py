@@ -1,4 +1,5 @@
-"""Tokenize upstream of the GPU workers: Ray Data jobs on CPU actor pools that write token shards.
+"""Tokenize upstream of the GPU workers: Ray Data jobs on CPU actor pools that write token shards (inputs of at most
+IN_PROCESS_ROWS rows: the same code in the launching process).
 
 Pretraining: each documents shard becomes one blocks shard: its documents tokenized (each ends with <|eos|>), laid
 end to end in shard order and cut into blocks of seq_len tokens; the shard's last block keeps what is left (shorter),
