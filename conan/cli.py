@@ -248,10 +248,11 @@ def cmd_tokenizer(args) -> int:
 
 def cmd_model_info(args) -> int:
     """Print parameter counts of the model presets."""
-    from conan.model import PRESETS, ConanConfig, count_parameters
+    from conan.model import PRESETS, count_parameters
+    from conan.model.build import preset_config
 
     for name in args.preset or sorted(PRESETS):
-        config = ConanConfig.from_preset(name)
+        config = preset_config(name)
         print(f"{name}: {count_parameters(config):,} parameters (hidden {config.hidden_size}, "
               f"layers {config.num_hidden_layers}, heads {config.num_attention_heads}/"
               f"{config.num_key_value_heads} KV, FFN {config.intermediate_size}, vocab {config.vocab_size})")

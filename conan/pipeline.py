@@ -15,7 +15,7 @@ from conan.console import say
 from conan.data.corpus import write_corpus
 from conan.encoder import model_name
 from conan.model import ConanConfig, ConanForCausalLM, count_parameters
-from conan.model.build import model_config_for
+from conan.model.build import model_config_for, preset_config
 from conan.runtime import init_ray
 from conan.tokenizer import check_vocab_size, load_tokenizer, train_tokenizer
 from conan.train.launcher import is_finished, run_stage
@@ -110,7 +110,7 @@ def check_step_configs(cfg: PipelineConfig) -> None:
         raise ConfigError("model.init_from: the pipeline builds its own initial model (model.preset, model.overrides);"
                           " to start a stage from an export, run it alone: conan train <stage> --set "
                           "model.init_from=DIR")
-    ConanConfig.from_preset(cfg.model.preset)
+    preset_config(cfg.model.preset, **cfg.model.overrides)
     if not cfg.tokenizer.path:
         check_vocab_size(cfg.tokenizer.vocab_size)
     for stage_yaml in cfg.stages:

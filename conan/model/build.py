@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conan.config import ModelSpec
+from conan.config import ConfigError, ModelSpec
 from conan.model.configuration import ConanConfig
+
+
+def preset_config(name: str, **overrides) -> ConanConfig:
+    """ConanConfig.from_preset with its complaints (an unknown preset, heads that do not divide) as a ConfigError, one
+    line from the CLI: configuration.py ships inside every export, which loads without Conan, so it cannot raise
+    conan.config's errors itself."""
+    try:
+        return ConanConfig.from_preset(name, **overrides)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
 
 
 def model_config_for(spec: ModelSpec, tokenizer) -> ConanConfig:
     """The preset with overrides, its vocabulary and special ids taken from the tokenizer."""
-    return ConanConfig.from_preset(spec.preset, **{
+    return preset_config(spec.preset, **{
         **spec.overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from conan.config import ConfigError
-
 # Paper §4.2: 8 layers, hidden 3584, 32 heads / 8 KV heads (GQA), FFN 8192, vocab 150k, 32k context.
 PRESETS: dict[str, dict] = {
     "conan-1.4b": dict(vocab_size=150_000, hidden_size=3584, num_hidden_layers=8,
@@ -88,5 +86,5 @@ class ConanConfig(PretrainedConfig):
     def from_preset(cls, name: str, **overrides) -> "ConanConfig":
         """Build a config from a named preset, with field overrides."""
         if name not in PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+            raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

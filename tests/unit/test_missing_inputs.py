@@ -113,7 +113,7 @@ def test_a_bad_corpus_request_is_one_line(argv, line, tmp_path, capsys):
 
 
 WRONG_VALUES = [
-    (["model-info", "--preset", "huge"], "unknown model preset 'huge'"),
+    (["model-info", "--preset", "huge"], "model: unknown model preset 'huge'"),
     (["tokenizer", "CORPUS", "--out", "OUT/tok", "--vocab-size", "10"], "vocab_size 10 must leave room"),
     (["evaluate", "--config", "jobs/configs/eval_tiny.yaml", "--set", "tasks=[xquad-retreival]"],
      "tasks[0]: expected one of ['xquad-retrieval', "),
@@ -122,7 +122,9 @@ WRONG_VALUES = [
     (["curate", "--config", "jobs/configs/curate_tiny.yaml", "--set", f"score_model={NOPE}/scorer"],
      f"score_model: {NOPE}/scorer does not exist"),
     (["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", "model.preset=huge"],
-     "unknown model preset 'huge'"),
+     "model: unknown model preset 'huge'"),
+    (["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", "model.overrides={num_attention_heads: 3}"],
+     "model: hidden_size 128 is not divisible by num_attention_heads 3"),
     (["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", "tokenizer.vocab_size=10"],
      "vocab_size 10 must leave room"),
     *[(argv, "stage: jobs/configs/weak_tiny.yaml configures stage 'weak', not ") for argv in (
