@@ -190,6 +190,11 @@ def test_torn_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(unin
              for c in (Path(torn.output_dir) / "ray").glob("*/checkpoint_*") if c.is_dir()}
     assert sorted(saved) == [5, 10]
     assert checkpoint_problem(saved[10]) is None and checkpoint_problem(saved[5]) is None
+    # Resumed under settings that would read other rows, the run is refused before any worker starts.
+    for change, says in (("train.grad_accum=2", "written with train.grad_accum=1; this run has train.grad_accum=2"),
+                         ("train.num_workers=1", "resume with train.num_workers=2")):
+        with pytest.raises(ConfigError, match=says):
+            run_stage(stage_config("weak", tmp_path, *base, "train.checkpoint_every=5", change))
     largest = max((f for f in saved[10].rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
     with largest.open("r+b") as f:
         f.truncate(largest.stat().st_size // 2)

@@ -20,16 +20,16 @@ GroupedStream  micro-batches homogeneous in a group (a weak pair's source/lang, 
                its group comes back instead of holding more.
 
 Nothing here has state to save: a resumed run at step s asks for micro-batch s * grad_accum and gets exactly the rows an
-uninterrupted run would have. A checkpoint records (seed, world size, manifests, the settings that order the rows) so a
-resume under another world size, other data or other settings fails loudly instead of silently reading other rows
-(`DataPosition`).
+uninterrupted run would have. A checkpoint records (seed, world size, manifests, the settings that order the rows: batch
+sizes, gradient accumulation, group weights, shuffle and bucketing) so a resume under another world size, other data
+or other settings fails loudly instead of silently reading other rows (`DataPosition`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
@@ -38,12 +38,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from conan.config import ConfigError
+
 SHUFFLE_WINDOW = 50_000  # rows permuted together by default (data.shuffle_window): one full shard
 READER_MEMORY = 2048 << 20  # bytes of row groups a worker holds over all its groups by default (data.reader_memory_mb)
 
 
-class DataPositionError(ValueError):
-    """A checkpoint's data position cannot be continued by this run."""
+READING = ("data.shuffle_window", "data.bucket_batches", "data.reader_memory_mb")  # a "reading" checkpoint's order
+
+
+class DataPositionError(ConfigError):
+    """A checkpoint's data position cannot be continued by this run (the CLI says so in one line)."""
 
 
 @dataclass(frozen=True)
@@ -53,17 +58,22 @@ class DataPosition:
     seed: int
     world_size: int
     fingerprints: tuple[str, ...]  # the manifests', in data.paths order
-    # What orders a rank's rows: data.shuffle_window, data.bucket_batches, data.reader_memory_mb (absent from
-    # checkpoints written before it was recorded: not checked then).
-    reading: tuple[int, ...] = ()
+    # The settings that order a rank's rows, {setting: value} (Stage.ordering): which rows a micro-batch reads,
+    # how many micro-batches a step takes, which group each is drawn from.
+    ordering: dict[str, object] = field(default_factory=dict)
 
     def check_resume(self, saved: dict) -> None:
         """Raise unless a checkpoint written under `saved` continues with exactly the same rows here."""
-        if saved.get("reading") and tuple(saved["reading"]) != self.reading:
+        # Checkpoints written before the ordering was recorded in full kept three of its settings as "reading" (and
+        # the first ones none): only what they recorded is checked.
+        recorded = saved.get("ordering") or dict(zip(READING, saved.get("reading", ())))
+        changed = [key for key, value in self.ordering.items() if key in recorded and recorded[key] != value]
+        if changed:
             raise DataPositionError(
-                f"checkpoint written with (data.shuffle_window, data.bucket_batches, data.reader_memory_mb) = "
-                f"{tuple(saved['reading'])}, this run has {self.reading}: they order a rank's rows, so the data position "
-                f"cannot be continued exactly; resume with the checkpoint's values or start a new run")
+                f"checkpoint written with {', '.join(f'{k}={recorded[k]}' for k in changed)}; this run has "
+                f"{', '.join(f'{k}={self.ordering[k]}' for k in changed)}: they order a rank's rows, so the data "
+                "position cannot be continued exactly; resume with the checkpoint's values or start a new run "
+                "(another output_dir)")
         if saved["world_size"] != self.world_size:
             raise DataPositionError(
                 f"checkpoint written by {saved['world_size']} workers, this run has {self.world_size}: a rank's rows "

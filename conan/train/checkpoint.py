@@ -65,16 +65,29 @@ def save_checkpoint(engine, stage, step: int, rank: int, directory: str, positio
     engine.save_checkpoint(directory, tag=ENGINE_TAG, client_state={"step": step})
     save_state({"rng": _rng_state(), "stage": stage.state_dict(), "data": asdict(position)},
                Path(directory) / f"worker_rank{rank}.pt")
-    write_manifest(directory, rank, step, position.world_size)
+    write_manifest(directory, rank, step, position)
 
 
-def write_manifest(directory: str | Path, rank: int, step: int, world_size: int) -> None:
+def write_manifest(directory: str | Path, rank: int, step: int, position: DataPosition) -> None:
     """Record the size and sha256 of every file in `directory` (a fresh directory per save: all of them this rank's)
-    as rank `rank`'s manifest."""
+    as rank `rank`'s manifest, with the run's data position."""
     root = Path(directory)
     written = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    manifest = {"step": step, "world_size": world_size, "files": {name: _describe(root / name) for name in written}}
+    manifest = {"step": step, "world_size": position.world_size, "data": asdict(position),
+                "files": {name: _describe(root / name) for name in written}}
     (root / MANIFEST.format(rank=rank)).write_text(json.dumps(manifest, indent=1))
+
+
+def check_resumable(run_dir: str | Path, position: DataPosition) -> None:
+    """Raise DataPositionError when the newest checkpoint of the run in `run_dir` (Ray Train's storage for it) was
+    written under another data position: on the driver, so that such a resume fails in one line before any worker
+    starts, rather than in every worker at each restart. Every checkpoint of a run has the same position."""
+    manifests = sorted(Path(run_dir).glob(f"checkpoint_*/{MANIFEST.format(rank=0)}"), reverse=True)
+    for path in manifests:
+        saved = json.loads(path.read_text()).get("data")
+        if saved is not None:  # written before manifests held the position: the workers check it
+            position.check_resume(saved)
+            return
 
 
 def checkpoint_problem(directory: str | Path) -> str | None:

@@ -20,6 +20,7 @@ from conan.data.shards import ShardError, convert, input_files, is_shard_dir, lo
 from conan.encoder import check_model_dir
 from conan.runtime import init_ray
 from conan.train.backend import resolve_backend
+from conan.train.checkpoint import check_resumable
 from conan.train.loop import STAGE_MARKER, progress_line, train_worker
 from conan.train.stages import Stage, export_path, stage_class
 from conan.train.tasks import TASKS
@@ -173,6 +174,8 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
     stage = stage_class(cfg.stage)
     cfg = with_demo_data(cfg, stage)
     shards = stage_shards(cfg, stage, tokenizer_dir)
+    run_dir = Path(cfg.output_dir) / "ray" / f"{cfg.name}-{cfg.stage}"
+    check_resumable(run_dir, stage.data_position(cfg, [load_manifest(d) for d in shards], cfg.train.num_workers))
     pools = start_negative_pools(cfg) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
     trainer = TorchTrainer(
         train_worker,
@@ -181,7 +184,7 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
                            "stage_kwargs": {"pool_names": pools.names} if pools else {}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=backend.use_gpu,
                                      resources_per_worker=backend.resources_per_worker(cfg.train.cpus_per_worker)),
-        run_config=RunConfig(name=f"{cfg.name}-{cfg.stage}", storage_path=str(Path(cfg.output_dir) / "ray"),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              callbacks=callbacks),

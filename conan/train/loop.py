@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from conan.config import JobConfig, from_dict
 from conan.data.shards import load_manifest, merge_manifests
-from conan.data.stream import DataPosition, DataPositionError
+from conan.data.stream import DataPositionError
 from conan.metrics import TrainMetrics
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
@@ -54,8 +54,7 @@ def train_worker(loop_config: dict) -> None:
     stage = stage_class(cfg.stage)(cfg, tokenizer, rank, world, **loop_config.get("stage_kwargs", {}))
     manifests = [load_manifest(d) for d in loop_config["shards"]]
     stage.prepare(merge_manifests(manifests), manifests[0].stats)
-    position = DataPosition(cfg.train.seed, world, tuple(m.fingerprint() for m in manifests),
-                            (cfg.data.shuffle_window, cfg.data.bucket_batches, cfg.data.reader_memory_mb))
+    position = stage.data_position(cfg, manifests, world)
     row_log = RowIdLog(Path(cfg.output_dir), rank) if cfg.train.log_row_ids else None
     model = load_or_init(stage.model_class, cfg.model, tokenizer)
     forward_calls = [0]  # model forward passes, reported per step (DHNM must add none)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from conan.config import JobConfig
 from conan.data.passages import PassageLookup
 from conan.data.shards import RowSpec
-from conan.data.stream import GroupedStream
+from conan.data.stream import DataPosition, GroupedStream
 from conan.data.tokenize import TokenEncoder, pack_documents, text_token_columns, token_shards_key, tokenize_shards
 from conan.losses import gather_with_grad, infonce_loss, positive_copies_mask
 from conan.model import ConanForCausalLM, ConanForEmbedding
@@ -94,6 +94,19 @@ class Stage:
                   f"{len(cut)} shuffle windows cut to {cut[0]:,}-{cut[-1]:,} rows (data.shuffle_window "
                   f"{self.cfg.data.shuffle_window:,}); raise it to shuffle over more rows", flush=True)
         self.reads_reported = 0
+
+    @classmethod
+    def data_position(cls, cfg: JobConfig, manifests: list, world_size: int) -> DataPosition:
+        """What fixes the rows of every step of a run over these token shards' manifests (saved in its checkpoints)."""
+        return DataPosition(cfg.train.seed, world_size, tuple(m.fingerprint() for m in manifests), cls.ordering(cfg))
+
+    @classmethod
+    def ordering(cls, cfg: JobConfig) -> dict[str, object]:
+        """The settings that, with the seed, the world size and the data, fix which rows each step reads (a resume
+        that changes one is refused)."""
+        return {"train.micro_batch_size": cfg.train.micro_batch_size, "train.grad_accum": cfg.train.grad_accum,
+                "data.shuffle_window": cfg.data.shuffle_window, "data.bucket_batches": cfg.data.bucket_batches,
+                "data.reader_memory_mb": cfg.data.reader_memory_mb}
 
     def group_weights(self, rows: dict[str, int]) -> dict[str, float]:
         """Each group's share of the micro-batches: its rows."""
@@ -333,6 +346,16 @@ class SupervisedStage(Stage):
         for g, n in rows.items():
             per_task[task_of(g)] += n
         return {g: task_weights[task_of(g)] * n / per_task[task_of(g)] for g, n in rows.items()}
+
+    @classmethod
+    def ordering(cls, cfg):
+        """Each task's batch size and its share of the steps in place of train.micro_batch_size (a task weighted 0
+        is never drawn; weights in proportion draw the same tasks)."""
+        sup = cfg.supervised
+        weights = {t: w for t, w in sorted(sup.task_weights.items()) if w > 0}
+        ordering = {k: v for k, v in super().ordering(cfg).items() if k != "train.micro_batch_size"}
+        return {**ordering, "supervised.task_weights": {t: w / sum(weights.values()) for t, w in weights.items()},
+                "supervised.batch_sizes": {t: sup.batch_sizes.get(t) for t in weights}}
 
     def group_batch(self, group):
         """Its task's batch (supervised.batch_sizes): an STS group of 20 rows a rank is pooled at batch 32. A task

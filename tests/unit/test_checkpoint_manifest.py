@@ -8,17 +8,22 @@ from pathlib import Path
 import pytest
 import ray.train
 
-from conan.train.checkpoint import MANIFEST, checkpoint_candidates, checkpoint_problem, write_manifest
+from conan.config import ConfigError
+from conan.data.stream import DataPosition
+from conan.train.checkpoint import (MANIFEST, check_resumable, checkpoint_candidates, checkpoint_problem,
+                                    write_manifest)
+
+POSITION = DataPosition(0, 2, ("abc",), {"train.grad_accum": 1, "supervised.batch_sizes": {"retrieval": 16}})
 
 
-def two_rank_checkpoint(root: Path, step: int = 10) -> Path:
+def two_rank_checkpoint(root: Path, step: int = 10, position: DataPosition = POSITION) -> Path:
     """What two ranks upload into one checkpoint directory: each its own files and manifest."""
     for rank in range(2):
         part = root / f"rank{rank}"
         (part / "state").mkdir(parents=True)
         (part / "state" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes(range(256)) * (rank + 3))
         (part / f"worker_rank{rank}.pt").write_bytes(b"rng and data position %d" % rank)
-        write_manifest(part, rank, step, world_size=2)
+        write_manifest(part, rank, step, position)
         shutil.copytree(part, root / "checkpoint", dirs_exist_ok=True)
     return root / "checkpoint"
 
@@ -54,6 +59,24 @@ def test_a_missing_part_is_found(tmp_path, removed, reason):
     directory = two_rank_checkpoint(tmp_path)
     (directory / removed).unlink()
     assert checkpoint_problem(directory) == reason
+
+
+def test_a_resume_under_other_settings_is_refused_on_the_driver(tmp_path):
+    """The newest checkpoint's manifest holds the run's data position: the launcher checks it before any worker
+    starts, and the error is one the CLI prints as one line."""
+    run = tmp_path / "run"
+    check_resumable(run, POSITION)  # no run yet
+    older = two_rank_checkpoint(tmp_path / "a", position=DataPosition(0, 2, ("abc",)))
+    older.rename(run.mkdir() or run / "checkpoint_2026-11-25_10-00-01.000001")
+    check_resumable(run, DataPosition(0, 2, ("abc",), {"train.grad_accum": 4}))  # that one recorded no setting
+    two_rank_checkpoint(tmp_path / "b").rename(run / "checkpoint_2026-11-25_10-00-02.000002")
+    check_resumable(run, POSITION)
+    with pytest.raises(ConfigError, match=r"written with train.grad_accum=1; this run has train.grad_accum=4"):
+        check_resumable(run, DataPosition(0, 2, ("abc",), {**POSITION.ordering, "train.grad_accum": 4}))
+    with pytest.raises(ConfigError, match="train.num_workers=2"):
+        check_resumable(run, DataPosition(0, 4, ("abc",), POSITION.ordering))
+    with pytest.raises(ConfigError, match="other data"):
+        check_resumable(run, DataPosition(0, 2, ("abd",), POSITION.ordering))
 
 
 def test_candidates_are_the_latest_then_older_ones_newest_first(tmp_path):

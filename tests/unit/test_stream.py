@@ -99,10 +99,21 @@ def test_small_groups_pool_and_resume_under_another_world_size_fails():
         position.check_resume({"seed": 0, "world_size": 4, "fingerprints": ["abc"]})
     with pytest.raises(DataPositionError, match="other data"):
         position.check_resume({"seed": 0, "world_size": 2, "fingerprints": ["abd"]})
-    reading = DataPosition(0, 2, ("abc",), (50_000, 0, 2048))
-    reading.check_resume({"seed": 0, "world_size": 2, "fingerprints": ["abc"], "reading": [50_000, 0, 2048]})
-    with pytest.raises(DataPositionError, match="reader_memory_mb"):  # another memory cuts other windows
-        reading.check_resume({"seed": 0, "world_size": 2, "fingerprints": ["abc"], "reading": [50_000, 0, 512]})
+    ordered = DataPosition(0, 2, ("abc",), {"data.shuffle_window": 50_000, "data.bucket_batches": 0,
+                                            "data.reader_memory_mb": 2048, "train.grad_accum": 2,
+                                            "supervised.task_weights": {"clr": 0.5, "retrieval": 0.5}})
+    saved = {"seed": 0, "world_size": 2, "fingerprints": ["abc"], "ordering": dict(ordered.ordering)}
+    ordered.check_resume(saved)
+    for key, other in (("data.reader_memory_mb", 512),  # another memory cuts other shuffle windows
+                       ("train.grad_accum", 1),  # step s would read micro-batch s · 1, not s · 2
+                       ("supervised.task_weights", {"retrieval": 1.0})):  # other tasks drawn at each step
+        with pytest.raises(DataPositionError, match=rf"checkpoint written with {key}={other}.*this run has {key}="):
+            ordered.check_resume({**saved, "ordering": {**saved["ordering"], key: other}})
+    # A checkpoint written before the ordering was recorded in full (its three reading settings) or at all.
+    ordered.check_resume({**saved, "ordering": None, "reading": [50_000, 0, 2048]})
+    with pytest.raises(DataPositionError, match="data.reader_memory_mb=512"):
+        ordered.check_resume({**saved, "ordering": None, "reading": [50_000, 0, 512]})
+    ordered.check_resume({"seed": 0, "world_size": 2, "fingerprints": ["abc"]})
 
 
 def test_an_input_without_a_required_column_is_refused(tmp_path):

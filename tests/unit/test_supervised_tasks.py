@@ -287,3 +287,24 @@ def test_rows_of_an_unweighted_task_without_a_batch_size_are_never_drawn(tmp_pat
                                          for i, r in enumerate(task_rows("classification", 24))]
     stage = supervised_stage(tmp_path, small_tokenizer, {"retrieval": 1.0}, rows)
     assert {stage.batch(i)["task"] for i in range(6)} == {"retrieval"}
+
+
+def test_a_resume_checks_the_settings_that_order_each_stages_rows():
+    """What a checkpoint records beside the seed, world size and data (DataPosition.ordering): the supervised stage's
+    task weights (in proportion) and batch sizes, not train.micro_batch_size, which its tasks do not read; a weak
+    stage's micro-batch size; every stage's gradient accumulation and reading settings."""
+    def ordering(stage_class, config, *overrides):
+        return stage_class.ordering(load_config(JobConfig, config, list(overrides)))
+
+    supervised = "jobs/configs/supervised_tiny.yaml"
+    base = ordering(SupervisedStage, supervised, "supervised.task_weights={retrieval: 1.0, clr: 1.0}")
+    assert base["supervised.task_weights"] == {"clr": 0.5, "retrieval": 0.5}
+    assert base == ordering(SupervisedStage, supervised, "supervised.task_weights={retrieval: 2.0, clr: 2.0, sts: 0}",
+                            "train.micro_batch_size=3", "train.steps=7")
+    for change in ("supervised.task_weights={retrieval: 1.0, clr: 0.5}", "supervised.batch_sizes.clr=5",
+                   "train.grad_accum=2", "data.bucket_batches=4"):
+        assert ordering(SupervisedStage, supervised, "supervised.task_weights={retrieval: 1.0, clr: 1.0}",
+                        change) != base, change
+    weak = ordering(WeakStage, "jobs/configs/weak_tiny.yaml")
+    assert ordering(WeakStage, "jobs/configs/weak_tiny.yaml", "train.micro_batch_size=3") != weak
+    assert ordering(WeakStage, "jobs/configs/weak_tiny.yaml", "train.steps=7", "optim.lr=0.5") == weak
