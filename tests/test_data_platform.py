@@ -21,7 +21,7 @@ from conan.config import CLRConfig, CurationConfig
 
 def test_validate_every_kind():
     """Each kind accepts a good record, names the field of a bad one, fills optional fields."""
-    from conan.data.schemas import SCHEMAS, validate
+    from conan.data.schemas import SCHEMAS, parse_line, validate
 
     assert set(SCHEMAS) == {"pretrain", "sft", "weak_pair", "retrieval", "sts", "classification"}
     assert validate("sts", {"s1": "a", "s2": "b", "score": 3}) == ({"s1": "a", "s2": "b", "score": 3}, None)
@@ -40,6 +40,9 @@ def test_validate_every_kind():
     assert validate("retrieval", {"query": "q", "positive": "p", "negatives": ["n", "\udfff"]}) == \
         (None, "invalid_unicode:negatives")
     assert validate("pretrain", ["not", "a", "dict"]) == (None, "not_an_object")
+    # The first line of a file saved with a UTF-8 byte-order mark (Windows editors, Excel's CSV-to-JSON exports)
+    assert parse_line("pretrain", b'\xef\xbb\xbf{"text": "first"}') == ({"text": "first"}, None)
+    assert parse_line("pretrain", b'{"text": "first"}\xef') == (None, "bad_utf8")
 
 
 def test_reader_accounts_for_every_row(ray_cluster, tmp_path):

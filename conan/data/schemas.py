@@ -92,7 +92,7 @@ def is_unicode(text: str) -> bool:
 def parse_line(kind: str, line: bytes, convert=None) -> tuple[dict | None, str | None]:
     """Decode and validate one JSONL line (after `convert`, e.g. SFT → weak pair): (record, None) or (None, reason)."""
     try:
-        text = line.decode("utf-8")
+        text = line.decode("utf-8-sig")  # a file saved with a byte-order mark holds it before its first line
     except UnicodeDecodeError:
         return None, "bad_utf8"
     try:
