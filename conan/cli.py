@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _config_command(sub, "pipeline", cmd_pipeline, "pipeline (PipelineConfig)",
                         help="run the end-to-end pipeline (the README's main job)",
                         description="Corpus → tokenizer → model → pretrain → sft → curate → weak → clr → supervised "
-                                    "→ evaluate on real data; finished steps are skipped.")
+                                    "→ evaluate on real data; finished steps are skipped, and a finished step "
+                                    "whose settings have changed since is refused (redo it with --from).")
     p.add_argument("--from", dest="from_step", choices=list(PIPELINE_STEPS), metavar="STEP",
                    help=f"redo STEP and every later one (their outputs are removed first): {', '.join(PIPELINE_STEPS)}")
 

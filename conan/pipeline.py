@@ -1,4 +1,5 @@
-"""The end-to-end pipeline on bundled/real data; each step is skipped when its output exists.
+"""The end-to-end pipeline on bundled/real data; each step is skipped when its output exists, and refused when that
+output was made with other settings (StepRecords).
 
 corpus → tokenizer → model init → stages (pretrain, sft, [curate →] weak, [build CLR →] [mine negatives →]
 supervised) → evaluate.
@@ -6,6 +7,8 @@ supervised) → evaluate.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -37,60 +40,133 @@ def reset_from(output_dir: str | Path, step: str) -> list[Path]:
     return removed
 
 
-def _step(name: str, done: bool):
-    say(f"[pipeline] {name}: {'exists, skipped' if done else 'running'}")
-    return time.perf_counter()
+STEP_RECORD = "pipeline_step.json"  # in a step's folder: the settings it was made with, after which earlier steps
+LOCATIONS = {"output_dir", "ray_address", "data_root"}  # keys that say where things are, not what they are
+# Stage settings that change how a stage runs, not what it makes (and a stage's data.root, a location).
+UNRECORDED = {"data.root", "train.cpus_per_worker", "train.log_every", "train.checkpoint_every",
+              "train.keep_checkpoints", "train.max_failures", "train.inject_failure_at_step", "train.log_row_ids",
+              "model.activation_checkpointing"}
 
 
-def _data_step(name: str, config_cls, yaml_path: str, out: Path, cfg: PipelineConfig, run) -> Path:
+class StepRecords:
+    """What each step of a run was made from, kept in its folder (STEP_RECORD): its settings and the digest of the
+    step before, itself chained to the ones before it. A step whose output exists but whose settings, or an earlier
+    step's, have changed since is refused in one line, instead of being skipped and passing on what the old settings
+    made. A step made before records were kept is taken as it is."""
+
+    def __init__(self, out: Path):
+        self.out, self.after, self.pending = out, "", {}
+
+    def step(self, name: str, done: bool, settings: dict) -> float:
+        """Announce step `name` (skipped when `done`, its output there) and return the time; raise ConfigError when
+        it was made with other settings or after other earlier steps (its record there, even if `done` is False: a
+        stage's export is not done for another train.steps, and would otherwise be trained on from its checkpoint)."""
+        record = {"step": name, "settings": recorded_settings(settings, self.out), "after": self.after}
+        path = self.out / PIPELINE_STEPS[name] / STEP_RECORD
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != record:
+                raise ConfigError(f"pipeline step {name}: {self.out / PIPELINE_STEPS[name]} was made "
+                                  f"{changes(saved, record)}; redo it and the steps after it with `conan pipeline "
+                                  f"--from {name}` (their outputs are removed), or use another output_dir")
+        self.after = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        self.pending[name] = record
+        say(f"[pipeline] {name}: {'exists, skipped' if done else 'running'}")
+        return time.perf_counter()
+
+    def made(self, name: str) -> None:
+        """Record step `name`, announced by `step` and now run to the end."""
+        path = self.out / PIPELINE_STEPS[name] / STEP_RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.pending[name], indent=1, sort_keys=True))
+
+
+def recorded_settings(settings: dict, out: Path) -> dict:
+    """Settings as a step record keeps them: dotted keys, without what only says where things are (LOCATIONS) or how
+    a stage runs (UNRECORDED), paths inside the run relative to it (a moved run keeps its records)."""
+    roots = sorted({str(out), str(out.resolve())}, key=len, reverse=True)
+
+    def relative(value):
+        if isinstance(value, str):
+            root = next((r for r in roots if value == r or value.startswith(r + "/")), None)
+            return "<run>" + value[len(root):] if root else value
+        return [relative(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    flat = {}
+    def walk(prefix: str, value):
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif prefix not in UNRECORDED and prefix.rsplit(".", 1)[-1] not in LOCATIONS:
+            flat[prefix] = relative(value)
+    walk("", settings)
+    return flat
+
+
+def changes(saved: dict, record: dict) -> str:
+    """How a step's record differs from the one its output was made with, in words."""
+    old, new = saved["settings"], record["settings"]
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "(unset)") != new.get(k, "(unset)"))
+    if keys:
+        shown = "; ".join(f"{k}: {old.get(k, '(unset)')} → {new.get(k, '(unset)')}" for k in keys[:4])
+        return f"with other settings ({shown}{'; …' if len(keys) > 4 else ''})"
+    return "after earlier steps that have changed since"
+
+
+def _data_step(name: str, config_cls, yaml_path: str, records: StepRecords, cfg: PipelineConfig, run) -> Path:
     """Run a data step (curate or clr) into its folder unless its stats.json exists; return its data folder."""
-    step_dir = out / PIPELINE_STEPS[name]
-    t = _step(name, (step_dir / "stats.json").is_file())
+    step_dir = records.out / PIPELINE_STEPS[name]
+    step_cfg = load_config(config_cls, yaml_path, [setting("output_dir", str(step_dir)),
+                                                   setting("data_root", cfg.data_root),
+                                                   setting("ray_address", cfg.ray_address)])
+    t = records.step(name, (step_dir / "stats.json").is_file(), to_dict(step_cfg))
     if not (step_dir / "stats.json").is_file():
         import shutil
 
         shutil.rmtree(step_dir, ignore_errors=True)  # a half-written step starts again
-        step_cfg = load_config(config_cls, yaml_path, [setting("output_dir", str(step_dir)),
-                                                       setting("data_root", cfg.data_root),
-                                                       setting("ray_address", cfg.ray_address)])
         stats = run(step_cfg)
+        records.made(name)
         say(f"[pipeline] {name}: {stats['rows_in']} rows in, {stats['rows_out']} kept, rejected "
             f"{stats['rejected']} ({time.perf_counter() - t:.0f}s)")
     return step_dir / "data"
 
 
-def _with_data_steps(cfg: PipelineConfig, stage_cfg: JobConfig, out: Path, paths: dict) -> JobConfig:
+def _with_data_steps(cfg: PipelineConfig, stage_cfg: JobConfig, records: StepRecords, paths: dict) -> JobConfig:
     """Curate before the weak stage and build the CLR set before the supervised stage, when configured."""
     from dataclasses import replace
 
     if stage_cfg.stage == "weak" and cfg.curation:
         from conan.data.weak import curate
-        paths["curated"] = str(_data_step("curate", CurationConfig, cfg.curation, out, cfg, curate))
+        paths["curated"] = str(_data_step("curate", CurationConfig, cfg.curation, records, cfg, curate))
         return replace(stage_cfg, data=replace(stage_cfg.data, paths=[paths["curated"]]))
     if stage_cfg.stage == "supervised" and cfg.clr:
         from conan.data.clr import build_clr
-        paths["clr"] = str(_data_step("clr", CLRConfig, cfg.clr, out, cfg, build_clr))
+        paths["clr"] = str(_data_step("clr", CLRConfig, cfg.clr, records, cfg, build_clr))
         stage_cfg = replace(stage_cfg, supervised=replace(stage_cfg.supervised, clr_paths=[paths["clr"]]))
     if stage_cfg.stage == "supervised" and stage_cfg.dhnm.enabled and not stage_cfg.dhnm.candidates:
-        stage_cfg = _mine_step(stage_cfg, out / PIPELINE_STEPS["mine"] / "mined_negatives.parquet")
+        stage_cfg = _mine_step(stage_cfg, records)
         paths["mined"] = stage_cfg.dhnm.candidates
     return stage_cfg
 
 
-def _mine_step(stage_cfg: JobConfig, path: Path) -> JobConfig:
+def _mine_step(stage_cfg: JobConfig, records: StepRecords) -> JobConfig:
     """Mine the supervised stage's hard-negative candidates (its queries, CLR set included) with the weak model
-    into `path` unless it exists; return the stage config reading them."""
+    into the mine step's folder unless they are there; return the stage config reading them."""
     from dataclasses import replace
 
     from conan.train.launcher import absolute_paths, mine_negatives, with_demo_data
     from conan.train.stages import stage_class
 
+    path = records.out / PIPELINE_STEPS["mine"] / "mined_negatives.parquet"
     stage_cfg = with_demo_data(absolute_paths(replace(stage_cfg, dhnm=replace(stage_cfg.dhnm, candidates=str(path)))),
                                stage_class("supervised"))
-    t = _step("mine", path.is_file())
+    # What the candidates depend on: the queries (data, task settings), the model and its tokenizer, DHNM's settings.
+    job = to_dict(stage_cfg)
+    t = records.step("mine", path.is_file(), {k: job[k] for k in ("model", "tokenizer", "data", "supervised", "dhnm")})
     if not path.is_file():
         init_ray(stage_cfg.ray_address)
         mine_negatives(stage_cfg)
+        records.made("mine")
         say(f"[pipeline] mine: {time.perf_counter() - t:.0f}s")
     return stage_cfg
 
@@ -124,23 +200,27 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
     """Corpus → tokenizer → initial model → the configured stages, under cfg.output_dir; return the paths."""
     check_step_configs(cfg)
     out = Path(cfg.output_dir)
+    records = StepRecords(out)
     corpus = out / "corpus" / "corpus.parquet"
-    t = _step("corpus", corpus.is_file())
+    t = records.step("corpus", corpus.is_file(), {"corpus_sources": cfg.corpus_sources,
+                                                  "corpus_max_per_source": cfg.corpus_max_per_source})
     if not corpus.is_file():
         rows = write_corpus(cfg.data_root, corpus, cfg.corpus_sources, cfg.corpus_max_per_source)
+        records.made("corpus")
         say(f"[pipeline] corpus: {rows} texts → {corpus} ({time.perf_counter() - t:.1f}s)")
 
     tok_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else out / "tokenizer"
-    t = _step("tokenizer", (tok_dir / "tokenizer.json").is_file())
+    t = records.step("tokenizer", (tok_dir / "tokenizer.json").is_file(), {"tokenizer": to_dict(cfg.tokenizer)})
     if not (tok_dir / "tokenizer.json").is_file():
         init_ray(cfg.ray_address)
         train_tokenizer([str(corpus)], tok_dir, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
                         cfg.tokenizer.max_texts)
+        records.made("tokenizer")
         say(f"[pipeline] tokenizer: trained in {time.perf_counter() - t:.1f}s → {tok_dir}")
     tokenizer = load_tokenizer(tok_dir)
 
     model_dir = out / "model_init"
-    _step("model", (model_dir / "config.json").is_file())
+    records.step("model", (model_dir / "config.json").is_file(), {"model": to_dict(cfg.model), "seed": cfg.seed})
     if not (model_dir / "config.json").is_file():
         import shutil
 
@@ -155,6 +235,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         model.save_pretrained(str(partial))
         tokenizer.save_pretrained(str(partial))
         partial.rename(model_dir)
+        records.made("model")
     config = ConanConfig.from_pretrained(str(model_dir))
     say(f"[pipeline] model: preset {cfg.model.preset}, {count_parameters(config):,} parameters, "
         f"vocab {config.vocab_size}, hidden {config.hidden_size}, layers {config.num_hidden_layers} "
@@ -168,9 +249,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         if stage_cfg.stage == "pretrain" and not stage_cfg.data.paths:  # what the tokenizer learned from
             stage_cfg.data.paths = [str(corpus)]
         stage_cfg.output_dir = str(out / stage_cfg.stage)  # before mining: it writes the stage's input there
-        stage_cfg = _with_data_steps(cfg, stage_cfg, out, paths)
-        t = _step(stage_cfg.stage, is_finished(stage_cfg))
+        stage_cfg = _with_data_steps(cfg, stage_cfg, records, paths)
+        finished = is_finished(stage_cfg)
+        t = records.step(stage_cfg.stage, finished, to_dict(stage_cfg))
         result = run_stage(stage_cfg)
+        if not finished:
+            records.made(stage_cfg.stage)
         loss = result.metrics.get("loss")
         say(f"[pipeline] {stage_cfg.stage}: → {result.model_dir}"
             + (f" (final loss {loss:.3f}, {time.perf_counter() - t:.0f}s)" if loss is not None else ""))
@@ -186,12 +270,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
             setting("model_dir", str(previous)), setting("baselines", baselines), setting("output_dir", str(out / "eval")),
             setting("data_root", cfg.data_root)])
         report = Path(eval_cfg.output_dir) / "report.md"
-        t = _step("evaluate", report.is_file())
+        t = records.step("evaluate", report.is_file(), to_dict(eval_cfg))
         if not report.is_file():
             result = evaluate(eval_cfg)
             if (Path(previous) / "README.md").is_file():  # an embedding export's card gains its dev results
                 from conan.model_card import write_model_card
                 write_model_card(previous, to_dict(stage_cfg), result, model_name(previous))
+            records.made("evaluate")
             say(f"[pipeline] evaluate: {time.perf_counter() - t:.0f}s")
         paths["report"] = str(report)
         paths["plots"] = [str(p) for p in sorted(report.parent.glob("*.png"))]

@@ -61,6 +61,14 @@ def test_pipeline_builds_tokenizer_and_model_then_skips(tmp_path, ray_cluster, c
     assert main(args) == 0
     again = capsys.readouterr().out
     assert again.count("exists, skipped") == 3
+    # Another vocabulary for the same run: refused (the tokenizer there has 1024), until --from redoes the tokenizer
+    # and the steps after it.
+    other = [*args[:-1], "tokenizer.vocab_size=2048"]
+    assert main(other) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "step tokenizer: " in error and "tokenizer.vocab_size: 1024 → 2048" in error
+    assert main([*other, "--from", "tokenizer"]) == 0
+    assert ConanConfig.from_pretrained(tmp_path / "model_init").vocab_size == 2048
 
 
 def test_pipeline_from_step_removes_that_step_and_later_ones(tmp_path):

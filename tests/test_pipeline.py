@@ -108,7 +108,14 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
                         model.get_embedding_dimension())[0]["ndcg@10"]
     assert ndcg == pytest.approx(scores["supervised"]["xquad-retrieval"]["en"]["128"]["ndcg@10"], abs=0.005)
 
-    # Resumable: a second run finds every step's output and skips it.
+    # Resumable: a second run finds every step's output, made with the same settings, and skips it.
     assert main(args) == 0
     again = capsys.readouterr().out
     assert ": running" not in again and again.count("exists, skipped") == len(STEPS)
+    # Not with other settings: a step whose output was made otherwise is refused, naming what changed.
+    (tmp_path / "eval.yaml").write_text((tmp_path / "eval.yaml").read_text().replace("max_items: 500", "max_items: 400"))
+    assert main(args) == 2
+    refused = capsys.readouterr()
+    error = refused.err.strip().splitlines()[-1]
+    assert error.startswith("conan pipeline: error: pipeline step evaluate: ") and "max_items: 500 → 400" in error
+    assert "--from evaluate" in error and refused.out.count("exists, skipped") == len(STEPS) - 1
