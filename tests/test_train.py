@@ -203,6 +203,9 @@ def test_torn_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(unin
     result = run_stage(torn)
     assert result.metrics["step"] == 20
     assert_same_training(clean, torn)
+    # Relaunched with fewer steps than it ran, it is refused before any worker starts.
+    with pytest.raises(ConfigError, match="at step 20, past train.steps = 10"):
+        run_stage(stage_config("weak", tmp_path, *base, "train.checkpoint_every=5", "train.steps=10"))
     records = [json.loads(line) for path in (Path(torn.output_dir) / "row_ids").glob("rank*.jsonl")
                for line in path.read_text().splitlines()]
     # Steps 5-12 ran twice (before the failure and after the resume from step 5), steps 0-4 and 13-19 once.

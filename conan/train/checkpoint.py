@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from conan.data.stream import DataPosition
+from conan.data.stream import DataPosition, DataPositionError
 
 ENGINE_TAG = "state"
 MANIFEST = "manifest_rank{rank}.json"
@@ -78,16 +78,30 @@ def write_manifest(directory: str | Path, rank: int, step: int, position: DataPo
     (root / MANIFEST.format(rank=rank)).write_text(json.dumps(manifest, indent=1))
 
 
-def check_resumable(run_dir: str | Path, position: DataPosition) -> None:
-    """Raise DataPositionError when the newest checkpoint of the run in `run_dir` (Ray Train's storage for it) was
-    written under another data position: on the driver, so that such a resume fails in one line before any worker
-    starts, rather than in every worker at each restart. Every checkpoint of a run has the same position."""
+def check_resumable(run_dir: str | Path, position: DataPosition, steps: int) -> None:
+    """Raise DataPositionError when the run in `run_dir` (Ray Train's storage for it) cannot be continued by this one:
+    its newest checkpoint written under another data position (every checkpoint of a run has the same), or its newest
+    whole checkpoint past `steps`. On the driver, so that such a resume fails in one line before any worker starts,
+    rather than in every worker at each restart."""
     manifests = sorted(Path(run_dir).glob(f"checkpoint_*/{MANIFEST.format(rank=0)}"), reverse=True)
     for path in manifests:
         saved = json.loads(path.read_text()).get("data")
         if saved is not None:  # written before manifests held the position: the workers check it
             position.check_resume(saved)
+            break
+    for path in manifests:  # a torn checkpoint is skipped by the resume: look at the one before
+        step = json.loads(path.read_text())["step"]
+        if step <= steps:
             return
+        if checkpoint_problem(path.parent) is None:
+            raise past_steps(run_dir, step, steps)
+
+
+def past_steps(run_dir: str | Path, step: int, steps: int) -> DataPositionError:
+    """The error of a run resumed at `step` with fewer train.steps: its loop would run no step and export that run's
+    model as one of `steps`."""
+    return DataPositionError(f"{run_dir} holds this stage's run at step {step}, past train.steps = {steps}: continue "
+                             f"it with train.steps >= {step}, or start a new run (another output_dir)")
 
 
 def checkpoint_problem(directory: str | Path) -> str | None:

@@ -175,7 +175,8 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
     cfg = with_demo_data(cfg, stage)
     shards = stage_shards(cfg, stage, tokenizer_dir)
     run_dir = Path(cfg.output_dir) / "ray" / f"{cfg.name}-{cfg.stage}"
-    check_resumable(run_dir, stage.data_position(cfg, [load_manifest(d) for d in shards], cfg.train.num_workers))
+    check_resumable(run_dir, stage.data_position(cfg, [load_manifest(d) for d in shards], cfg.train.num_workers),
+                    cfg.train.steps)
     pools = start_negative_pools(cfg) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
     trainer = TorchTrainer(
         train_worker,

@@ -20,14 +20,13 @@ import torch.distributed as dist
 
 from conan.config import JobConfig, from_dict
 from conan.data.shards import load_manifest, merge_manifests
-from conan.data.stream import DataPositionError
 from conan.metrics import TrainMetrics
 from conan.model.build import load_or_init
 from conan.tokenizer import load_tokenizer
 from conan.train.backend import (Backend, deepspeed_config, lr_scheduler, master_weights, skip_unused_deepspeed_ops,
                                  worker_device)
 from conan.train.batching import to_device
-from conan.train.checkpoint import restore, save_checkpoint, save_state
+from conan.train.checkpoint import past_steps, restore, save_checkpoint, save_state
 from conan.train.diagnostics import chance_warning
 from conan.train.stages import export_path, stage_class
 
@@ -68,10 +67,8 @@ def train_worker(loop_config: dict) -> None:
 
     start = restore(engine, stage, rank, position, ray.train.get_checkpoint(),
                     log=lambda message: print(f"[{cfg.stage}] {message}", flush=True))
-    if start > cfg.train.steps:  # the loop would run no step and export that run's model as one of train.steps
-        raise DataPositionError(f"{cfg.output_dir} holds this stage's run at step {start}, past train.steps = "
-                                f"{cfg.train.steps}: continue it with train.steps >= {start}, or start a new run "
-                                "(another output_dir)")
+    if start > cfg.train.steps:  # the launcher refuses it; here if the checkpoint it saw was not the one restored
+        raise past_steps(cfg.output_dir, start, cfg.train.steps)
     if start:
         print(f"[{cfg.stage}] rank {rank} resumed at step {start}", flush=True)
 

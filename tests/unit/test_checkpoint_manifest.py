@@ -65,18 +65,27 @@ def test_a_resume_under_other_settings_is_refused_on_the_driver(tmp_path):
     """The newest checkpoint's manifest holds the run's data position: the launcher checks it before any worker
     starts, and the error is one the CLI prints as one line."""
     run = tmp_path / "run"
-    check_resumable(run, POSITION)  # no run yet
+    check_resumable(run, POSITION, 10)  # no run yet
     older = two_rank_checkpoint(tmp_path / "a", position=DataPosition(0, 2, ("abc",)))
     older.rename(run.mkdir() or run / "checkpoint_2026-11-25_10-00-01.000001")
-    check_resumable(run, DataPosition(0, 2, ("abc",), {"train.grad_accum": 4}))  # that one recorded no setting
+    check_resumable(run, DataPosition(0, 2, ("abc",), {"train.grad_accum": 4}), 10)  # that one recorded no setting
     two_rank_checkpoint(tmp_path / "b").rename(run / "checkpoint_2026-11-25_10-00-02.000002")
-    check_resumable(run, POSITION)
+    check_resumable(run, POSITION, 10)
     with pytest.raises(ConfigError, match=r"written with train.grad_accum=1; this run has train.grad_accum=4"):
-        check_resumable(run, DataPosition(0, 2, ("abc",), {**POSITION.ordering, "train.grad_accum": 4}))
+        check_resumable(run, DataPosition(0, 2, ("abc",), {**POSITION.ordering, "train.grad_accum": 4}), 10)
     with pytest.raises(ConfigError, match="train.num_workers=2"):
-        check_resumable(run, DataPosition(0, 4, ("abc",), POSITION.ordering))
+        check_resumable(run, DataPosition(0, 4, ("abc",), POSITION.ordering), 10)
     with pytest.raises(ConfigError, match="other data"):
-        check_resumable(run, DataPosition(0, 2, ("abd",), POSITION.ordering))
+        check_resumable(run, DataPosition(0, 2, ("abd",), POSITION.ordering), 10)
+    # Fewer train.steps than the newest whole checkpoint: its loop would run no step and export the longer run's model.
+    with pytest.raises(ConfigError, match=r"at step 10, past train.steps = 8: continue it with train.steps >= 10"):
+        check_resumable(run, POSITION, 8)
+    # Unless that checkpoint is torn: the resume takes the one before, at step 5.
+    shutil.rmtree(run / "checkpoint_2026-11-25_10-00-01.000001")
+    two_rank_checkpoint(tmp_path / "c", step=5).rename(run / "checkpoint_2026-11-25_10-00-01.000001")
+    with (run / "checkpoint_2026-11-25_10-00-02.000002" / "worker_rank1.pt").open("r+b") as f:
+        f.truncate(3)
+    check_resumable(run, POSITION, 8)
 
 
 def test_candidates_are_the_latest_then_older_ones_newest_first(tmp_path):
