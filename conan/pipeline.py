@@ -64,21 +64,31 @@ class StepRecords:
         record = {"step": name, "settings": recorded_settings(settings, self.out), "after": self.after}
         path = self.out / PIPELINE_STEPS[name] / STEP_RECORD
         if path.is_file():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError:
+                raise _redo(name, f"its record {path} is not JSON") from None
             if saved != record:
-                raise ConfigError(f"pipeline step {name}: {self.out / PIPELINE_STEPS[name]} was made "
-                                  f"{changes(saved, record)}; redo it and the steps after it with `conan pipeline "
-                                  f"--from {name}` (their outputs are removed), or use another output_dir")
+                raise _redo(name, f"{path.parent} was made {changes(saved, record)}")
         self.after = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
         self.pending[name] = record
         say(f"[pipeline] {name}: {'exists, skipped' if done else 'running'}")
         return time.perf_counter()
 
     def made(self, name: str) -> None:
-        """Record step `name`, announced by `step` and now run to the end."""
+        """Record step `name`, announced by `step`: run to the end, or a stage about to train (its checkpoints
+        outlive a crash, and a rerun must not continue them under other settings)."""
         path = self.out / PIPELINE_STEPS[name] / STEP_RECORD
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.pending[name], indent=1, sort_keys=True))
+        partial = path.with_suffix(".partial")  # renamed into place: a kill while writing leaves no half record
+        partial.write_text(json.dumps(self.pending[name], indent=1, sort_keys=True))
+        partial.replace(path)
+
+
+def _redo(name: str, why: str) -> ConfigError:
+    """The refusal of a step whose output cannot be kept, with the way to make it again."""
+    return ConfigError(f"pipeline step {name}: {why}; redo it and the steps after it with `conan pipeline --from "
+                       f"{name}` (their outputs are removed), or use another output_dir")
 
 
 def recorded_settings(settings: dict, out: Path) -> dict:
@@ -158,11 +168,12 @@ def _mine_step(stage_cfg: JobConfig, records: StepRecords) -> JobConfig:
     from conan.train.stages import stage_class
 
     path = records.out / PIPELINE_STEPS["mine"] / "mined_negatives.parquet"
-    stage_cfg = with_demo_data(absolute_paths(replace(stage_cfg, dhnm=replace(stage_cfg.dhnm, candidates=str(path)))),
-                               stage_class("supervised"))
-    # What the candidates depend on: the queries (data, task settings), the model and its tokenizer, DHNM's settings.
+    # What the candidates depend on: the queries (data, task settings), the model and its tokenizer, DHNM's settings;
+    # as configured (the demo data's folders are named after a digest of the data root, a location).
     job = to_dict(stage_cfg)
     t = records.step("mine", path.is_file(), {k: job[k] for k in ("model", "tokenizer", "data", "supervised", "dhnm")})
+    stage_cfg = with_demo_data(absolute_paths(replace(stage_cfg, dhnm=replace(stage_cfg.dhnm, candidates=str(path)))),
+                               stage_class("supervised"))
     if not path.is_file():
         init_ray(stage_cfg.ray_address)
         mine_negatives(stage_cfg)
@@ -249,12 +260,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, str]:
         if stage_cfg.stage == "pretrain" and not stage_cfg.data.paths:  # what the tokenizer learned from
             stage_cfg.data.paths = [str(corpus)]
         stage_cfg.output_dir = str(out / stage_cfg.stage)  # before mining: it writes the stage's input there
+        # Recorded as configured: the data steps' outputs it reads are in the chain, and the demo data's folders
+        # are named after a digest of the data root (a location).
+        settings = to_dict(stage_cfg)
         stage_cfg = _with_data_steps(cfg, stage_cfg, records, paths)
         finished = is_finished(stage_cfg)
-        t = records.step(stage_cfg.stage, finished, to_dict(stage_cfg))
-        result = run_stage(stage_cfg)
+        t = records.step(stage_cfg.stage, finished, settings)
         if not finished:
             records.made(stage_cfg.stage)
+        result = run_stage(stage_cfg)
         loss = result.metrics.get("loss")
         say(f"[pipeline] {stage_cfg.stage}: → {result.model_dir}"
             + (f" (final loss {loss:.3f}, {time.perf_counter() - t:.0f}s)" if loss is not None else ""))

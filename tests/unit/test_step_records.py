@@ -63,6 +63,15 @@ def test_a_step_made_with_other_settings_is_refused_and_a_later_one_after_it(tmp
         run(out, {**SETTINGS, "corpus": {"corpus_sources": None, "corpus_max_per_source": 5}}, made)
 
 
+def test_a_record_that_is_not_json_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    run(out, SETTINGS, made := set())
+    (out / "weak" / STEP_RECORD).write_text('{"step": "weak", "sett')
+    with pytest.raises(ConfigError, match=r"pipeline step weak: its record .* is not JSON; .*--from weak"):
+        run(out, SETTINGS, made)
+    assert not list(out.glob("*/*.partial"))  # records are renamed into place
+
+
 def test_a_step_made_before_records_were_kept_is_taken_as_it_is(tmp_path):
     out = tmp_path / "run"
     made: set[str] = set()
