@@ -131,17 +131,22 @@ def fused_adamw(backend: Backend) -> dict:
 def deepspeed_config(cfg: JobConfig, backend: Backend, world_size: int) -> dict:
     """DeepSpeed ZeRO config: AdamW (torch's, fused on CUDA: nothing for DeepSpeed to compile), clipping; the
     schedule is lr_scheduler's."""
+    # ZeRO partitions optimizer state across ranks; a single fp32 rank has nothing to partition and ZeRO-1's extra
+    # copies cost ~8% of a tiny model's step, so it runs stage 0. A bf16 rank keeps ZeRO: at stage 0 DeepSpeed wraps
+    # the optimizer in FP16_UnfusedOptimizer, whose fp32 masters master_weights cannot read, and the export would be
+    # the bf16-rounded module.
+    stage = cfg.train.zero_stage if world_size > 1 or backend.precision == "bf16" else 0
+    # Micro-batches' bf16 gradients summed in bf16 (8 bits of mantissa) lose the small ones: at ZeRO-1 DeepSpeed then
+    # sums them in fp32 (its BF16_Optimizer). One micro-batch a step has nothing to sum and keeps ZeRO-1's optimizer.
+    fp32_sums = backend.precision == "bf16" and cfg.train.grad_accum > 1 and stage == 1
     return {
         "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        # ZeRO partitions optimizer state across ranks; a single fp32 rank has nothing to partition and ZeRO-1's
-        # extra copies cost ~8% of a tiny model's step, so it runs stage 0. A bf16 rank keeps ZeRO: at stage 0
-        # DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer, whose fp32 masters master_weights cannot read,
-        # and the export would be the bf16-rounded module.
-        "zero_optimization": {"stage": cfg.train.zero_stage if world_size > 1 or backend.precision == "bf16" else 0},
+        "zero_optimization": {"stage": stage},
         "bf16": {"enabled": backend.precision == "bf16"},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if fp32_sums else {}),
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
             "weight_decay": cfg.optim.weight_decay, "torch_adam": True, **fused_adamw(backend)}},

@@ -1,6 +1,7 @@
 """Device, collective backend and precision per cluster; what DeepSpeed builds on CPU."""
 
 import contextlib
+import functools
 
 import pytest
 
@@ -110,3 +111,36 @@ def test_a_single_bf16_rank_exports_its_fp32_master_weights():
             assert torch.equal(weights[name].bfloat16(), param.detach()), name  # the module rounds the master
         up = weights["model.layers.0.mlp.up_proj.weight"]
         assert not torch.equal(up, up.bfloat16().float())  # fp32 bits the rounded module does not have
+
+
+def test_bf16_micro_batch_gradients_are_summed_in_fp32():
+    """With gradient accumulation a bf16 rank sums its micro-batches' gradients in fp32 and rounds the sum to bf16
+    once, for the reduce across ranks (DeepSpeed's communication type), instead of at every micro-batch: seven
+    gradients of 0.00025 added to 0.125 one by one in bf16 (a step of 0.001 there) all vanish, summed in fp32 they
+    move it by two steps. The fp32 master then moves as torch's AdamW on that gradient moves it (a real single-rank
+    ZeRO-1 engine on gloo, bf16 emulated here). One micro-batch a step keeps ZeRO-1's own optimizer."""
+    from conan.config import JobConfig
+    from conan.train.backend import Backend, deepspeed_config, master_weights
+
+    backend = Backend("cpu", "gloo", "bf16")
+    cfg = JobConfig()
+    cfg.train.micro_batch_size, cfg.train.grad_accum = 1, 8
+    cfg.optim.grad_clip, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.eps = 0.0, 0.0, 1.0, 1.0  # update g / (|g| + 1)
+    assert "data_types" not in deepspeed_config(JobConfig(), backend, 1)  # grad_accum 1
+    ds_config = deepspeed_config(cfg, backend, 1)
+    assert ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(model.weight, 2.0)
+    inputs = [1.0] + [0.002] * 7  # d(w·x)/dw = x, scaled by 1 / grad_accum
+    micro = [torch.tensor(x / 8, dtype=torch.bfloat16) for x in inputs]
+    fp32_sum = float(torch.stack(micro).float().sum().bfloat16())
+    bf16_sum = float(functools.reduce(lambda a, b: a + b, micro))
+    assert (bf16_sum, fp32_sum) == (0.125, 0.126953125)
+    skip_unused_deepspeed_ops(backend)
+    with single_rank_engine(model, ds_config, 29519) as (engine, _):
+        for x in inputs:
+            engine.backward(engine(torch.tensor([[x]], dtype=torch.bfloat16)).sum())
+            engine.step()
+        master = float(master_weights(engine)["weight"])
+    # AdamW's first step: m̂ / (√v̂ + eps) = g / (|g| + eps)
+    assert master == pytest.approx(2.0 - fp32_sum / (fp32_sum + 1.0), abs=1e-6), (master, bf16_sum, fp32_sum)
