@@ -40,7 +40,7 @@ def reset_from(output_dir: str | Path, step: str) -> list[Path]:
     return removed
 
 
-STEP_RECORD = "pipeline_step.json"  # in a step's folder: the settings it was made with, after which earlier steps
+STEP_RECORD = "pipeline_step.json"  # in a step's folder: the settings it was made with, the previous step's digest
 LOCATIONS = {"output_dir", "ray_address", "data_root"}  # keys that say where things are, not what they are
 # Stage settings that change how a stage runs, not what it makes (and a stage's data.root, a location).
 UNRECORDED = {"data.root", "train.cpus_per_worker", "train.log_every", "train.checkpoint_every",
