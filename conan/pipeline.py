@@ -71,17 +71,17 @@ class StepRecords:
             if saved != record:
                 raise _redo(name, f"{path.parent} was made {changes(saved, record)}")
         self.after = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-        self.pending[name] = record
+        self.pending[name] = path, record
         say(f"[pipeline] {name}: {'exists, skipped' if done else 'running'}")
         return time.perf_counter()
 
     def made(self, name: str) -> None:
         """Record step `name`, announced by `step`: run to the end, or a stage about to train (its checkpoints
         outlive a crash, and a rerun must not continue them under other settings)."""
-        path = self.out / PIPELINE_STEPS[name] / STEP_RECORD
+        path, record = self.pending[name]
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")  # renamed into place: a kill while writing leaves no half record
-        partial.write_text(json.dumps(self.pending[name], indent=1, sort_keys=True))
+        partial.write_text(json.dumps(record, indent=1, sort_keys=True))
         partial.replace(path)
 
 

@@ -83,18 +83,17 @@ def check_resumable(run_dir: str | Path, position: DataPosition, steps: int) -> 
     its newest checkpoint written under another data position (every checkpoint of a run has the same), or its newest
     whole checkpoint past `steps`. On the driver, so that such a resume fails in one line before any worker starts,
     rather than in every worker at each restart."""
-    manifests = sorted(Path(run_dir).glob(f"checkpoint_*/{MANIFEST.format(rank=0)}"), reverse=True)
-    for path in manifests:
-        saved = json.loads(path.read_text()).get("data")
-        if saved is not None:  # written before manifests held the position: the workers check it
-            position.check_resume(saved)
-            break
-    for path in manifests:  # a torn checkpoint is skipped by the resume: look at the one before
-        step = json.loads(path.read_text())["step"]
-        if step <= steps:
+    paths = sorted(Path(run_dir).glob(f"checkpoint_*/{MANIFEST.format(rank=0)}"), reverse=True)
+    manifests = [(path.parent, json.loads(path.read_text())) for path in paths]
+    # Written before manifests held the position, a checkpoint has no "data": the workers check it.
+    saved = next((m["data"] for _, m in manifests if m.get("data") is not None), None)
+    if saved is not None:
+        position.check_resume(saved)
+    for directory, manifest in manifests:  # a torn checkpoint is skipped by the resume: look at the one before
+        if manifest["step"] <= steps:
             return
-        if checkpoint_problem(path.parent) is None:
-            raise past_steps(run_dir, step, steps)
+        if checkpoint_problem(directory) is None:
+            raise past_steps(run_dir, manifest["step"], steps)
 
 
 def past_steps(run_dir: str | Path, step: int, steps: int) -> DataPositionError:

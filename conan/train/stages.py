@@ -353,8 +353,9 @@ class SupervisedStage(Stage):
         is never drawn; weights in proportion draw the same tasks)."""
         sup = cfg.supervised
         weights = {t: w for t, w in sorted(sup.task_weights.items()) if w > 0}
+        total = sum(weights.values())
         ordering = {k: v for k, v in super().ordering(cfg).items() if k != "train.micro_batch_size"}
-        return {**ordering, "supervised.task_weights": {t: w / sum(weights.values()) for t, w in weights.items()},
+        return {**ordering, "supervised.task_weights": {t: w / total for t, w in weights.items()},
                 "supervised.batch_sizes": {t: sup.batch_sizes.get(t) for t in weights}}
 
     def group_batch(self, group):
