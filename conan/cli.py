@@ -17,18 +17,20 @@ SET_EXAMPLES = {"pipeline": "stage_overrides=[train.num_workers=4]", "curate": "
                 "serve": "port=9000", "evaluate": "max_items=200"}
 
 
-def _config_command(sub, name: str, func, what: str, **texts) -> argparse.ArgumentParser:
-    """A subcommand reading a typed config: --config YAML and repeatable --set overrides."""
+def _config_command(sub, name: str, func, what: str, logs: bool = True, **texts) -> argparse.ArgumentParser:
+    """A subcommand reading a typed config: --config YAML and repeatable --set overrides; `logs`: it runs Ray and
+    keeps the internals' output in <output_dir>/logs (--verbose prints it instead)."""
     parser = sub.add_parser(name, **texts)
     parser.set_defaults(func=func)
     parser.add_argument("--config", help=f"YAML file of the {what} (defaults apply when omitted)")
-    example = SET_EXAMPLES.get(name, "optim.lr=2e-5")
+    example = SET_EXAMPLES.get(name, "optim.lr=2e-5 (a mapping's key, e.g. supervised.task_weights.sts=1.0, keeps "
+                                      "its other keys)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override one config value by dotted key, e.g. --set {example} (repeatable; a "
-                             "mapping's key, e.g. supervised.task_weights.sts=1.0, keeps its other keys)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="print Ray's, DeepSpeed's and the workers' own output here instead of to "
-                             "<output_dir>/logs/<command>.log")
+                        help=f"override one config value by dotted key, e.g. --set {example}; repeatable")
+    if logs:
+        parser.add_argument("--verbose", action="store_true",
+                            help="print Ray's, DeepSpeed's and the workers' own output here instead of to "
+                                 "<output_dir>/logs/<command>.log")
     return parser
 
 
@@ -259,6 +261,18 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def _as_script(parser: argparse.ArgumentParser, script: str, command: str) -> None:
+    """Present `command`'s parser as the job script's: its usage names the script and hides the positional
+    arguments (the stage) that the script passes itself."""
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = subcommands.choices[command]
+    sub.prog = f"python {script}"
+    for action in sub._actions:
+        if not action.option_strings:
+            action.help = argparse.SUPPRESS
+    parser.prog, parser.usage = sub.prog, sub.format_usage().removeprefix("usage: ").strip()  # unknown arguments
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `conan` command."""
     parser = argparse.ArgumentParser(prog="conan", description=__doc__.splitlines()[0].split(": ", 1)[1])
@@ -266,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _config_command(sub, "pipeline", cmd_pipeline, "pipeline (PipelineConfig)",
                         help="run the end-to-end pipeline (the README's main job)",
-                        description="Corpus → tokenizer → model → pretrain → sft → curate → weak → clr → supervised "
-                                    "→ evaluate on real data; finished steps are skipped, and a finished step "
+                        description="Corpus → tokenizer → model → pretrain → sft → curate → weak → clr → mine → "
+                                    "supervised → evaluate on real data; finished steps are skipped, and a finished step "
                                     "whose settings have changed since is refused (redo it with --from).")
     p.add_argument("--from", dest="from_step", choices=list(PIPELINE_STEPS), metavar="STEP",
                    help=f"redo STEP and every later one (their outputs are removed first): {', '.join(PIPELINE_STEPS)}")
@@ -289,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or model.init_from).")
     p.add_argument("stage", choices=list(STAGES), help="which stage")
 
-    p = _config_command(sub, "demo", cmd_demo, "stage (JobConfig)",
+    p = _config_command(sub, "demo", cmd_demo, "stage (JobConfig)", logs=False,
                         help="write a stage's input from the demo data source (the bundled datasets)",
                         description="Write the rows of the stage's input kind (documents, instructions, pairs, "
                                     "tasks) built from the bundled (or $CONAN_DATA_ROOT) datasets to "
@@ -304,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "supervised stage (JobConfig; dhnm.pool_size, dhnm.false_negative_ratio, dhnm.mining.*)",
                     help="mine hard-negative candidates (faiss) for the supervised stage's DHNM pool",
                     description="Embed the supervised stage's queries and the passage corpus with model.init_from "
-                                "on a Ray Data actor pool, search a faiss index, drop positives, apply the "
+                                "(in this process when small: dhnm.mining.in_process_work; else on a Ray Data "
+                                "actor pool), search a faiss index, drop positives, apply the "
                                 "false-negative guard and write parquet (query_id, candidate_ids, "
                                 "candidate_scores) to dhnm.candidates or <output_dir>/mined_negatives.parquet.")
 
@@ -334,13 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "further schedule (Table 12), each run once per seed and scored by a quick dev "
                                 "evaluation; writes <output_dir>/results.md with the paper's numbers beside ours.")
 
-    _config_command(sub, "serve", cmd_serve, "server (ServeConfig)",
+    _config_command(sub, "serve", cmd_serve, "server (ServeConfig)", logs=False,
                     help="serve an embedding model: OpenAI-compatible /v1/embeddings (uvicorn or Ray Serve)",
                     description="POST /v1/embeddings (input, model, dimensions, encoding_format), GET /v1/models, "
                                 "/health, /metrics; dynamic batching, optional bearer token (api_key_env), "
                                 "backend=uvicorn or backend=ray (replicas).")
 
-    _config_command(sub, "evaluate", cmd_evaluate, "evaluation (EvalConfig)",
+    _config_command(sub, "evaluate", cmd_evaluate, "evaluation (EvalConfig)", logs=False,
                     help="score a model (each Matryoshka dim), a baseline model and BM25 on local data",
                     description="Retrieval (XQuAD, cross-lingual XQuAD→English, BEIR folders), STS (STS-B multi, "
                                 "cross-lingual pairs), classification (Banking77, CSL), bitext mining (Tatoeba); "
@@ -382,9 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments and run the chosen subcommand."""
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, script: str | None = None) -> int:
+    """Parse arguments and run the chosen subcommand. `script`: the job script (jobs/<name>.py) that gave argv's
+    leading command words itself; its --help and errors name it and ask only for the rest."""
+    parser = build_parser()
+    if script:
+        _as_script(parser, script, argv[0])
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as err:

@@ -250,7 +250,8 @@ class ServeConfig:
     """The OpenAI-compatible embeddings server (`conan serve`)."""
 
     model_dir: str = "runs/tiny/supervised/model"
-    model_name: str | None = None  # the `model` clients send and /v1/models lists; default: the directory's name
+    # The `model` clients send and /v1/models lists; default: the directory's name (its parent's for …/model).
+    model_name: str | None = None
     host: str = "127.0.0.1"  # loopback only unless told otherwise (0.0.0.0: every interface)
     port: int = 8080
     api_key_env: str | None = None  # name of the environment variable holding the bearer token; None = no auth
@@ -322,7 +323,8 @@ class PipelineConfig:
     # a CLRConfig YAML run before the supervised stage (its CLR rows) into output_dir/clr; None = skip the step.
     curation: str | None = None
     clr: str | None = None
-    # An EvalConfig YAML run on the final model (baseline: the untrained init) into output_dir/eval; None = skip.
+    # An EvalConfig YAML run on the final model (baselines: the untrained init, the weak model) into output_dir/eval;
+    # None = skip.
     evaluation: str | None = None
 
 
@@ -344,7 +346,7 @@ class ExperimentConfig:
 class SweepConfig(ExperimentConfig):
     """The soft-mask sweep (jobs/sweep_mask.py): every schedule × rank-reduction × temperature on the weak stage."""
 
-    NOT_EMPTY: ClassVar[tuple[str, ...]] = ("schedules", "temperatures")
+    NOT_EMPTY: ClassVar[tuple[str, ...]] = ("schedules", "rank_reduction", "temperatures")
 
     schedules: list[Literal["linear", "accelerating", "decelerating"]] = field(
         default_factory=lambda: ["linear", "accelerating", "decelerating"])
@@ -375,7 +377,7 @@ class CurationConfig:
     → quality score ≥ min_score; parquet pairs, rejects and stats.json under output_dir."""
 
     inputs: list[str] = field(default_factory=list)  # JSONL / parquet files or dirs (local or URIs); [] = the SFT
-    output_dir: str = "runs/curated"                  # records of data_root (XQuAD, CSL, bge pairs)
+    output_dir: str = "runs/curated"                  # pairs of data_root (XQuAD, CSL, bge, STS-B paraphrases)
     data_root: str = field(default_factory=default_data_root)  # Tatoeba, for the language identifier
     ray_address: str | None = None
     query_chars: list[int] = field(default_factory=lambda: [2, 2048])  # [min, max] after normalisation
@@ -447,7 +449,7 @@ class EvalConfig:
     LEAST: ClassVar[dict[str, int]] = {"max_items": 1, "batch_size": 1}
 
     model_dir: str = "runs/tiny/supervised/model"
-    model_name: str | None = None  # label in the report (default: the directory's name)
+    model_name: str | None = None  # label in the report (default: the directory's name, its parent's for …/model)
     # Other exported models scored side by side at full size, in report order (e.g. the untrained init, then the
     # weak-stage model); the first is the reference a trained model must beat.
     baselines: list[str] = field(default_factory=list)

@@ -21,7 +21,7 @@ from conan.model import ConanConfig, ConanForCausalLM, count_parameters
 from conan.model.build import model_config_for, preset_config
 from conan.runtime import init_ray
 from conan.tokenizer import check_vocab_size, load_tokenizer, train_tokenizer
-from conan.train.launcher import is_finished, run_stage
+from conan.train.launcher import check_tasks, is_finished, run_stage
 
 
 def reset_from(output_dir: str | Path, step: str) -> list[Path]:
@@ -191,8 +191,8 @@ def stage_overrides(cfg: PipelineConfig) -> list[str]:
 
 def check_step_configs(cfg: PipelineConfig) -> None:
     """Load every step's config before the first step runs: a missing file, an unknown key or a bad value in the
-    evaluation's or a later stage's YAML is one line now, not after hours of training; so is an unknown model
-    preset or a vocabulary too small for the tokenizer."""
+    evaluation's or a later stage's YAML (a misspelt supervised task included) is one line now, not after hours of
+    training; so is an unknown model preset or a vocabulary too small for the tokenizer."""
     if cfg.model.init_from:
         raise ConfigError("model.init_from: the pipeline builds its own initial model (model.preset, model.overrides);"
                           " to start a stage from an export, run it alone: conan train <stage> --set "
@@ -201,7 +201,7 @@ def check_step_configs(cfg: PipelineConfig) -> None:
     if not cfg.tokenizer.path:
         check_vocab_size(cfg.tokenizer.vocab_size)
     for stage_yaml in cfg.stages:
-        load_config(JobConfig, stage_yaml, stage_overrides(cfg))
+        check_tasks(load_config(JobConfig, stage_yaml, stage_overrides(cfg)))
     for config_cls, yaml_path in ((CurationConfig, cfg.curation), (CLRConfig, cfg.clr), (EvalConfig, cfg.evaluation)):
         if yaml_path:
             load_config(config_cls, yaml_path)

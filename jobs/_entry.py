@@ -17,4 +17,4 @@ def run(*command: str) -> None:
     if os.environ.get("CONAN_BASE_DIR"):
         os.chdir(os.environ["CONAN_BASE_DIR"])
     from conan.cli import main
-    sys.exit(main([*command, *sys.argv[1:]]))
+    sys.exit(main([*command, *sys.argv[1:]], script=f"jobs/{Path(sys.argv[0]).name}"))

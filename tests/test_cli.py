@@ -26,6 +26,17 @@ def test_every_subcommand_has_help(name):
     assert out.returncode == 0 and f"usage: conan {name}" in out.stdout
 
 
+def test_a_job_script_names_itself_and_asks_only_for_options():
+    """`python jobs/weak.py` passes `train weak` itself: its usage must not ask for a stage, and --verbose exists only
+    where a command keeps logs (demo, serve and evaluate have none)."""
+    out = subprocess.run([sys.executable, "jobs/weak.py", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python jobs/weak.py [-h] [--config CONFIG]")
+    assert "{pretrain" not in out.stdout and "--verbose" in out.stdout
+    wrong = subprocess.run([sys.executable, "jobs/weak.py", "weak"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "python jobs/weak.py: error: unrecognized arguments: weak" in wrong.stderr
+    assert all("--verbose" not in _run(name, "--help").stdout for name in ("demo", "serve", "evaluate"))
+
+
 def test_model_info_prints_paper_size():
     out = _run("model-info", "--preset", "conan-1.4b")
     assert out.returncode == 0 and "conan-1.4b: 1,499,205,120 parameters" in out.stdout
@@ -37,7 +48,9 @@ def test_bad_override_is_a_clear_error(capsys):
 
 
 @pytest.mark.parametrize("override, named", [("evaluation=/nonexistent/eval.yaml", "/nonexistent/eval.yaml"),
-                                             ("stage_overrides=[train.stepz=3]", "train.stepz")])
+                                             ("stage_overrides=[train.stepz=3]", "train.stepz"),
+                                             ("stage_overrides=[supervised.task_weights.stss=1.0]",
+                                              "unknown task 'stss'")])
 def test_a_later_steps_bad_config_is_one_line_before_the_first_step(override, named, tmp_path, capsys):
     """The evaluation's YAML (read after training) and the stages' overrides are checked before the corpus step."""
     assert main(["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", f"output_dir={tmp_path}",

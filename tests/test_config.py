@@ -56,6 +56,9 @@ def test_an_empty_experiment_grid_or_no_seeds_is_refused():
         load_config(SweepConfig, None, ["temperatures=[]"])
     with pytest.raises(ConfigError, match=r"temperatures: .*each once \(got \[0.05, 0.05\]\)"):
         load_config(SweepConfig, None, ["temperatures=[0.05, 0.050]"])
+    for grid in ("[]", "[true, true]"):  # the grid's third axis: no trial, or two trials under one name
+        with pytest.raises(ConfigError, match="rank_reduction: must name at least one value, each once"):
+            load_config(SweepConfig, None, [f"rank_reduction={grid}"])
     with pytest.raises(ConfigError, match="seeds: must be at least 1, got 0"):
         load_config(AblationConfig, None, ["seeds=0"])
     with pytest.raises(ConfigError, match="max_items: must be at least 1"):

@@ -10,11 +10,10 @@ standard deviation over seeds of the quick dev evaluation's Multi / Eng / Zh col
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
-from conan.config import AblationConfig, JobConfig, load_config
+from conan.config import AblationConfig
 from conan.eval.report import markdown_table
 from conan.experiments.paper_tables import PAPER_TABLE_4, PAPER_TABLE_12
 from conan.experiments.trials import GROUPS, run_trials, trial_stage
@@ -60,17 +59,14 @@ def run_ablation(cfg: AblationConfig) -> Path:
                 f"soft_mask.enabled={str(schedule is not None).lower()}",
                 *([f"soft_mask.schedule={schedule}"] if schedule else []))
     weak = run_trials("ablation_weak", weak_trials, cfg)
-    # The whole mapping: a dotted override of one task's weight would replace it.
-    weights = load_config(JobConfig, cfg.supervised, cfg.overrides).supervised.task_weights
     rows = supervised_rows(schedules)
     trials = {}
     for name, (schedule, clr, dhnm) in rows.items():
         for seed in seeds:
-            task_weights = {**weights, "clr": cfg.clr_weight if clr else 0.0}
             trials[f"{name}-s{seed}"] = trial_stage(
                 cfg.supervised, out / f"{name}-s{seed}", cfg, f"name=ablation-{name}-s{seed}", f"train.seed={seed}",
                 f"model.init_from={weak[f'{weak_name(schedule)}-s{seed}']['model']}",
-                f"supervised.task_weights={json.dumps(task_weights)}", f"dhnm.enabled={str(dhnm).lower()}",
+                f"supervised.task_weights.clr={cfg.clr_weight if clr else 0.0}", f"dhnm.enabled={str(dhnm).lower()}",
                 *(cfg.dhnm_overrides if dhnm else []))
     results = run_trials("ablation", trials, cfg)
 

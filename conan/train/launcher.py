@@ -48,15 +48,22 @@ def check_inputs(cfg: JobConfig) -> Path:
                           "or model.init_from (`make demo` writes runs/pipeline_tiny/tokenizer, `conan tokenizer "
                           "FILES --out DIR` trains one)")
     require_paths(cfg.data.paths, "data.paths")
-    if cfg.stage == "supervised":  # a misspelt task would train at weight 0 without a word
-        sup = cfg.supervised
-        for key, given in (("task_weights", sup.task_weights), ("batch_sizes", sup.batch_sizes)):
-            if unknown := sorted(set(given) - set(TASKS)):
-                raise ConfigError(f"supervised.{key}: unknown task {unknown[0]!r} (tasks: {sorted(TASKS)})")
-        if missing := sorted(t for t, w in sup.task_weights.items() if w > 0 and t not in sup.batch_sizes):
-            raise ConfigError(f"supervised.batch_sizes: no batch size for task {missing[0]!r}, which has weight "
-                              f"{sup.task_weights[missing[0]]}")
+    check_tasks(cfg)
     return tokenizer_dir
+
+
+def check_tasks(cfg: JobConfig) -> None:
+    """Fail on a supervised task the registry does not have, or a weighted one without a batch size: a misspelt task
+    would train at weight 0 without a word."""
+    if cfg.stage != "supervised":
+        return
+    sup = cfg.supervised
+    for key, given in (("task_weights", sup.task_weights), ("batch_sizes", sup.batch_sizes)):
+        if unknown := sorted(set(given) - set(TASKS)):
+            raise ConfigError(f"supervised.{key}: unknown task {unknown[0]!r} (tasks: {sorted(TASKS)})")
+    if missing := sorted(t for t, w in sup.task_weights.items() if w > 0 and t not in sup.batch_sizes):
+        raise ConfigError(f"supervised.batch_sizes: no batch size for task {missing[0]!r}, which has weight "
+                          f"{sup.task_weights[missing[0]]}")
 
 
 def with_demo_data(cfg: JobConfig, stage: type[Stage]) -> JobConfig:

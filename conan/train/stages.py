@@ -339,7 +339,7 @@ class SupervisedStage(Stage):
         sup = self.cfg.supervised
         tasks = {task_of(g) for g in rows}
         task_weights = {t: sup.task_weights.get(t, 0.0) for t in tasks}
-        if not any(w > 0 for w in task_weights.values()):  # e.g. `--set supervised.task_weights.clr=0` replaces the map
+        if not any(w > 0 for w in task_weights.values()):  # e.g. every task with rows set to 0
             raise ValueError(f"supervised.task_weights {dict(sup.task_weights)}: none of the tasks with rows "
                              f"{sorted(tasks)} has a positive weight")
         per_task: dict[str, int] = defaultdict(int)
