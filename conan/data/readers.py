@@ -6,6 +6,8 @@ from pathlib import Path
 
 import ray.data
 
+from conan.data.files import input_suffix
+
 TEXT_SUFFIXES = {".txt", ".text"}
 
 
@@ -39,7 +41,8 @@ def read_text_dataset(paths: list[str], column: str = "text") -> ray.data.Datase
 
 def _group_by_kind(files: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
-    for f in files:
-        kind = "parquet" if f.endswith(".parquet") else "jsonl" if f.endswith((".jsonl", ".json")) else "text"
+    for f in files:  # .jsonl.gz / .JSONL are JSON lines too (they were read as text, a JSON line a text)
+        suffix = input_suffix(f)
+        kind = "text" if suffix is None else "parquet" if suffix == ".parquet" else "jsonl"
         groups.setdefault(kind, []).append(f)
     return groups

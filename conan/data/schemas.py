@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
+
+from conan.config import ConfigError
+from conan.data.files import ShardError, input_files
 
 S, TEXTS = pa.string(), pa.list_(pa.string())
 
@@ -34,6 +38,7 @@ OPTIONAL: dict[str, dict[str, object]] = {
 }
 # Columns every reader output carries besides the kind's own.
 BOOKKEEPING = pa.schema([("origin", S), ("reject_reason", S), ("raw", S)])
+FLOAT32_MAX = 3.4028234663852886e38
 RAW_KEEP = 2000  # characters of a rejected input kept for inspection
 
 
@@ -74,8 +79,10 @@ def validate(kind: str, row: dict) -> tuple[dict | None, str | None]:
                 return None, f"invalid_unicode:{field.name}"
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             return None, f"wrong_type:{field.name}"
-        elif not math.isfinite(value):  # JSON's NaN / Infinity: a NaN target poisons the loss
-            return None, f"not_finite:{field.name}"
+        elif not math.isfinite(value) or (pa.types.is_float32(field.type) and abs(value) > FLOAT32_MAX):
+            return None, f"not_finite:{field.name}"  # JSON's NaN / Infinity (a NaN target poisons the loss), 1e39
+        elif pa.types.is_floating(field.type):
+            value = float(value)  # an integer float32 cannot hold exactly (2**24 + 1) failed its whole batch
         record[field.name] = value
     return record, None
 
@@ -171,8 +178,12 @@ def read_records(paths: list[str] | str, kind: str, filesystem=None, lines_per_b
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ValueError("no input paths")
-    jsonl = [p for p in paths if not p.endswith(".parquet")]
-    parquet = [p for p in paths if p.endswith(".parquet")]
+    try:  # a local directory's files, each to its reader (its parquet files went to the JSON reader and were lost)
+        paths = [str(f) for p in paths for f in (input_files([p]) if Path(p).is_dir() else [p])]
+    except ShardError as e:
+        raise ConfigError(f"inputs: {e}") from None
+    parquet = [p for p in paths if p.lower().endswith(".parquet")]
+    jsonl = [p for p in paths if p not in parquet]
     parts = []
     if jsonl:
         lines = ray.data.read_datasource(JsonLinesDatasource(jsonl, filesystem=filesystem,
@@ -204,7 +215,9 @@ class ParquetRowsDatasource(FileBasedDatasource):
         for batch in pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_block):
             origins = [f"{path}:{number + i}" for i in range(1, batch.num_rows + 1)]
             number += batch.num_rows
-            yield pa.Table.from_batches([batch]).append_column("origin", pa.array(origins, S))
+            table = pa.Table.from_batches([batch])  # a user's own `origin` column is no field of any kind
+            table = table.drop_columns(["origin"]) if "origin" in table.column_names else table
+            yield table.append_column("origin", pa.array(origins, S))
 
 
 class JsonLinesDatasource(FileBasedDatasource):

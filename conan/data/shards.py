@@ -19,22 +19,21 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from conan.data.files import ShardError, input_files, input_suffix, open_input
+from conan.data.input_rows import RowSpec, read_blocks
+
 MANIFEST = "manifest.json"
 FORMAT = "conan-shards/1"
 ROWS_PER_SHARD = 50_000  # rows a shard file holds at most
+REJECTS = "rejects"  # the rows an input had that a stage cannot train on, with their reasons
 ROW_GROUP_BYTES = 4 << 20  # a shard's row groups hold about this much in memory: the unit a worker reads (a
 # worker holds one or two of each group it reads, whatever data.reader_memory_mb says)
-
-
-class ShardError(ValueError):
-    """A shard directory, its manifest or an input file is unusable."""
 
 
 @dataclass(frozen=True)
@@ -124,88 +123,13 @@ def group_keys(table: pa.Table, columns: list[str]) -> pa.Array:
     """Each row's group: the non-empty values of `columns` joined by "/", "all" when there are none."""
     if not columns:
         return pa.array(["all"] * table.num_rows, pa.string())
-    parts = [pc.if_else(pc.equal(pc.cast(table[c], pa.string()), ""), None, pc.cast(table[c], pa.string()))
-             for c in columns]
-    joined = pc.binary_join_element_wise(*parts, "/", null_handling="skip")
-    return pc.if_else(pc.equal(joined, ""), "all", joined)
-
-
-def _input_batches(path: Path, batch_rows: int, spec: RowSpec | None = None) -> Iterator[pa.RecordBatch]:
-    """Record batches of a parquet file or JSON-lines file, streamed. JSON columns the spec reads take their known
-    types (pyarrow infers a type from the first block: `"negatives": []` rows first, then one with a negative, was
-    an error), and a known column with no value in a block is left out of it, so its default applies."""
-    if path.suffix == ".parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
-    elif path.suffix in (".jsonl", ".json"):
-        import pyarrow.json as pajson
-        types = json_types(spec) if spec else {}
-        options = pajson.ParseOptions(explicit_schema=pa.schema(list(types.items())),
-                                      unexpected_field_behavior="infer")
-        for batch in pajson.open_json(path, parse_options=options):
-            absent = [c for c in types if batch.column(c).null_count == batch.num_rows]
-            yield batch.drop_columns(absent) if absent else batch
-    else:
-        raise ShardError(f"{path}: expected .parquet or .jsonl")
-
-
-def json_types(spec: RowSpec) -> dict[str, pa.DataType]:
-    """The Arrow type of each column the spec reads (and of its alias), where the record schemas or its default
-    say it."""
-    from conan.data.schemas import SCHEMAS
-
-    known = {f.name: f.type for schema in SCHEMAS.values() for f in schema}
-    by_default = {str: pa.string(), int: pa.int64(), float: pa.float64(), list: pa.list_(pa.string())}
-    types = {}
-    for column in spec.columns:
-        kind = known.get(column) or by_default.get(type(spec.defaults.get(column)))
-        for name in filter(None, (column, spec.aliases.get(column))):
-            if kind is not None:
-                types[name] = kind
-    return types
-
-
-def input_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The parquet / JSON-lines files under the given files and directories, sorted within a directory."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix in (".parquet", ".jsonl", ".json") and f.is_file())
-            if not found:
-                raise ShardError(f"{p}: no .parquet or .jsonl files")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ShardError(f"{p} does not exist")
-    return out
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """The columns a stage reads: a file must have each, or its alias, or it takes the default."""
-
-    columns: tuple[str, ...]
-    aliases: dict[str, str] = field(default_factory=dict)
-    defaults: dict[str, object] = field(default_factory=dict)
-    group_by: tuple[str, ...] = ()
-
-    def select(self, table: pa.Table, source: str) -> pa.Table:
-        """The table with exactly `columns`, aliases renamed and defaults filled in."""
-        names = set(table.column_names)
-        missing = [c for c in self.columns if c not in names and self.aliases.get(c) not in names
-                   and c not in self.defaults]
-        if missing:
-            raise ShardError(f"{source} lacks columns {missing} (has {table.column_names})")
-        out = {}
-        for c in self.columns:
-            if c in names or self.aliases.get(c) in names:
-                column = table[c if c in names else self.aliases[c]]
-                if c in self.defaults and column.null_count:  # JSON's null, or a field some rows leave out
-                    column = pc.fill_null(column, pa.scalar(self.defaults[c], column.type))
-                out[c] = column
-            else:
-                out[c] = pa.array([self.defaults[c]] * table.num_rows)
-        return pa.table(out)
+    # Pairwise, without nulls: pyarrow's join skipping nulls drops the rows whose every part is null.
+    key = pc.fill_null(pc.cast(table[columns[0]], pa.string()), "")
+    for c in columns[1:]:
+        part = pc.fill_null(pc.cast(table[c], pa.string()), "")
+        key = pc.if_else(pc.equal(key, ""), part,
+                         pc.if_else(pc.equal(part, ""), key, pc.binary_join_element_wise(key, part, "/")))
+    return pc.if_else(pc.equal(key, ""), "all", key)
 
 
 def write_shard(table: pa.Table, path: Path, row_group_bytes: int = ROW_GROUP_BYTES) -> None:
@@ -216,14 +140,17 @@ def write_shard(table: pa.Table, path: Path, row_group_bytes: int = ROW_GROUP_BY
 
 
 def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.ndarray | None = None,
-               rows_per_shard: int = ROWS_PER_SHARD) -> dict[str, list[ShardFile]]:
+               rows_per_shard: int = ROWS_PER_SHARD) -> tuple[dict[str, list[ShardFile]], dict[str, int]]:
     """Stream one input file into group-partitioned parquet shards `<prefix>-g<group digest>-<n>.parquet` under out_dir
     (a group's files share its 64-bit digest whatever the input file; two groups of a file with one digest are an
-    error, never one file);
-    `keep`: sorted row indices of the file to keep (None = all). Returns the files written per group."""
+    error, never one file), and its rejected rows into `rejects/<prefix>.parquet` (origin, reason, raw);
+    `keep`: sorted row indices of the file to keep (None = all). Returns the files written per group and the
+    counts: rows read, and rejects per reason."""
     buffers: dict[str, list[pa.Table]] = {}
     written: dict[str, list[ShardFile]] = {}
     digests: dict[str, str] = {}  # digest → group, in this file
+    rejects: list[pa.Table] = []
+    counts: dict[str, int] = {"rows_in": 0}
 
     def flush(group: str, final: bool) -> None:
         table = pa.concat_tables(buffers.pop(group, []))
@@ -240,14 +167,19 @@ def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.nd
             buffers[group] = [table]
 
     offset = 0
-    for batch in _input_batches(src, rows_per_shard, spec):
-        table = pa.Table.from_batches([batch])
+    for block in read_blocks(src, rows_per_shard, spec.read_types()):
+        rows = block.table.num_rows
         if keep is not None:
-            first, last = np.searchsorted(keep, [offset, offset + table.num_rows])  # keep is sorted
-            local = keep[first:last] - offset
-            offset += table.num_rows
-            table = table.take(pa.array(local, pa.int64()))
-        table = spec.select(table, str(src))
+            first, last = np.searchsorted(keep, [offset, offset + rows])  # keep is sorted
+            block = block.take(keep[first:last] - offset)
+        offset += rows
+        table, rejected = spec.check(block, str(src))
+        counts["rows_in"] += block.table.num_rows
+        if rejected.num_rows:
+            rejects.append(rejected)
+            for reason, n in zip(*np.unique(rejected["reject_reason"].to_numpy(zero_copy_only=False),
+                                            return_counts=True)):
+                counts[reason] = counts.get(reason, 0) + int(n)
         keys = group_keys(table, list(spec.group_by))
         for group in pc.unique(keys).to_pylist():
             buffers.setdefault(group, []).append(table.filter(pc.equal(keys, group)))
@@ -255,37 +187,58 @@ def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.nd
                 flush(group, final=False)
     for group in list(buffers):
         flush(group, final=True)
-    return written
+    if rejects:
+        (out_dir / REJECTS).mkdir(exist_ok=True)
+        pq.write_table(pa.concat_tables(rejects), out_dir / REJECTS / f"{prefix}.parquet")
+    return written, counts
 
 
 def convert(paths: list[str], out_dir: str | Path, kind: str, spec: RowSpec, max_rows: int | None = None,
             seed: int = 0, rows_per_shard: int = ROWS_PER_SHARD) -> Manifest:
     """Input files (parquet / JSON lines, files or directories) → a shard directory, one Ray Data task per input
-    file (the driver sees row counts only). max_rows keeps a seeded random sample of that many rows."""
+    file (the driver sees row counts only). max_rows keeps a seeded random sample of that many rows. Rows the stage
+    cannot train on go to <out_dir>/rejects with their reasons, counted in the manifest's stats (rows_in, rejected,
+    reasons)."""
+    import shutil
+
     out_dir = Path(out_dir)
     if is_shard_dir(out_dir):
         return load_manifest(out_dir)
     files = input_files(paths)
     keep = _sample(files, max_rows, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / REJECTS, ignore_errors=True)  # an earlier attempt's
     jobs = [{"index": i, "src": str(f), "keep": keep.get(i)} for i, f in enumerate(files)]
 
-    def run(job: dict) -> dict[str, list[ShardFile]]:
+    def run(job: dict) -> tuple[dict[str, list[ShardFile]], dict[str, int]]:
         keep_rows = None if job["keep"] is None else np.asarray(job["keep"], dtype=np.int64)
         return shard_file(Path(job["src"]), out_dir, f"f{job['index']:05d}", spec, keep_rows, rows_per_shard)
 
     groups: dict[str, list[ShardFile]] = {}
-    for written in map_jobs(run, jobs):
+    counts: dict[str, int] = {}
+    for written, file_counts in map_jobs(run, jobs):
         for g, parts in written.items():
             groups.setdefault(g, []).extend(parts)
+        for key, n in file_counts.items():
+            counts[key] = counts.get(key, 0) + n
+    rows_in = counts.pop("rows_in")
+    stats = {"rows_in": rows_in, "rejected": sum(counts.values()), "reasons": dict(sorted(counts.items()))}
     groups = {g: sorted(parts, key=lambda f: f.path) for g, parts in groups.items()}
     if not groups:
-        raise ShardError(f"{paths}: no rows")
+        raise ShardError(f"{paths}: no rows to train on" + (f"; {rejects_line(stats, out_dir)}" if stats["rejected"]
+                                                             else ""))
     schema = {c: str(t) for c, t in zip(*_first_schema(out_dir, groups))}
     manifest = Manifest(out_dir, kind, schema, groups, {"inputs": [str(f) for f in files],
-                                                           "group_by": list(spec.group_by)})
+                                                           "group_by": list(spec.group_by), **stats})
     manifest.save()
     return manifest
+
+
+def rejects_line(stats: dict, out_dir: Path) -> str:
+    """'N of M rows rejected (reason n, …) → <dir>/rejects'."""
+    top = sorted(stats["reasons"].items(), key=lambda kv: -kv[1])
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in top[:4]) + (", …" if len(top) > 4 else "")
+    return f"{stats['rejected']:,} of {stats['rows_in']:,} rows rejected ({reasons}) → {out_dir / REJECTS}"
 
 
 def _first_schema(out_dir: Path, groups: dict[str, list[ShardFile]]) -> tuple[list[str], list]:
@@ -311,10 +264,16 @@ def _sample(files: list[Path], max_rows: int | None, seed: int) -> dict[int, np.
 
 def _count_rows(path: Path) -> int:
     """Rows of a parquet file (from its footer) or a JSON-lines file (its non-blank lines, streamed)."""
-    if path.suffix == ".parquet":
+    if input_suffix(path) == ".parquet":
         return pq.ParquetFile(path).metadata.num_rows
-    with path.open("rb") as f:
-        return sum(1 for line in f if line.strip())
+    with open_input(path) as f:
+        head = f.read(3)
+        tail, count = (b"" if head == b"\xef\xbb\xbf" else head), 0
+        while chunk := f.read(1 << 24):
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            count += sum(1 for line in lines if line.strip())
+        return count + bool(tail.strip())
 
 
 def remote_or_local(fn, num_cpus: float):

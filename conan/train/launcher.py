@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from conan.config import ConfigError, JobConfig, require_paths, to_dict
 from conan.console import ReportFollower, say
-from conan.data.shards import ShardError, convert, input_files, is_shard_dir, load_manifest, merge_manifests
+from conan.data.shards import (ShardError, convert, input_files, is_shard_dir, load_manifest, merge_manifests,
+                               rejects_line)
 from conan.encoder import check_model_dir
 from conan.runtime import init_ray
 from conan.train.backend import resolve_backend
@@ -84,8 +85,10 @@ def with_demo_data(cfg: JobConfig, stage: type[Stage]) -> JobConfig:
         clr = None
         if stage.input_kind == "tasks" and cfg.supervised.clr_paths:  # a built CLR set replaces the demo's CLR rows
             spec = stage.row_spec(cfg)
-            clr = [r for f in input_files(cfg.supervised.clr_paths)
-                   for r in spec.select(pq.read_table(f), "supervised.clr_paths").to_pylist()]
+            try:
+                clr = [r for f in input_files(cfg.supervised.clr_paths) for r in spec.rows(f).to_pylist()]
+            except ShardError as e:
+                raise ConfigError(f"supervised.clr_paths: {e}") from None
         partial = out.with_name(out.name + ".partial")  # whole or absent: records and passages are read together
         shutil.rmtree(partial, ignore_errors=True)
         try:
@@ -130,10 +133,12 @@ def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path |
         key = hashlib.sha256(json.dumps([inputs, asdict(spec), cfg.data.max_rows, cfg.train.seed],
                                         default=str).encode()).hexdigest()[:12]
         try:
-            dirs = [str(convert(inputs, out / f"input-{key}", stage.input_kind, spec, cfg.data.max_rows,
-                                cfg.train.seed).directory)]
+            manifest = convert(inputs, out / f"input-{key}", stage.input_kind, spec, cfg.data.max_rows, cfg.train.seed)
         except ShardError as e:
             raise ConfigError(f"data.paths: {e}") from e
+        if manifest.stats.get("rejected"):
+            say(f"[{cfg.stage}] data.paths: {rejects_line(manifest.stats, manifest.directory)}")
+        dirs = [str(manifest.directory)]
     return stage.worker_shards(dirs, out, cfg, str(tokenizer_dir)) if tokenizer_dir is not None else dirs
 
 

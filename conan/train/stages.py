@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from conan.config import JobConfig
 from conan.data.passages import PassageLookup
-from conan.data.shards import RowSpec
+from conan.data.input_rows import RowSpec, column_types, neutral_value
 from conan.data.stream import DataPosition, GroupedStream
 from conan.data.tokenize import TokenEncoder, pack_documents, text_token_columns, token_shards_key, tokenize_shards
 from conan.losses import gather_with_grad, infonce_loss, positive_copies_mask
@@ -221,6 +221,7 @@ class SFTStage(Stage):
 
     name, model_class, columns = "sft", ConanForCausalLM, ("instruction", "input", "output")
     input_kind = "instructions"
+    defaults = {"instruction": "", "input": ""}  # an instruction alone, or an input alone, makes a prompt
 
     @classmethod
     def token_columns(cls, group, table, encoder):
@@ -312,13 +313,18 @@ class SupervisedStage(Stage):
 
     @classmethod
     def row_spec(cls, cfg):
-        """task, every registered task's columns (those a row must have first, then those a file may lack: an input
-        file may mix tasks, so each takes the other tasks' defaults), lang; read from TASKS when the spec is made."""
+        """task, every registered task's columns (those some task's rows must have first, then those every task
+        defaults: the order shards were always written in), lang; read from TASKS when the spec is made. A file may
+        mix tasks or hold one: a row must hold its own task's columns (SupervisedTask.needs), and takes a neutral
+        value for the others'."""
         spec = super().row_spec(cfg)
         defaults = {**{c: v for t in TASKS.values() for c, v in t.defaults.items()}, **spec.defaults}
         columns = [c for t in TASKS.values() for c in t.columns]
-        ordered = dict.fromkeys([*(c for c in columns if c not in defaults), *(c for c in columns if c in defaults)])
-        return replace(spec, columns=("task", *ordered, "lang"), defaults=defaults)
+        ordered = ("task", *dict.fromkeys([*(c for c in columns if c not in defaults),
+                                           *(c for c in columns if c in defaults)]), "lang")
+        types = column_types(ordered, defaults)
+        filled = {c: defaults[c] if c in defaults else neutral_value(types[c]) for c in ordered if c != "task"}
+        return replace(spec, columns=ordered, defaults=filled, kinds={name: t.needs() for name, t in TASKS.items()})
 
     @staticmethod
     def passage_lookup_path(cfg) -> Path:

@@ -115,11 +115,17 @@ def test_a_new_task_is_one_class_and_a_registry_entry(tmp_path, small_tokenizer,
     assert "similarity" in SupervisedStage.row_spec(stage.cfg).columns  # the new column, read from the registry
 
 
-def test_an_unregistered_task_is_refused_naming_the_known_ones(tmp_path, small_tokenizer):
-    """A task name with rows and a weight but no registry entry stops the stage before it trains."""
-    with pytest.raises(ValueError, match=r"unknown supervised tasks \['ranking'\].*'retrieval'"):
-        supervised_stage(tmp_path, small_tokenizer, {"retrieval": 1.0, "ranking": 1.0},
-                         task_rows("retrieval", 8) + task_rows("ranking", 8))
+def test_rows_of_an_unregistered_task_are_rejected_and_counted(tmp_path, small_tokenizer):
+    """Rows naming a task the registry lacks are rejects (`unknown_task`, with their row in the file), not shard
+    groups that fail later in tokenization; the registered task's rows train."""
+    stage = supervised_stage(tmp_path, small_tokenizer, {"retrieval": 1.0},
+                             task_rows("retrieval", 8) + task_rows("ranking", 8))
+    stats = load_manifest(tmp_path / "shards").stats
+    assert (stats["rows_in"], stats["rejected"], stats["reasons"]) == (16, 8, {"unknown_task": 8})
+    rejects = pq.read_table(tmp_path / "shards" / "rejects" / "f00000.parquet").to_pylist()
+    assert [r["origin"] for r in rejects] == [f"{tmp_path / 'rows.parquet'}:{i}" for i in range(9, 17)]
+    assert all('"task": "ranking"' in r["raw"] for r in rejects)
+    assert stage.batch(0)["task"] == "retrieval"
 
 
 

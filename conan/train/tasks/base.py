@@ -24,10 +24,16 @@ class SupervisedTask:
     name: str
     columns: tuple[str, ...] = ()  # columns its rows need beside task and lang
     defaults: dict[str, object] = {}  # … of which a file may lack these (an input file can mix tasks)
+    required: tuple[str, ...] | None = None  # the columns each of its rows must hold (None: those without a default)
 
     def __init__(self, name: str, mined: bool = False):
         """mined: its rows with a query_id get hard negatives mined for them, and DHNM manages those."""
         self.name, self.mined = name, mined
+
+    def needs(self) -> tuple[str, ...]:
+        """The columns a row of this task must hold (a value, and text that is not blank); a row without one of them
+        is rejected when the input is sharded."""
+        return self.required if self.required is not None else tuple(c for c in self.columns if c not in self.defaults)
 
     def token_columns(self, table: pa.Table, encoder: TokenEncoder) -> dict[str, pa.Array]:
         """The token shard columns of a text shard file of this task's rows (tokenized upstream, on a Ray Data actor

@@ -22,6 +22,7 @@ class ContrastiveTask(SupervisedTask):
 
     columns = ("query", "positive", "negatives", "query_id", "positive_id", "positive_key", "negative_keys")
     defaults = {"query_id": "", "positive_id": -1, "positive_key": "", "negative_keys": []}
+    required = ("query", "positive")  # (query, positive) pairs are rows too: their negatives' slots are masked
 
     def token_columns(self, table, encoder):
         """query_ids, positive_ids, negatives_ids (a row's list), the passages' mask keys (the 64-bit content key of

@@ -13,7 +13,8 @@ class STSTask(SupervisedTask):
     """(s1, s2, score) rows: predicted pair cosines are asked to rank like the gold scores."""
 
     columns = ("s1", "s2", "score")
-    defaults = {"s1": "", "s2": "", "score": 0.0}
+    defaults = {"s1": "", "s2": "", "score": 0.0}  # for a file's rows of other tasks
+    required = ("s1", "s2", "score")  # a pair without a gold score trained as 0.0
 
     def token_columns(self, table, encoder):
         """s1_ids, s2_ids and the gold score."""
