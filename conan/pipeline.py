@@ -42,10 +42,15 @@ def reset_from(output_dir: str | Path, step: str) -> list[Path]:
 
 STEP_RECORD = "pipeline_step.json"  # in a step's folder: the settings it was made with, the previous step's digest
 LOCATIONS = {"output_dir", "ray_address", "data_root"}  # keys that say where things are, not what they are
-# Stage settings that change how a stage runs, not what it makes (and a stage's data.root, a location).
+# Settings that change how a step runs, not what it makes (and a stage's data.root, a location): a stage's resources
+# and reporting, mining's placement and search buffers, the evaluation's batch (float rounding at most), how a data
+# step reads its input; and any actor pool's resources (RESOURCES: cleaners.cpus, dhnm.mining.actors.size, …).
 UNRECORDED = {"data.root", "train.cpus_per_worker", "train.log_every", "train.checkpoint_every",
               "train.keep_checkpoints", "train.max_failures", "train.inject_failure_at_step", "train.log_row_ids",
-              "model.activation_checkpointing"}
+              "model.activation_checkpointing", "dhnm.pool_resources", "dhnm.mining.in_process_work",
+              "dhnm.mining.query_chunk_bytes", "dhnm.mining.query_batch", "dhnm.mining.search_tasks",
+              "dhnm.mining.search_cpus", "batch_size", "lines_per_block", "translator_python"}
+RESOURCES = {"size", "cpus", "gpus"}  # an ActorPoolConfig's resources, wherever it sits
 
 
 class StepRecords:
@@ -107,7 +112,7 @@ def recorded_settings(settings: dict, out: Path) -> dict:
         if isinstance(value, dict) and value:
             for key, inner in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        elif prefix not in UNRECORDED and prefix.rsplit(".", 1)[-1] not in LOCATIONS:
+        elif prefix not in UNRECORDED and prefix.rsplit(".", 1)[-1] not in LOCATIONS | RESOURCES:
             flat[prefix] = relative(value)
     walk("", settings)
     return flat

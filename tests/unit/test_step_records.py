@@ -94,3 +94,19 @@ def test_paths_inside_the_run_are_recorded_relative_to_it(tmp_path):
         "model.init_from": "<run>/sft/model"}
     assert recorded_settings({"model": {"init_from": str(tmp_path / "run2" / "x")}}, out) == {
         "model.init_from": str(tmp_path / "run2" / "x")}  # a sibling whose name starts like the run's is not in it
+
+
+def test_how_a_step_runs_is_not_what_it_makes(tmp_path):
+    """Any actor pool's size, CPUs and GPUs (cleaners, translators, mining's embedders), mining's placement and
+    search buffers and the evaluation's batch: changed, a run keeps its steps (a user moving to a bigger machine was
+    refused); the candidates DHNM keeps, or the mining batch's length, are what a step makes."""
+    base = {"dhnm": {"pool_size": 30, "mining": {"actors": {"size": 1, "cpus": 0.5, "gpus": 0.0, "batch_size": 64},
+                                                 "search_cpus": 1.0, "max_length": 256}},
+            "batch_size": 64, "cleaners": {"size": 1, "cpus": 0.5, "batch_size": 8192}}
+    moved = {"dhnm": {"pool_size": 30, "mining": {"actors": {"size": 4, "cpus": 1.0, "gpus": 1.0, "batch_size": 64},
+                                                  "search_cpus": 4.0, "max_length": 256}},
+             "batch_size": 16, "cleaners": {"size": 2, "cpus": 1.0, "batch_size": 8192}}
+    assert recorded_settings(base, tmp_path) == recorded_settings(moved, tmp_path)
+    for key, value in (("pool_size", 20), ("mining", {**base["dhnm"]["mining"], "max_length": 128})):
+        assert recorded_settings(base, tmp_path) != recorded_settings({**base, "dhnm": {**base["dhnm"], key: value}},
+                                                                      tmp_path)
