@@ -30,12 +30,13 @@ def open_input(path: Path) -> pa.NativeFile:
 
 def input_files(paths: Iterable[str | Path]) -> list[Path]:
     """The parquet / JSON-lines files under the given files and directories, sorted within a directory. In a
-    directory, names starting with "." or "_" (_SUCCESS, .crc, _temporary/) are not data; any other file that is neither is an
+    directory, names starting with "." or "_" (_SUCCESS, .crc, _temporary/) and a dataset's documentation (README,
+    LICENSE, *.md: a Hugging Face dataset folder holds them) are not data; any other file that is neither is an
     error naming it, never a file left out without a word."""
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file()
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not _documentation(f)
                            and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
             if other := [str(f) for f in found if input_suffix(f) is None]:
                 raise ShardError(f"{p}: {len(other)} file(s) neither parquet nor JSON lines ({', '.join(other[:3])}"
@@ -48,3 +49,9 @@ def input_files(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise ShardError(f"{p} does not exist")
     return out
+
+
+def _documentation(path: Path) -> bool:
+    """A README, LICENSE or markdown file beside the data."""
+    name = path.name.upper()
+    return name.startswith(("README", "LICENSE", "LICENCE")) or name.endswith(".MD")

@@ -10,6 +10,7 @@ wrong_type:<column>, missing_field:<column>, empty_text:<column>, not_finite:<co
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -62,60 +63,109 @@ def read_blocks(path: Path, batch_rows: int, types: dict[str, pa.DataType]) -> I
 def _parquet_blocks(path: Path, batch_rows: int) -> Iterator[Block]:
     try:
         reader = pq.ParquetFile(path)
+        batches = reader.iter_batches(batch_size=batch_rows)
+        start = 0
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+
+            def describe(rows, table=table, start=start):
+                return ([f"{path}:{start + int(r) + 1}" for r in rows],
+                        [json.dumps(_raw_row(table.slice(int(r), 1)), ensure_ascii=False, default=_text)[:RAW_KEEP]
+                         for r in rows])
+            yield Block(table, pa.nulls(table.num_rows, pa.string()), describe)
+            start += table.num_rows
     except (pa.ArrowException, OSError) as e:
         raise ShardError(f"{path}: not a readable parquet file ({e})") from None
-    start = 0
-    for batch in reader.iter_batches(batch_size=batch_rows):
-        table = pa.Table.from_batches([batch])
 
-        def describe(rows, table=table, start=start):
-            picked = table.take(pa.array(rows, pa.int64())).to_pylist()
-            return ([f"{path}:{start + int(r) + 1}" for r in rows],
-                    [json.dumps(row, ensure_ascii=False, default=str)[:RAW_KEEP] for row in picked])
-        yield Block(table, pa.nulls(table.num_rows, pa.string()), describe)
-        start += table.num_rows
+
+def _raw_row(row: pa.Table) -> dict:
+    """A one-row table as a dict; text that is not UTF-8 as its bytes."""
+    try:
+        return row.to_pylist()[0]
+    except UnicodeDecodeError:
+        return {name: column.cast(pa.binary())[0].as_py() if _texts(column.type) else column[0].as_py()
+                for name, column in zip(row.column_names, row.columns)}
+
+
+def _text(value) -> str:
+    """A raw value JSON cannot hold (bytes of invalid UTF-8, a date), as text."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+LINE_BY_LINE_BYTES = 64 << 10  # a chunk that fails is halved down to this size; only such a piece goes line by line
 
 
 def _json_blocks(path: Path, types: dict[str, pa.DataType]) -> Iterator[Block]:
-    """Whole lines a chunk at a time: pyarrow's parser for the chunk, or, when it fails (a line that is not JSON, a
-    value of another type), each line parsed on its own."""
+    """Whole lines a chunk at a time: pyarrow's parser for the chunk when it is valid UTF-8 with one object a line and
+    parses; else the chunk halved, and a failing piece of at most LINE_BY_LINE_BYTES parsed line by line."""
     import pyarrow.json as pajson
 
     schema = pa.schema(list(types.items()))
     options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     first_line, tail = 1, b""
-    with open_input(path) as f:
-        while True:
-            data = f.read(CHUNK_BYTES)
-            chunk = tail + data
-            if first_line == 1:
-                chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark before the first line
-            cut = chunk.rfind(b"\n") + 1 if data else len(chunk)
-            chunk, tail = chunk[:cut], chunk[cut:]
-            if chunk.strip():
-                yield _json_chunk(path, chunk, first_line, schema, options)
-            first_line += chunk.count(b"\n")
-            if not data:
-                return
+    try:
+        with open_input(path) as f:
+            while True:
+                data = f.read(CHUNK_BYTES)
+                chunk = tail + data
+                if first_line == 1:
+                    chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark before the first line
+                cut = _line_end(chunk) if data else len(chunk)
+                chunk, tail = chunk[:cut], chunk[cut:]
+                if chunk.strip():
+                    yield from _json_pieces(path, chunk, first_line, schema, options)
+                first_line += len(chunk.splitlines())
+                if not data:
+                    return
+    except OSError as e:  # a truncated or corrupt .gz
+        raise ShardError(f"{path}: cannot be read ({e})") from None
 
 
-def _json_chunk(path: Path, chunk: bytes, first_line: int, schema: pa.Schema, options) -> Block:
+def _line_end(data: bytes) -> int:
+    """Where the last whole line of `data` ends (0: none yet)."""
+    end = data.rfind(b"\n")
+    return end + 1 if end >= 0 else data.rfind(b"\r") + 1
+
+
+def _json_pieces(path: Path, chunk: bytes, first_line: int, schema: pa.Schema, options) -> Iterator[Block]:
     import pyarrow.json as pajson
 
-    lines = [(n, line.rstrip(b"\r")) for n, line in enumerate(chunk.split(b"\n"), first_line) if line.strip()]
-
     def describe(rows):
+        lines = [(n, line) for n, line in enumerate(chunk.splitlines(), first_line) if line.strip()]
         return ([f"{path}:{lines[r][0]}" for r in rows],
                 [lines[r][1].decode("utf-8", "replace")[:RAW_KEEP] for r in rows])
     try:
-        table = pajson.read_json(pa.BufferReader(chunk), read_options=pajson.ReadOptions(block_size=len(chunk) + 1),
-                                 parse_options=options)
-        if table.num_rows == len(lines):
-            return Block(table, pa.nulls(table.num_rows, pa.string()), describe)
-    except pa.ArrowInvalid:
+        chunk.decode("utf-8")  # pyarrow's parser does not check it
+        objects = _object_lines(chunk)
+        if objects is not None:
+            table = pajson.read_json(pa.BufferReader(chunk), parse_options=options)
+            if table.num_rows == objects:
+                yield Block(table, pa.nulls(table.num_rows, pa.string()), describe)
+                return
+    except (UnicodeDecodeError, pa.ArrowInvalid):
         pass
-    records, reasons = zip(*(_parse_line(line, schema) for _, line in lines))
-    return Block(pa.Table.from_pylist(list(records), schema), pa.array(reasons, pa.string()), describe)
+    if len(chunk) > LINE_BY_LINE_BYTES:  # halve at a line end: the bad lines' piece alone goes line by line
+        half = _line_end(chunk[:len(chunk) // 2]) or _line_end(chunk[:-1])
+        if 0 < half < len(chunk):
+            yield from _json_pieces(path, chunk[:half], first_line, schema, options)
+            yield from _json_pieces(path, chunk[half:], first_line + len(chunk[:half].splitlines()), schema, options)
+            return
+    records, reasons = zip(*(_parse_line(line, schema) for line in chunk.splitlines() if line.strip()))
+    yield Block(pa.Table.from_pylist(list(records), schema), pa.array(reasons, pa.string()), describe)
+
+
+def _object_lines(chunk: bytes) -> int | None:
+    """How many lines the chunk has when each non-blank line starts with "{" and ends with "}" (so pyarrow's rows are
+    its lines, one to one), else None (an object over several lines, two on one line make other counts). Lines end at
+    \n, \r\n or \r, as pyarrow's parser and bytes.splitlines() have them."""
+    data = np.frombuffer(chunk, np.uint8)
+    ends = np.flatnonzero((data == 10) | (data == 13))
+    first, last = np.concatenate(([0], ends + 1)), np.concatenate((ends - 1, [len(data) - 1]))
+    filled = first <= last
+    if (data[first[filled]] == ord("{")).all() and (data[last[filled]] == ord("}")).all():
+        return int(filled.sum())
+    lines = [line for line in (raw.strip() for raw in chunk.splitlines()) if line]  # spaces around an object
+    return len(lines) if all(line[:1] == b"{" and line[-1:] == b"}" for line in lines) else None
 
 
 def _parse_line(line: bytes, schema: pa.Schema) -> tuple[dict, str | None]:
@@ -137,6 +187,8 @@ def _parse_line(line: bytes, schema: pa.Schema) -> tuple[dict, str | None]:
             texts = value if isinstance(value, list) else [value]
             if not all(is_unicode(v) for v in texts if isinstance(v, str)):
                 return {}, f"invalid_unicode:{f.name}"
+            if pa.types.is_floating(f.type):  # NaN, ±∞ and 1e400 are not_finite, as the chunk's check has them
+                value = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
         record[f.name] = value
     return record, None
 
@@ -148,7 +200,7 @@ def _holds(kind: pa.DataType, value) -> bool:
     if pa.types.is_integer(kind):
         return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
     if pa.types.is_floating(kind):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e308
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
     if pa.types.is_list(kind):
         return isinstance(value, list) and all(v is None or _holds(kind.value_type, v) for v in value)
     return False
@@ -204,9 +256,10 @@ class RowSpec:
         types, columns = self.types, {}
         for c in self.columns:
             given = [table[n] for n in (c, self.aliases.get(c)) if n and n in names]
-            typed = [_as_type(column, types[c]) for column in given]
-            for _, wrong in typed:
-                reason = _first(reason, wrong, f"wrong_type:{c}")
+            typed = [_as_type(column, types[c], c) for column in given]
+            for _, problems in typed:
+                for rows_with, why in problems:
+                    reason = _first(reason, rows_with, why)
             values = [column for column, _ in typed]
             columns[c] = (pc.coalesce(*values) if len(values) > 1 else values[0]) if values else pa.nulls(rows,
                                                                                                            types[c])
@@ -279,26 +332,63 @@ def _null_items(column) -> pa.Array:
     return pa.array(mask)
 
 
-def _as_type(column, kind: pa.DataType):
-    """(the column as `kind`, where it held a value of another type): a text column of numbers, a number column of
-    text, are wrong types for every row that has a value."""
+def _as_type(column, kind: pa.DataType, name: str):
+    """(the column as `kind`, [(rows, reason)] of the values it cannot hold): a text column of numbers, a number
+    column of text are `wrong_type` for every row with a value; an id of 3.5 or beyond int64 for its row (3.0, as
+    pandas writes a nullable int, is 3); parquet text that is not UTF-8 is `bad_utf8` for its row."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
     have = column.type
     fits = (pa.types.is_null(have)
-            or (pa.types.is_string(kind) and (pa.types.is_string(have) or pa.types.is_large_string(have)
-                                              or (pa.types.is_dictionary(have) and _texts(have.value_type))))
-            or (pa.types.is_integer(kind) and pa.types.is_integer(have))
+            or (pa.types.is_string(kind) and _texts(have))
+            or (pa.types.is_integer(kind) and (pa.types.is_integer(have) or pa.types.is_floating(have)))
             or (pa.types.is_floating(kind) and (pa.types.is_integer(have) or pa.types.is_floating(have)))
             or (pa.types.is_list(kind) and (pa.types.is_list(have) or pa.types.is_large_list(have))
                 and (_texts(have.value_type) or pa.types.is_null(have.value_type))))
     if not fits:
-        return pa.nulls(len(column), kind), pc.is_valid(column)
+        return pa.nulls(len(column), kind), [(pc.is_valid(column), f"wrong_type:{name}")]
+    problems = []
+    if pa.types.is_integer(kind) and (pa.types.is_floating(have) or have == pa.uint64()):
+        if pa.types.is_floating(have):
+            column = pc.if_else(pc.is_nan(column), pa.scalar(None, have), column)  # pandas' missing int
+            bad = pc.or_(pc.not_equal(pc.floor(column), column), pc.greater(pc.abs(column), 2.0**62))
+        else:
+            bad = pc.greater(column, pa.scalar(2**63 - 1, have))
+        problems.append((bad, f"wrong_type:{name}"))
+        column = pc.if_else(pc.fill_null(bad, False), pa.scalar(None, have), column)
+        return pc.cast(column, kind, safe=False), problems
     if pa.types.is_floating(kind):  # through float64: an integer float32 cannot hold exactly is rounded, not refused
-        column = pc.cast(pc.cast(column, pa.float64()), kind, safe=False)
-    return pc.cast(column, kind), pa.nulls(len(column), pa.bool_())
+        return pc.cast(pc.cast(column, pa.float64()), kind, safe=False), problems
+    if (pa.types.is_string(kind) or pa.types.is_list(kind)) and not pa.types.is_null(have):
+        column, bad = _utf8_only(column)
+        if bad is not None:
+            problems.append((bad, f"bad_utf8:{name}"))
+    return pc.cast(column, kind), problems
+
+
+def _utf8_only(column) -> tuple[pa.Array, pa.Array | None]:
+    """(the column with its values that are not UTF-8 made null, which rows those were; None when all are): parquet
+    does not check the bytes of a string column, and text kernels fail on the whole column."""
+    try:
+        column.validate(full=True)
+        return column, None
+    except pa.ArrowInvalid:
+        pass
+    as_bytes = pc.cast(column, pa.list_(pa.binary()) if pa.types.is_list(column.type) else pa.binary())
+
+    def decodes(value) -> bool:
+        try:
+            [v.decode("utf-8") for v in (value if isinstance(value, list) else [value]) if v is not None]
+            return True
+        except UnicodeDecodeError:
+            return False
+    bad = pa.array([value is not None and not decodes(value) for value in as_bytes.to_pylist()])
+    return pc.cast(pc.if_else(bad, pa.scalar(None, as_bytes.type), as_bytes), column.type), bad
 
 
 def _texts(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
 
 
 def _filled(column, default, kind: pa.DataType):

@@ -38,7 +38,7 @@ OPTIONAL: dict[str, dict[str, object]] = {
 }
 # Columns every reader output carries besides the kind's own.
 BOOKKEEPING = pa.schema([("origin", S), ("reject_reason", S), ("raw", S)])
-FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_OVERFLOW = 3.4028235677973366e38  # from here on a value rounds to float32's infinity
 RAW_KEEP = 2000  # characters of a rejected input kept for inspection
 
 
@@ -79,7 +79,7 @@ def validate(kind: str, row: dict) -> tuple[dict | None, str | None]:
                 return None, f"invalid_unicode:{field.name}"
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             return None, f"wrong_type:{field.name}"
-        elif not math.isfinite(value) or (pa.types.is_float32(field.type) and abs(value) > FLOAT32_MAX):
+        elif not math.isfinite(value) or (pa.types.is_float32(field.type) and abs(value) >= FLOAT32_OVERFLOW):
             return None, f"not_finite:{field.name}"  # JSON's NaN / Infinity (a NaN target poisons the loss), 1e39
         elif pa.types.is_floating(field.type):
             value = float(value)  # an integer float32 cannot hold exactly (2**24 + 1) failed its whole batch
@@ -183,7 +183,7 @@ def read_records(paths: list[str] | str, kind: str, filesystem=None, lines_per_b
     except ShardError as e:
         raise ConfigError(f"inputs: {e}") from None
     parquet = [p for p in paths if p.lower().endswith(".parquet")]
-    jsonl = [p for p in paths if p not in parquet]
+    jsonl = [p for p in paths if not p.lower().endswith(".parquet")]
     parts = []
     if jsonl:
         lines = ray.data.read_datasource(JsonLinesDatasource(jsonl, filesystem=filesystem,

@@ -149,7 +149,7 @@ def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.nd
     buffers: dict[str, list[pa.Table]] = {}
     written: dict[str, list[ShardFile]] = {}
     digests: dict[str, str] = {}  # digest → group, in this file
-    rejects: list[pa.Table] = []
+    rejects: pq.ParquetWriter | None = None  # written as they come: a file of rejects costs a block, not the file
     counts: dict[str, int] = {"rows_in": 0}
 
     def flush(group: str, final: bool) -> None:
@@ -167,29 +167,33 @@ def shard_file(src: Path, out_dir: Path, prefix: str, spec: RowSpec, keep: np.nd
             buffers[group] = [table]
 
     offset = 0
-    for block in read_blocks(src, rows_per_shard, spec.read_types()):
-        rows = block.table.num_rows
-        if keep is not None:
-            first, last = np.searchsorted(keep, [offset, offset + rows])  # keep is sorted
-            block = block.take(keep[first:last] - offset)
-        offset += rows
-        table, rejected = spec.check(block, str(src))
-        counts["rows_in"] += block.table.num_rows
-        if rejected.num_rows:
-            rejects.append(rejected)
-            for reason, n in zip(*np.unique(rejected["reject_reason"].to_numpy(zero_copy_only=False),
-                                            return_counts=True)):
-                counts[reason] = counts.get(reason, 0) + int(n)
-        keys = group_keys(table, list(spec.group_by))
-        for group in pc.unique(keys).to_pylist():
-            buffers.setdefault(group, []).append(table.filter(pc.equal(keys, group)))
-            if sum(t.num_rows for t in buffers[group]) >= rows_per_shard:
-                flush(group, final=False)
+    try:
+        for block in read_blocks(src, rows_per_shard, spec.read_types()):
+            rows = block.table.num_rows
+            if keep is not None:
+                first, last = np.searchsorted(keep, [offset, offset + rows])  # keep is sorted
+                block = block.take(keep[first:last] - offset)
+            offset += rows
+            table, rejected = spec.check(block, str(src))
+            counts["rows_in"] += block.table.num_rows
+            if rejected.num_rows:
+                if rejects is None:
+                    (out_dir / REJECTS).mkdir(exist_ok=True)
+                    rejects = pq.ParquetWriter(out_dir / REJECTS / f"{prefix}.parquet", rejected.schema)
+                rejects.write_table(rejected)
+                for reason, n in zip(*np.unique(rejected["reject_reason"].to_numpy(zero_copy_only=False),
+                                                return_counts=True)):
+                    counts[reason] = counts.get(reason, 0) + int(n)
+            keys = group_keys(table, list(spec.group_by))
+            for group in pc.unique(keys).to_pylist():
+                buffers.setdefault(group, []).append(table.filter(pc.equal(keys, group)))
+                if sum(t.num_rows for t in buffers[group]) >= rows_per_shard:
+                    flush(group, final=False)
+    finally:
+        if rejects is not None:
+            rejects.close()
     for group in list(buffers):
         flush(group, final=True)
-    if rejects:
-        (out_dir / REJECTS).mkdir(exist_ok=True)
-        pq.write_table(pa.concat_tables(rejects), out_dir / REJECTS / f"{prefix}.parquet")
     return written, counts
 
 
@@ -264,16 +268,19 @@ def _sample(files: list[Path], max_rows: int | None, seed: int) -> dict[int, np.
 
 def _count_rows(path: Path) -> int:
     """Rows of a parquet file (from its footer) or a JSON-lines file (its non-blank lines, streamed)."""
-    if input_suffix(path) == ".parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    with open_input(path) as f:
-        head = f.read(3)
-        tail, count = (b"" if head == b"\xef\xbb\xbf" else head), 0
-        while chunk := f.read(1 << 24):
-            lines = (tail + chunk).split(b"\n")
-            tail = lines.pop()
-            count += sum(1 for line in lines if line.strip())
-        return count + bool(tail.strip())
+    try:
+        if input_suffix(path) == ".parquet":
+            return pq.ParquetFile(path).metadata.num_rows
+        with open_input(path) as f:  # lines end at \n, \r\n or \r, as the reader's
+            head = f.read(3)
+            tail, count = (b"" if head == b"\xef\xbb\xbf" else head), 0
+            while chunk := f.read(1 << 24):
+                lines = (tail + chunk).splitlines(keepends=True)
+                tail = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+                count += sum(1 for line in lines if line.strip())
+            return count + bool(tail.strip())
+    except (pa.ArrowException, OSError) as e:
+        raise ShardError(f"{path}: cannot be read ({e})") from None
 
 
 def remote_or_local(fn, num_cpus: float):

@@ -61,6 +61,29 @@ def test_a_clean_file_parses_in_blocks_and_a_bad_chunk_loses_only_its_bad_line(t
     assert stats["rows_in"] == 600
 
 
+def test_a_lines_reason_does_not_depend_on_its_neighbours(tmp_path):
+    """Bytes that are not UTF-8 (in a field the stage reads or not), NaN, an object over two lines and two objects on
+    one line: the same rejects and line numbers whether the chunk's other lines parse or not; CR-only line ends (old
+    Macs) are lines."""
+    bad = [b'{"text": "caf\xe9"}', b'{"text": "fine", "meta": "caf\xe9"}', b'{"text":', b' "split"}',
+           b'{"text": "a"} {"text": "b"}']
+    for neighbour in (b'{"text": "ok"}', b"{oops"):
+        rows, rejects, _ = shard(tmp_path, "pretrain", lines(tmp_path / "docs.jsonl", neighbour, *bad,
+                                                             {"text": "end"}), name=f"out-{neighbour[-3:].decode()}")
+        got = [(r["origin"].rsplit(":", 1)[1], r["reject_reason"]) for r in rejects]
+        assert got[-5:] == [("2", "bad_utf8"), ("3", "bad_utf8"), ("4", "bad_json"), ("5", "bad_json"),
+                            ("6", "bad_json")]
+        assert [r["text"] for r in rows] == (["ok", "end"] if b"ok" in neighbour else ["end"])
+    sts = lines(tmp_path / "sts.jsonl", b'{"task": "sts", "s1": "a", "s2": "b", "score": NaN}', b"{oops",
+                {"task": "sts", "s1": "a", "s2": "b", "score": 1})
+    assert [r["reject_reason"] for r in shard(tmp_path, "supervised", sts, name="sts")[1]] == [
+        "not_finite:score", "bad_json"]
+    rows, rejects, stats = shard(tmp_path, "pretrain", lines(tmp_path / "mac.jsonl", {"text": "a"}, {"text": "b"}, b"",
+                                                             b"{no", {"text": "c"}, end=b"\r"), name="mac")
+    assert [r["text"] for r in rows] == ["a", "b", "c"] and stats["rows_in"] == 4
+    assert [r["origin"].rsplit(":", 1)[1] for r in rejects] == ["4"]
+
+
 def test_weak_pairs_take_each_rows_own_alias_and_rows_without_group_values_are_one_group(tmp_path):
     """input/output or curation's query/positive, row by row; lang and source default to "" and rows without them
     form the group `all` (they were dropped, or the file refused as empty)."""
@@ -102,6 +125,24 @@ def test_parquet_columns_of_other_types_are_read_or_their_rows_rejected(tmp_path
     pq.write_table(table, tmp_path / "rows.parquet")
     rows, _, _ = shard(tmp_path, "supervised", tmp_path / "rows.parquet")
     assert [(r["query"], r["positive_id"]) for r in rows] == [("q1", 3), ("q2", 4)]
+    ids = pa.table({"task": ["retrieval"] * 4, "query": ["q1", "q2", "q3", "q4"], "positive": ["p"] * 4,
+                    "positive_id": pa.array([3.0, float("nan"), 3.5, None]),
+                    "query_id": pa.array(["a", "b", "c", "d"], pa.string_view())})
+    pq.write_table(ids, tmp_path / "ids.parquet")  # pandas writes a nullable int as double; pyarrow string_view
+    rows, rejects, _ = shard(tmp_path, "supervised", tmp_path / "ids.parquet", name="ids")
+    assert [(r["query"], r["query_id"], r["positive_id"]) for r in rows] == [("q1", "a", 3), ("q2", "b", -1),
+                                                                             ("q4", "d", -1)]
+    assert [r["reject_reason"] for r in rejects] == ["wrong_type:positive_id"]
+    unsigned = pa.table({"task": ["retrieval"] * 2, "query": ["q", "q"], "positive": ["p", "p"],
+                         "positive_id": pa.array([1, 2**63], pa.uint64())})
+    pq.write_table(unsigned, tmp_path / "unsigned.parquet")
+    assert [r["reject_reason"] for r in shard(tmp_path, "supervised", tmp_path / "unsigned.parquet",
+                                              name="unsigned")[1]] == ["wrong_type:positive_id"]
+    utf8 = pa.table({"text": pa.array([b"fine", b"caf\xe9", b"also fine"], pa.binary()).view(pa.string())})
+    pq.write_table(utf8, tmp_path / "utf8.parquet")  # parquet keeps a string column's bytes unchecked
+    rows, rejects, _ = shard(tmp_path, "pretrain", tmp_path / "utf8.parquet", name="utf8")
+    assert [r["text"] for r in rows] == ["fine", "also fine"]
+    assert [(r["origin"].rsplit(":", 1)[1], r["reject_reason"]) for r in rejects] == [("2", "bad_utf8:text")]
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "numbers.parquet")
     with pytest.raises(ShardError, match=r"no rows to train on; 2 of 2 rows rejected \(wrong_type:text 2\) → .*rejects"):
         shard(tmp_path, "pretrain", tmp_path / "numbers.parquet", name="numbers")
@@ -118,12 +159,16 @@ def test_a_directory_is_read_whole_or_refused_naming_what_it_cannot_read(tmp_pat
     lines(folder / "d.JSONL", {"text": "upper case"})
     (folder / "e.jsonl").write_bytes(b"")
     (folder / "_SUCCESS").write_bytes(b"")
+    (folder / "README.md").write_text("# a dataset card")  # a Hugging Face dataset folder's
     rows, _, stats = shard(tmp_path, "pretrain", folder)
     assert [r["text"] for r in rows] == ["from parquet", "from jsonl", "from gzip", "upper case"]
     assert stats["rows_in"] == 4
     (folder / "notes.txt").write_text("hello")
     with pytest.raises(ShardError, match=r"1 file\(s\) neither parquet nor JSON lines \(.*notes.txt\)"):
         input_files([folder])
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:60])
+    with pytest.raises(ShardError, match=r"cut.jsonl.gz: cannot be read"):
+        shard(tmp_path, "pretrain", tmp_path / "cut.jsonl.gz", name="cut")
 
 
 def test_a_sample_counts_its_rejects_among_the_rows_it_draws(tmp_path):
