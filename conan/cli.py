@@ -294,13 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _config_command(sub, "shard", cmd_shard, "stage (JobConfig)",
                         help="write a stage's input (data.paths) as parquet shards with a manifest, without training",
-                        description="Stream data.paths (parquet / JSONL files or directories) into shards grouped by "
-                                    "the stage's batch columns, one Ray task per input file, under "
-                                    "<output_dir>/shards, then tokenize upstream on a Ray Data actor pool (in process "
-                                    "below 250,000 rows) "
-                                    "(pretraining: token blocks; weak: the pairs' token ids). `conan train` does the "
-                                    "same first and reuses them; like it, this needs the tokenizer (tokenizer.path "
-                                    "or model.init_from).")
+                        description="Stream data.paths (parquet / JSONL / .jsonl.gz files or directories) into "
+                                    "shards grouped by the stage's batch columns, one Ray task per input file, under "
+                                    "<output_dir>/shards; a row the stage cannot train on goes, with its reason and "
+                                    "line, to the shard directory's rejects/ and is counted. Then tokenize upstream on "
+                                    "a Ray Data actor pool (in process below 250,000 rows) (pretraining: token blocks; "
+                                    "the other stages: their texts' token ids). `conan train` does the same first and "
+                                    "reuses them; like it, this needs the tokenizer (tokenizer.path or "
+                                    "model.init_from).")
     p.add_argument("stage", choices=list(STAGES), help="which stage")
 
     p = _config_command(sub, "demo", cmd_demo, "stage (JobConfig)", logs=False,
