@@ -61,6 +61,7 @@ def read_blocks(path: Path, batch_rows: int, types: dict[str, pa.DataType]) -> I
 
 
 def _parquet_blocks(path: Path, batch_rows: int) -> Iterator[Block]:
+    """A parquet file's record batches as blocks, origins `path:row` (1-based)."""
     try:
         reader = pq.ParquetFile(path)
         batches = reader.iter_batches(batch_size=batch_rows)
@@ -128,6 +129,7 @@ def _line_end(data: bytes) -> int:
 
 
 def _json_pieces(path: Path, chunk: bytes, first_line: int, schema: pa.Schema, options) -> Iterator[Block]:
+    """The blocks of a chunk of whole lines: one parsed by pyarrow, or its halves, or its lines one by one."""
     import pyarrow.json as pajson
 
     def describe(rows):
@@ -388,6 +390,7 @@ def _utf8_only(column) -> tuple[pa.Array, pa.Array | None]:
 
 
 def _texts(kind: pa.DataType) -> bool:
+    """Whether an Arrow type holds text (string, large_string, string_view)."""
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
 
 
