@@ -205,6 +205,9 @@ def cmd_export(args) -> int:
 
     if args.format == "llama" and not args.out:
         raise ConfigError("conan export --format llama needs --out DIR")
+    if args.format != "llama" and args.out:  # it wrote into MODEL_DIR and left --out uncreated
+        raise ConfigError("conan export: --out is for --format llama; the sentence-transformers files go into "
+                          "MODEL_DIR itself (copy the directory first to keep the original untouched)")
     check_model_dir(args.model_dir)
     if args.format == "llama":
         print(export_llama(args.model_dir, args.out))

@@ -77,7 +77,7 @@ class DataConfig:
     LEAST: ClassVar[dict[str, int]] = {"seq_len": 2, "shuffle_window": 1, "max_rows": 1}
 
     root: str = field(default_factory=default_data_root)
-    paths: list[str] = field(default_factory=list)  # stage inputs: parquet / jsonl / text files or dirs
+    paths: list[str] = field(default_factory=list)  # stage inputs: parquet / JSON-lines (.gz too) files or dirs
     max_rows: int | None = None  # a seeded random sample of this many rows (None = all)
     seq_len: int = 128
     # Columns every global micro-batch shares (the weak stage: [source, lang], so in-batch negatives are not told
@@ -643,3 +643,45 @@ def from_dict(cls: type[T], data: dict) -> T:
 def to_dict(config: Any) -> dict:
     """The config as plain data (for YAML dumps and Ray's pickling)."""
     return dataclasses.asdict(config)
+
+
+# What a config makes, as the pipeline's step records and a stage's export marker keep it.
+LOCATIONS = {"output_dir", "ray_address", "data_root"}  # keys that say where things are, not what they are
+# Settings that change how a step runs, not what it makes (and a stage's data.root, a location): a stage's resources
+# and reporting, mining's placement and search buffers, the evaluation's batch (float rounding at most), how a data
+# step reads its input; and any actor pool's resources (RESOURCES: cleaners.cpus, dhnm.mining.actors.size, …).
+UNRECORDED = {"data.root", "train.cpus_per_worker", "train.log_every", "train.checkpoint_every",
+              "train.keep_checkpoints", "train.max_failures", "train.inject_failure_at_step", "train.log_row_ids",
+              "model.activation_checkpointing", "dhnm.pool_resources", "dhnm.mining.in_process_work",
+              "dhnm.mining.query_chunk_bytes", "dhnm.mining.query_batch", "dhnm.mining.search_tasks",
+              "dhnm.mining.search_cpus", "batch_size", "lines_per_block", "translator_python"}
+RESOURCES = {"size", "cpus", "gpus"}  # an ActorPoolConfig's resources, wherever it sits
+
+
+def recorded_settings(settings: dict, out: Path) -> dict:
+    """Settings as a step record keeps them: dotted keys, without what only says where things are (LOCATIONS) or how
+    a stage runs (UNRECORDED), paths inside the run relative to it (a moved run keeps its records)."""
+    roots = sorted({str(out), str(out.resolve())}, key=len, reverse=True)
+
+    def relative(value):
+        if isinstance(value, str):
+            root = next((r for r in roots if value == r or value.startswith(r + "/")), None)
+            return "<run>" + value[len(root):] if root else value
+        return [relative(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    flat = {}
+    def walk(prefix: str, value):
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif prefix not in UNRECORDED and prefix.rsplit(".", 1)[-1] not in LOCATIONS | RESOURCES:
+            flat[prefix] = relative(value)
+    walk("", settings)
+    return flat
+
+
+def settings_changes(old: dict, new: dict) -> str:
+    """How two recorded settings differ, in words ('' when they do not): the first four keys, old → new."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "(unset)") != new.get(k, "(unset)"))
+    shown = "; ".join(f"{k}: {old.get(k, '(unset)')} → {new.get(k, '(unset)')}" for k in keys[:4])
+    return shown + ("; …" if len(keys) > 4 else "")

@@ -125,6 +125,8 @@ class NegativePoolState:
     def assign(self, keys: Sequence[int]) -> list[list[int] | None]:
         """The current active negative ids of each query (None for a query the pool does not manage)."""
         rows = self.rows(keys)
+        if not len(self.keys):  # a shard left no query (too few candidates for all of them): every query is static
+            return [None] * len(rows)
         active = self.active[np.maximum(rows, 0)].tolist()
         return [[i for i in ids if i >= 0] if r >= 0 else None for r, ids in zip(rows.tolist(), active)]
 

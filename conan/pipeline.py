@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from conan.config import (PIPELINE_STEPS, CLRConfig, ConfigError, CurationConfig, EvalConfig, JobConfig, PipelineConfig,
-                          load_config, setting, to_dict)
+                          load_config, recorded_settings, setting, settings_changes, to_dict)
 from conan.console import say
 from conan.data.corpus import write_corpus
 from conan.encoder import model_name
@@ -41,16 +41,6 @@ def reset_from(output_dir: str | Path, step: str) -> list[Path]:
 
 
 STEP_RECORD = "pipeline_step.json"  # in a step's folder: the settings it was made with, the previous step's digest
-LOCATIONS = {"output_dir", "ray_address", "data_root"}  # keys that say where things are, not what they are
-# Settings that change how a step runs, not what it makes (and a stage's data.root, a location): a stage's resources
-# and reporting, mining's placement and search buffers, the evaluation's batch (float rounding at most), how a data
-# step reads its input; and any actor pool's resources (RESOURCES: cleaners.cpus, dhnm.mining.actors.size, …).
-UNRECORDED = {"data.root", "train.cpus_per_worker", "train.log_every", "train.checkpoint_every",
-              "train.keep_checkpoints", "train.max_failures", "train.inject_failure_at_step", "train.log_row_ids",
-              "model.activation_checkpointing", "dhnm.pool_resources", "dhnm.mining.in_process_work",
-              "dhnm.mining.query_chunk_bytes", "dhnm.mining.query_batch", "dhnm.mining.search_tasks",
-              "dhnm.mining.search_cpus", "batch_size", "lines_per_block", "translator_python"}
-RESOURCES = {"size", "cpus", "gpus"}  # an ActorPoolConfig's resources, wherever it sits
 
 
 class StepRecords:
@@ -96,35 +86,10 @@ def _redo(name: str, why: str) -> ConfigError:
                        f"{name}` (their outputs are removed), or use another output_dir")
 
 
-def recorded_settings(settings: dict, out: Path) -> dict:
-    """Settings as a step record keeps them: dotted keys, without what only says where things are (LOCATIONS) or how
-    a stage runs (UNRECORDED), paths inside the run relative to it (a moved run keeps its records)."""
-    roots = sorted({str(out), str(out.resolve())}, key=len, reverse=True)
-
-    def relative(value):
-        if isinstance(value, str):
-            root = next((r for r in roots if value == r or value.startswith(r + "/")), None)
-            return "<run>" + value[len(root):] if root else value
-        return [relative(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-    flat = {}
-    def walk(prefix: str, value):
-        if isinstance(value, dict) and value:
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        elif prefix not in UNRECORDED and prefix.rsplit(".", 1)[-1] not in LOCATIONS | RESOURCES:
-            flat[prefix] = relative(value)
-    walk("", settings)
-    return flat
-
-
 def changes(saved: dict, record: dict) -> str:
     """How a step's record differs from the one its output was made with, in words."""
-    old, new = saved["settings"], record["settings"]
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "(unset)") != new.get(k, "(unset)"))
-    if keys:
-        shown = "; ".join(f"{k}: {old.get(k, '(unset)')} → {new.get(k, '(unset)')}" for k in keys[:4])
-        return f"with other settings ({shown}{'; …' if len(keys) > 4 else ''})"
+    if shown := settings_changes(saved["settings"], record["settings"]):
+        return f"with other settings ({shown})"
     return "after earlier steps that have changed since"
 
 

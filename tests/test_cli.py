@@ -96,3 +96,12 @@ def test_pipeline_from_step_removes_that_step_and_later_ones(tmp_path):
                                                            "tokenizer"]
     with pytest.raises(ValueError, match="unknown step"):
         reset_from(tmp_path, "nope")
+
+
+def test_a_server_setting_or_an_export_option_that_cannot_work_is_one_line(embedding_model_dir, tmp_path, capsys):
+    """A queue smaller than one request, or --out with the sentence-transformers format (it wrote into MODEL_DIR and
+    left --out uncreated): exit 2 and one line, not a traceback."""
+    assert main(["serve", "--set", f"model_dir={embedding_model_dir}", "--set", "max_queued_texts=2"]) == 2
+    assert "max_queued_texts (2) must hold a request" in capsys.readouterr().err.splitlines()[-1]
+    assert main(["export", str(embedding_model_dir), "--out", str(tmp_path / "copy")]) == 2
+    assert "--out is for --format llama" in capsys.readouterr().err and not (tmp_path / "copy").exists()

@@ -52,19 +52,24 @@ def test_reader_accounts_for_every_row(ray_cluster, tmp_path):
     """JSONL (bad JSON, non-UTF-8, missing field, blank line) and parquet rows of one directory: one output row per
     input row, each named by its file and line or row number (the directory's parquet rows went to the JSON reader
     and were lost)."""
+    import gzip
+
     from conan.data.schemas import read_records
 
     lines = [b'{"text": "first document"}', b"{oops", b'{"txt": "wrong key"}', b"\xff\xfe bytes", b"",
              b'{"text": ""}', b'{"text": "last document"}']
     (tmp_path / "docs.jsonl").write_bytes(b"\n".join(lines))
     pq.write_table(pa.table({"text": ["from parquet", None]}), tmp_path / "docs.parquet")
+    # Gzip'd with an upper-case suffix (read raw before), lines ending in \r alone (one bad_json before)
+    (tmp_path / "mac.JSONL.GZ").write_bytes(gzip.compress(b'{"text": "old mac"}\r{"text": "lines"}\r'))
     rows = read_records([str(tmp_path)], "pretrain").take_all()
     by_origin = {r["origin"].rsplit("/", 1)[-1]: (r["text"], r["reject_reason"]) for r in rows}
     assert by_origin == {
         "docs.jsonl:1": ("first document", ""), "docs.jsonl:2": ("", "bad_json"),
         "docs.jsonl:3": ("", "missing_field:text"), "docs.jsonl:4": ("", "bad_utf8"),
         "docs.jsonl:6": ("", "empty_text:text"), "docs.jsonl:7": ("last document", ""),
-        "docs.parquet:1": ("from parquet", ""), "docs.parquet:2": ("", "missing_field:text")}
+        "docs.parquet:1": ("from parquet", ""), "docs.parquet:2": ("", "missing_field:text"),
+        "mac.JSONL.GZ:1": ("old mac", ""), "mac.JSONL.GZ:2": ("lines", "")}
     assert next(r["raw"] for r in rows if r["reject_reason"] == "bad_json") == "{oops"
 
 

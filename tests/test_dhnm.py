@@ -30,6 +30,14 @@ def _pool(n_candidates=10, num_active=3):
     return state
 
 
+def test_a_pool_left_with_no_query_serves_every_query_its_static_negatives():
+    """Every query had fewer candidates than the active slots (a small corpus, a collapsed model): the shard holds
+    none, and assign answers None for each (it indexed an empty array and the stage failed)."""
+    state = NegativePoolState(num_active=3)
+    state.load_arrays(np.zeros(0, np.int64), np.zeros((0, 5), np.int32))
+    assert state.assign([7, 8]) == [None, None]
+
+
 def test_first_sight_sets_s0_and_replaces_easy_negatives():
     state = _pool()
     assert state.assign(Q) == [[100, 101, 102]]

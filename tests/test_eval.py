@@ -175,6 +175,17 @@ def test_a_beir_folder_whose_judgements_match_no_query_is_one_error_line(tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and f"{beir}: no query of queries.jsonl has a positive judgement" in err, err
     assert not (tmp_path / "out").exists()
+    # A byte-order mark is layout; a line that is not a row, or a missing file, is one line naming it.
+    (beir / "corpus.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"_id": "d1", "text": "Berlin"}).encode()
+                                        + b'\n{"_id": "d2", "text": "cut')
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    for broken, says in ((None, f"{beir / 'corpus.jsonl'}:2: not JSON"),
+                         ("qrels/test.tsv", f"{beir}: no qrels/test.tsv (a BEIR folder holds")):
+        if broken:
+            (beir / broken).unlink()
+        assert main(["evaluate", "--set", f"model_dir={tmp_path / 'no-model'}", "--set", "tasks=[]", "--set",
+                     f"beir=[{beir}]", "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+        assert says in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_mteb_custom_tasks_agree_with_our_metrics(embedding_model_dir, data_root):

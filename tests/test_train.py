@@ -136,12 +136,21 @@ def test_each_stage_exports_a_loadable_model(chain, tokenizer):
     assert emb.shape == (2, 64) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
 
 
-def test_resume_of_a_finished_stage_is_a_no_op(chain):
+def test_resume_of_a_finished_stage_is_a_no_op_and_other_settings_are_refused(chain):
+    """The same config: nothing to do. Other rows or another lr for a finished stage: refused in one line naming the
+    change (it handed back the old settings' model); how it runs (its report interval) is not a change."""
+    from dataclasses import replace
+
     cfg = chain["sft"]
     model_file = Path(cfg.output_dir) / "model" / "model.safetensors"
     before = model_file.stat().st_mtime_ns
-    result = run_stage(cfg)
-    assert result.skipped and model_file.stat().st_mtime_ns == before
+    assert run_stage(replace(cfg, train=replace(cfg.train, log_every=1))).skipped
+    for changed, says in ((replace(cfg, data=replace(cfg.data, max_rows=100)), "data.max_rows: 2000 → 100"),
+                          (replace(cfg, optim=replace(cfg.optim, lr=0.1)), "optim.lr: 0.002 → 0.1")):
+        with pytest.raises(ConfigError, match=f"sft: .* was trained with other settings \\({says}\\); set another "
+                                              "output_dir"):
+            run_stage(changed)
+    assert model_file.stat().st_mtime_ns == before
 
 
 def test_missing_previous_stage_fails_before_any_worker_starts(tmp_path, ray_cluster):

@@ -93,6 +93,8 @@ def _text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+# Id columns held as text: an integer id (MS MARCO's query ids) is its decimal text.
+TEXT_IDS = ("query_id", "positive_key")
 LINE_BY_LINE_BYTES = 64 << 10  # a chunk that fails is halved down to this size; only such a piece goes line by line
 
 
@@ -144,16 +146,25 @@ def _json_pieces(path: Path, chunk: bytes, first_line: int, schema: pa.Schema, o
             if table.num_rows == objects:
                 yield Block(table, pa.nulls(table.num_rows, pa.string()), describe)
                 return
-    except (UnicodeDecodeError, pa.ArrowInvalid):
+    except UnicodeDecodeError:
         pass
+    except pa.ArrowInvalid as e:  # integer ids in a text id column: likely every line, so halving would not help
+        if any(f"Column(/{c}) changed from string to number" in str(e) for c in TEXT_IDS):
+            yield _by_line(chunk, schema, describe)
+            return
     if len(chunk) > LINE_BY_LINE_BYTES:  # halve at a line end: the bad lines' piece alone goes line by line
         half = _line_end(chunk[:len(chunk) // 2]) or _line_end(chunk[:-1])
         if 0 < half < len(chunk):
             yield from _json_pieces(path, chunk[:half], first_line, schema, options)
             yield from _json_pieces(path, chunk[half:], first_line + len(chunk[:half].splitlines()), schema, options)
             return
+    yield _by_line(chunk, schema, describe)
+
+
+def _by_line(chunk: bytes, schema: pa.Schema, describe) -> Block:
+    """A chunk's non-blank lines parsed one by one: each a record, or nulls and its reason."""
     records, reasons = zip(*(_parse_line(line, schema) for line in chunk.splitlines() if line.strip()))
-    yield Block(pa.Table.from_pylist(list(records), schema), pa.array(reasons, pa.string()), describe)
+    return Block(pa.Table.from_pylist(list(records), schema), pa.array(reasons, pa.string()), describe)
 
 
 def _object_lines(chunk: bytes) -> int | None:
@@ -183,6 +194,8 @@ def _parse_line(line: bytes, schema: pa.Schema) -> tuple[dict, str | None]:
     record = {}
     for f in schema:
         value = row.get(f.name)
+        if f.name in TEXT_IDS and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
         if value is not None:
             if not _holds(f.type, value):
                 return {}, f"wrong_type:{f.name}"
@@ -342,6 +355,8 @@ def _as_type(column, kind: pa.DataType, name: str):
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
     have = column.type
+    if name in TEXT_IDS and pa.types.is_integer(have):
+        return pc.cast(column, pa.string()), []
     fits = (pa.types.is_null(have)
             or (pa.types.is_string(kind) and _texts(have))
             or (pa.types.is_integer(kind) and (pa.types.is_integer(have) or pa.types.is_floating(have)))

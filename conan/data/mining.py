@@ -442,6 +442,12 @@ def mine_supervised_candidates(model_dir: str | Path, files: Sequence[str | Path
     queries = scan_queries(files, tasks)
     if not len(queries):
         raise ValueError(f"no rows of the tasks {sorted(tasks)} with a query_id to mine for")
+    from conan.data.passages import PassageLookup
+
+    passages = len(PassageLookup(lookup))
+    if beyond := int((queries.positives >= passages).sum()):  # their positives would be mined as negatives
+        raise ValueError(f"{beyond} rows name a positive_id beyond the {passages} passages of dhnm.passages (largest "
+                         f"{int(queries.positives.max())}): positive_id is a row number of dhnm.passages")
     out_path = Path(out_path)
     shards = embed_passages(model_dir, lookup, out_path.with_name(out_path.stem + "_embeddings"), cfg)
     corpus_rows = sum(len(_array(shard)) for shard in shards)

@@ -229,17 +229,23 @@ class JsonLinesDatasource(FileBasedDatasource):
         super().__init__(paths, file_extensions=["jsonl", "json", "jsonl.gz", "json.gz"], **kwargs)
         self.lines_per_block = lines_per_block
 
+    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        if path.lower().endswith(".gz"):  # Ray infers gzip from a lower-case suffix only (.JSON.GZ was read raw)
+            open_args["compression"] = "gzip"
+        return super()._open_input_source(filesystem, path, **open_args)
+
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         lines, origins, number, tail = [], [], 0, b""
         while True:
             chunk = f.read(self.CHUNK)
             data = tail + chunk
-            parts = data.split(b"\n")
-            tail = parts.pop() if chunk else b""  # the last piece may continue in the next chunk
+            parts = data.splitlines(keepends=True)  # lines end at \n, \r\n or \r (old Macs), as the stages read them
+            tail = parts.pop() if chunk and parts and not parts[-1].endswith(b"\n") else b""  # may go on next chunk
             for line in parts:
                 number += 1
+                line = line.rstrip(b"\r\n")
                 if line.strip():  # blank lines are layout, not rows
-                    lines.append(line.rstrip(b"\r"))
+                    lines.append(line)
                     origins.append(f"{path}:{number}")
                 if len(lines) >= self.lines_per_block:
                     yield pa.table({"line": pa.array(lines, pa.binary()), "origin": pa.array(origins, S)})

@@ -38,9 +38,10 @@ def sft_to_weak_pair(row: dict) -> dict:
     """An SFT record (instruction, input, output) as a weak pair (input → output); other rows pass through unchanged.
     The instruction is the generative task's prompt: embedding queries carry none, as the evaluation, the server and
     sentence-transformers encode bare text."""
-    if "positive" in row or "output" not in row:
+    if "positive" in row or "query" in row or not ("input" in row or "output" in row):
         return row
-    return {"query": row.get("input"), "positive": row["output"], "source": row.get("source") or "sft",
+    # An SFT record missing its output is `missing_field:positive`, not a pair missing its query.
+    return {"query": row.get("input"), "positive": row.get("output"), "source": row.get("source") or "sft",
             "lang": row.get("lang")}
 
 

@@ -142,13 +142,29 @@ def tatoeba(root: Path, limit: int | None, langs: list[str] | None) -> dict[str,
     return out
 
 
+def _beir_rows(path: Path):
+    """(_id as text, row) of a BEIR JSON-lines file; a line that is not such a row is an error naming it (a benchmark
+    scored without some of its rows would not be the benchmark). A byte-order mark and blank lines are layout."""
+    with path.open(encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"beir: {path}:{number}: not JSON ({e})") from None
+            if not (isinstance(row, dict) and "_id" in row and isinstance(row.get("text"), str)):
+                raise ConfigError(f"beir: {path}:{number}: not a JSON object with _id and text")
+            yield str(row["_id"]), row
+
+
 def beir(folder: Path, limit: int | None) -> dict[str, Retrieval]:
     """A BEIR-format folder: corpus.jsonl (_id, title, text), queries.jsonl (_id, text), qrels/test.tsv."""
-    corpus = {}
-    for line in (folder / "corpus.jsonl").open(encoding="utf-8"):
-        row = json.loads(line)
-        corpus[str(row["_id"])] = f"{row.get('title', '')} {row['text']}".strip()
-    queries = {str(r["_id"]): r["text"] for r in map(json.loads, (folder / "queries.jsonl").open(encoding="utf-8"))}
+    layout = "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/test.tsv"
+    if missing := [n for n in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv") if not (folder / n).is_file()]:
+        raise ConfigError(f"beir: {folder}: no {missing[0]} ({layout})")
+    corpus = {key: f"{row.get('title', '')} {row['text']}".strip() for key, row in _beir_rows(folder / "corpus.jsonl")}
+    queries = {key: row["text"] for key, row in _beir_rows(folder / "queries.jsonl")}
     qrels: dict[str, dict[str, float]] = {}
     with (folder / "qrels" / "test.tsv").open(encoding="utf-8", newline="") as f:
         for r in csv.DictReader(f, delimiter="\t"):

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from conan.config import ServeConfig
+from conan.config import ConfigError, ServeConfig
 from conan.encoder import check_model_dir, model_name
 from conan.serve.batcher import DynamicBatcher, QueueFull, TextTooLong
 
@@ -132,9 +132,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     name = model_name(check_model_dir(cfg.model_dir), cfg.model_name)
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     if cfg.api_key_env and not api_key:
-        raise ValueError(f"api_key_env: environment variable {cfg.api_key_env} is not set")
-    if cfg.max_queued_texts < cfg.max_inputs_per_request:
-        raise ValueError(f"max_queued_texts ({cfg.max_queued_texts}) must hold a request of "
+        raise ConfigError(f"api_key_env: environment variable {cfg.api_key_env} is not set")
+    if cfg.max_queued_texts < cfg.max_inputs_per_request:  # one line from `conan serve`, not a traceback
+        raise ConfigError(f"max_queued_texts ({cfg.max_queued_texts}) must hold a request of "
                          f"max_inputs_per_request ({cfg.max_inputs_per_request}) texts")
     metrics = ServerMetrics()
 

@@ -12,9 +12,10 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
-from conan.config import ConfigError, JobConfig, require_paths, to_dict
+from conan.config import ConfigError, JobConfig, recorded_settings, require_paths, settings_changes, to_dict
 from conan.console import ReportFollower, say
 from conan.data.shards import (ShardError, convert, input_files, is_shard_dir, load_manifest, merge_manifests,
                                rejects_line)
@@ -132,11 +133,12 @@ def stage_shards(cfg: JobConfig, stage: type[Stage], tokenizer_dir: str | Path |
     else:
         key = hashlib.sha256(json.dumps([inputs, asdict(spec), cfg.data.max_rows, cfg.train.seed],
                                         default=str).encode()).hexdigest()[:12]
+        fresh = not is_shard_dir(out / f"input-{key}")  # its rejects are told once, when they are written
         try:
             manifest = convert(inputs, out / f"input-{key}", stage.input_kind, spec, cfg.data.max_rows, cfg.train.seed)
         except ShardError as e:
             raise ConfigError(f"data.paths: {e}") from e
-        if manifest.stats.get("rejected"):
+        if fresh and manifest.stats.get("rejected"):
             say(f"[{cfg.stage}] data.paths: {rejects_line(manifest.stats, manifest.directory)}")
         dirs = [str(manifest.directory)]
     return stage.worker_shards(dirs, out, cfg, str(tokenizer_dir)) if tokenizer_dir is not None else dirs
@@ -152,7 +154,27 @@ def stage_rows(cfg: JobConfig, stage: type[Stage]) -> list[dict]:
 def is_finished(cfg: JobConfig) -> bool:
     """True when this stage's export exists for the configured number of steps."""
     marker = export_path(cfg) / STAGE_MARKER
-    return marker.is_file() and json.loads(marker.read_text()) == {"stage": cfg.stage, "steps": cfg.train.steps}
+    if not marker.is_file():
+        return False
+    made = json.loads(marker.read_text())
+    return (made["stage"], made["steps"]) == (cfg.stage, cfg.train.steps)
+
+
+def stage_settings(cfg: JobConfig) -> dict:
+    """What a stage's export is made from, as its marker keeps it: the launched config's recorded settings (not where
+    things are, nor how the stage runs), paths under the output_dir's parent relative to it (a pipeline run's steps,
+    a moved run)."""
+    cfg = absolute_paths(cfg)
+    return recorded_settings(to_dict(cfg), Path(cfg.output_dir).parent)
+
+
+def check_finished_settings(cfg: JobConfig) -> None:
+    """Fail when a finished stage is launched again with other settings (other data, rows, lr, …): it would hand
+    back the model the old settings made."""
+    made = json.loads((export_path(cfg) / STAGE_MARKER).read_text()).get("settings")
+    if made is not None and (shown := settings_changes(made, stage_settings(cfg))):
+        raise ConfigError(f"{cfg.stage}: {export_path(cfg)} was trained with other settings ({shown}); set another "
+                          f"output_dir, or remove {Path(cfg.output_dir)} to train it anew")
 
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:
@@ -179,8 +201,10 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
     cfg = absolute_paths(cfg)
     tokenizer_dir = check_inputs(cfg)
     if is_finished(cfg):
+        check_finished_settings(cfg)
         say(f"[{cfg.stage}] already finished: {export_path(cfg)} (nothing to do)")
         return StageResult(export_path(cfg), {}, skipped=True)
+    settings = stage_settings(cfg)  # as launched: before the demo data's paths are filled in
     init_ray(cfg.ray_address)
     backend = resolve_backend(cfg.train.device, cfg.train.precision, ray.cluster_resources())
     stage = stage_class(cfg.stage)
@@ -192,7 +216,7 @@ def run_stage(cfg: JobConfig, callbacks: list | None = None) -> StageResult:
     pools = start_negative_pools(cfg) if cfg.stage == "supervised" and cfg.dhnm.enabled else None
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": to_dict(cfg), "backend": asdict(backend),
+        train_loop_config={"job": to_dict(cfg), "backend": asdict(backend), "settings": settings,
                            "tokenizer_dir": str(tokenizer_dir), "shards": shards,
                            "stage_kwargs": {"pool_names": pools.names} if pools else {}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=backend.use_gpu,
@@ -235,7 +259,13 @@ def mine_negatives(cfg: JobConfig, force: bool = False) -> Path:
                                        cfg.dhnm.pool_size, cfg.dhnm.false_negative_ratio, cfg.dhnm.mining)
     except ValueError as e:
         raise ConfigError(f"dhnm: {e}") from e
-    say(f"[{cfg.stage}] mined {cfg.dhnm.pool_size} candidates for {n} queries → {path}")
+    counts = pq.read_table(path, columns=["candidate_ids"])["candidate_ids"].combine_chunks().value_lengths()
+    counts = counts.fill_null(0).to_numpy()
+    enough = int((counts >= cfg.supervised.num_negatives).sum())
+    say(f"[{cfg.stage}] mined {n} queries, median {int(np.median(counts)) if len(counts) else 0} of "
+        f"{cfg.dhnm.pool_size} candidates (the false-negative guard drops the rest); {enough} with the "
+        f"{cfg.supervised.num_negatives} DHNM keeps active → {path}"
+        + ("" if enough else "; DHNM manages none: every query trains on its static negatives"))
     return path
 
 
@@ -247,6 +277,12 @@ def check_passages(cfg: JobConfig) -> None:
                           "brings its own")
     if not Path(cfg.dhnm.passages).is_file():
         raise ConfigError(f"dhnm.passages: {cfg.dhnm.passages} does not exist")
+    try:
+        columns = pq.read_schema(cfg.dhnm.passages).names
+    except (OSError, ValueError) as e:  # pyarrow's errors are both
+        raise ConfigError(f"dhnm.passages: {cfg.dhnm.passages} is not a parquet file ({e})") from None
+    if "text" not in columns:
+        raise ConfigError(f"dhnm.passages: {cfg.dhnm.passages} has no column `text` (has {columns})")
 
 
 def passage_lookup(cfg: JobConfig) -> Path:

@@ -127,7 +127,7 @@ def train_worker(loop_config: dict) -> None:
     if rank == 0:
         if final_state:
             save_state(final_state, out / "stage_state.pt")
-        export_model(engine.module, tokenizer, cfg, weights)
+        export_model(engine.module, tokenizer, cfg, weights, loop_config.get("settings"))
 
 
 def progress_line(cfg: JobConfig, m: dict) -> str:
@@ -175,9 +175,10 @@ def _maybe_inject_failure(cfg: JobConfig, step: int, rank: int, world: int) -> N
     raise RuntimeError(f"injected failure at step {step} on rank {rank} (train.inject_failure_at_step)")
 
 
-def export_model(model, tokenizer, cfg: JobConfig, weights: dict[str, torch.Tensor] | None = None) -> Path:
+def export_model(model, tokenizer, cfg: JobConfig, weights: dict[str, torch.Tensor] | None = None,
+                 settings: dict | None = None) -> Path:
     """Save the trained model (in fp32: `weights`, a bf16 run's master weights, replace its rounded ones) and tokenizer
-    as a Hugging Face directory, marked with the stage's record."""
+    as a Hugging Face directory, marked with the stage, its steps and the settings it was launched with."""
     path = export_path(cfg)
     model = model.float()
     if weights is not None:
@@ -196,5 +197,5 @@ def export_model(model, tokenizer, cfg: JobConfig, weights: dict[str, torch.Tens
         from conan.model_card import write_model_card
         add_sentence_transformers_files(path)
         write_model_card(path, to_dict(cfg))  # replaces sentence-transformers' generic card
-    (path / STAGE_MARKER).write_text(json.dumps({"stage": cfg.stage, "steps": cfg.train.steps}))
+    (path / STAGE_MARKER).write_text(json.dumps({"stage": cfg.stage, "steps": cfg.train.steps, "settings": settings}))
     return path

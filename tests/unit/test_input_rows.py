@@ -116,6 +116,18 @@ def test_supervised_rows_need_their_own_tasks_columns_only(tmp_path):
     assert stats["reasons"]["not_finite:score"] == 2 and stats["rows_in"] == 11
 
 
+def test_integer_query_ids_are_their_decimal_text(tmp_path):
+    """MS MARCO's query ids are numbers: in JSON lines and in parquet they are the ids' text (every row was a
+    wrong_type:query_id reject)."""
+    jsonl = lines(tmp_path / "rows.jsonl", *[{"task": "retrieval", "query_id": i, "query": f"q{i}", "positive": "p"}
+                                            for i in range(3)], {"task": "retrieval", "query_id": "x7", "query": "q",
+                                                                 "positive": "p"})
+    pq.write_table(pa.table({"task": ["retrieval"], "query_id": [11], "query": ["q"], "positive": ["p"]}),
+                   tmp_path / "rows.parquet")
+    rows, rejects, _ = shard(tmp_path, "supervised", jsonl, tmp_path / "rows.parquet")
+    assert sorted(r["query_id"] for r in rows) == ["0", "1", "11", "2", "x7"] and not rejects
+
+
 def test_parquet_columns_of_other_types_are_read_or_their_rows_rejected(tmp_path):
     """Dictionary-encoded and large strings, int32 ids: the same values; a text column of numbers: every row a
     reject, and an input with no row left is one line naming the rejects."""

@@ -109,3 +109,20 @@ def test_queries_stream_from_shard_files_as_arrays(tmp_path):
     assert chunks[0][1] == ["text a", "text b"]
     assert [p for _, _, ps in chunks for p in ps] == [{1, 6}, {2}, {5}, {7}, {8}]
     assert len(scan_queries(files, ["sts"])) == 0
+
+
+def test_positive_ids_beyond_the_passage_corpus_are_one_error(tmp_path, small_embedding_model_dir):
+    """positive_id is a row number of dhnm.passages: rows naming ids past its end (the corpus of another dataset)
+    stop mining before any embedding, naming how many (mining went on, and those positives could be mined as
+    negatives)."""
+    from conan.data.mining import mine_supervised_candidates
+    from conan.data.passages import write_passage_lookup
+
+    pq.write_table(pa.table({"text": ["one passage", "another passage"]}), tmp_path / "passages.parquet")
+    lookup = write_passage_lookup(tmp_path / "passages.parquet", tmp_path / "passages.arrow")
+    pq.write_table(pa.table({"task": ["retrieval"] * 3, "query_id": ["a", "b", "c"], "positive_id": [0, 5, 9]}),
+                   tmp_path / "rows.parquet")
+    with pytest.raises(ValueError, match=r"2 rows name a positive_id beyond the 2 passages of dhnm.passages "
+                                         r"\(largest 9\)"):
+        mine_supervised_candidates(small_embedding_model_dir, [tmp_path / "rows.parquet"], ["retrieval"], lookup,
+                                   tmp_path / "mined.parquet", 5, 0.05, MiningConfig())

@@ -177,3 +177,23 @@ def test_pipeline_from_a_step_keeps_the_outputs_when_a_config_is_wrong(tmp_path,
                  f"output_dir={tmp_path / 'out'}", "--set", f"model.init_from={NOPE}/model"]) == 2
     assert "model.init_from: the pipeline builds its own initial model" in capsys.readouterr().err
     assert (tmp_path / "out" / "weak").is_dir() and (tmp_path / "out" / "supervised").is_dir()
+
+
+def test_a_passage_corpus_that_is_not_one_is_one_line(tmp_path):
+    """dhnm.passages must be parquet with a `text` column (a JSON-lines file, another column name: IndexError and
+    ArrowInvalid tracebacks from the passage lookup)."""
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conan.config import ConfigError, JobConfig, load_config
+    from conan.train.launcher import check_passages
+
+    (tmp_path / "passages.jsonl").write_text('{"text": "a passage"}\n')
+    pq.write_table(pa.table({"passage": ["a passage"]}), tmp_path / "named.parquet")
+    for path, says in ((tmp_path / "passages.jsonl", "is not a parquet file"),
+                       (tmp_path / "named.parquet", "has no column `text` (has ['passage'])")):
+        cfg = load_config(JobConfig, "jobs/configs/supervised_tiny.yaml", [f"dhnm.passages={path}"])
+        with pytest.raises(ConfigError, match=re.escape(f"dhnm.passages: {path} {says}")):
+            check_passages(cfg)

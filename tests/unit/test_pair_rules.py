@@ -68,3 +68,14 @@ def test_judge_equals_the_top_k_and_margin_definition(data_root):
             expected = j is None or (j in np.argsort(-scores[i])[:k] and scores[i].max() - scores[i, j] <= margin)
             assert plausible[i] == expected, (texts[i], lang, k, margin)
         assert 0 < plausible.mean() < 1
+
+
+def test_an_sft_record_without_its_output_is_named_by_what_it_lacks():
+    """Curation reads SFT records as pairs (input → query, output → positive): one without its output lacks the
+    positive (it was reported as missing its query)."""
+    from conan.data.schemas import validate
+    from conan.data.weak import sft_to_weak_pair
+
+    assert validate("weak_pair", sft_to_weak_pair({"input": "a question"})) == (None, "missing_field:positive")
+    assert validate("weak_pair", sft_to_weak_pair({"input": "q", "output": "p", "lang": "en"}))[0] == {
+        "query": "q", "positive": "p", "source": "sft", "lang": "en"}

@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from conan.config import ConfigError
-from conan.pipeline import STEP_RECORD, StepRecords, recorded_settings
+from conan.config import recorded_settings
+from conan.pipeline import STEP_RECORD, StepRecords
 
 
 def run(out, settings: dict[str, dict], made: set[str]) -> StepRecords:
