@@ -105,6 +105,13 @@ def _json_blocks(path: Path, types: dict[str, pa.DataType]) -> Iterator[Block]:
 
     schema = pa.schema(list(types.items()))
     options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    for chunk, first_line in line_chunks(path):
+        yield from _json_pieces(path, chunk, first_line, schema, options)
+
+
+def line_chunks(path: Path) -> Iterator[tuple[bytes, int]]:
+    """A JSON-lines file as chunks of whole lines (about CHUNK_BYTES, without a byte-order mark, none blank only),
+    each with its first line's number; lines end at \n, \r\n or \r (old Macs), as pyarrow's parser has them."""
     first_line, tail = 1, b""
     try:
         with open_input(path) as f:
@@ -116,12 +123,23 @@ def _json_blocks(path: Path, types: dict[str, pa.DataType]) -> Iterator[Block]:
                 cut = _line_end(chunk) if data else len(chunk)
                 chunk, tail = chunk[:cut], chunk[cut:]
                 if chunk.strip():
-                    yield from _json_pieces(path, chunk, first_line, schema, options)
+                    yield chunk, first_line
                 first_line += len(chunk.splitlines())
                 if not data:
                     return
     except OSError as e:  # a truncated or corrupt .gz
         raise ShardError(f"{path}: cannot be read ({e})") from None
+
+
+def count_records(path: Path) -> int:
+    """Records of an input file as read_blocks yields them: a parquet file's rows (its footer), a JSON-lines file's
+    non-blank lines."""
+    if input_suffix(path) == ".parquet":
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise ShardError(f"{path}: not a readable parquet file ({e})") from None
+    return sum(1 for chunk, _ in line_chunks(path) for line in chunk.splitlines() if line.strip())
 
 
 def _line_end(data: bytes) -> int:

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from conan.data.files import ShardError, input_files, input_suffix, open_input
-from conan.data.input_rows import RowSpec, read_blocks
+from conan.data.files import ShardError, input_files
+from conan.data.input_rows import RowSpec, count_records, read_blocks
 
 MANIFEST = "manifest.json"
 FORMAT = "conan-shards/1"
@@ -256,7 +256,7 @@ def _sample(files: list[Path], max_rows: int | None, seed: int) -> dict[int, np.
     for each file took files × rows)."""
     if max_rows is None:
         return {}
-    counts = [_count_rows(f) for f in files]
+    counts = [count_records(f) for f in files]
     total = sum(counts)
     if max_rows >= total:
         return {}
@@ -264,23 +264,6 @@ def _sample(files: list[Path], max_rows: int | None, seed: int) -> dict[int, np.
     starts = np.cumsum([0, *counts])
     bounds = np.searchsorted(chosen, starts)
     return {i: chosen[bounds[i]:bounds[i + 1]] - starts[i] for i in range(len(files))}
-
-
-def _count_rows(path: Path) -> int:
-    """Rows of a parquet file (from its footer) or a JSON-lines file (its non-blank lines, streamed)."""
-    try:
-        if input_suffix(path) == ".parquet":
-            return pq.ParquetFile(path).metadata.num_rows
-        with open_input(path) as f:  # lines end at \n, \r\n or \r, as the reader's
-            head = f.read(3)
-            tail, count = (b"" if head == b"\xef\xbb\xbf" else head), 0
-            while chunk := f.read(1 << 24):
-                lines = (tail + chunk).splitlines(keepends=True)
-                tail = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
-                count += sum(1 for line in lines if line.strip())
-            return count + bool(tail.strip())
-    except (pa.ArrowException, OSError) as e:
-        raise ShardError(f"{path}: cannot be read ({e})") from None
 
 
 def remote_or_local(fn, num_cpus: float):
