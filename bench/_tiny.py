@@ -11,11 +11,12 @@ from conan.model import ConanConfig, ConanForEmbedding
 from conan.tokenizer import load_tokenizer, train_tokenizer_from_iterator
 
 
-def tiny_embedding_model(texts: Iterable[str], out: Path, vocab_size: int = 8192) -> Path:
-    """Save tokenizer + tiny model (bidirectional, seed 0) to `out`; speed benchmarks need no training."""
+def tiny_embedding_model(texts: Iterable[str], out: Path, vocab_size: int = 8192, **config) -> Path:
+    """Save tokenizer + tiny model (bidirectional, seed 0, `config` overriding the preset) to `out`; speed benchmarks
+    need no training."""
     train_tokenizer_from_iterator(texts, vocab_size).save_pretrained(str(out))
     tokenizer = load_tokenizer(out)
     torch.manual_seed(0)
     ConanForEmbedding(ConanConfig.from_preset("tiny", vocab_size=len(tokenizer),
-                                              attention_mode="bidirectional")).save_pretrained(str(out))
+                                              attention_mode="bidirectional", **config)).save_pretrained(str(out))
     return out
