@@ -4,12 +4,13 @@ loads, and stages that measurably learn on held-out data (XQuAD articles no stag
 What it asserts on 2 cores with the tiny preset (issue 13; README, Training quality): pretraining ends more than a nat
 below its corpus's unigram entropy; the weak model beats the random init on held-out XQuAD; the supervised model beats
 the random init (beyond the paired-bootstrap noise of the held-out items) and the weak model on the three supervised
-tasks (XQuAD retrieval, STS-B, Banking77); every contrastive loss of the supervised stage ends below 0.6 · log N at
+tasks (XQuAD retrieval, STS-B, Banking77), and the random init on cross-lingual STS-B (English × German, Chinese,
+Russian), beyond the noise too; every contrastive loss of the supervised stage ends below 0.6 · log N at
 every Matryoshka dimension and random pairs of passages end below cosine 0.6 in both embedding stages. The demo
 measured (5 languages here, 500 items; see README) margins of about +0.1 over the init on XQuAD and STS-B and +0.3 on
 Banking77, and over the weak model about +0.01 on XQuAD, +0.02 on STS-B and +0.3 on Banking77; loss ratios 0.36-0.48
-(retrieval) and 0.55 (classification). Not asserted, because at this scale they are noise (README): cross-lingual
-STS-B and Tatoeba against the random init."""
+(retrieval) and 0.55 (classification). Not asserted, because at this scale it is noise (README): Tatoeba against
+the random init."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from conan.cli import main
 
 STEPS = ["corpus", "tokenizer", "model", "pretrain", "sft", "curate", "weak", "clr", "mine", "supervised", "evaluate"]
 HELD_OUT = ["xquad-retrieval", "stsb", "banking77"]
+CROSS_LINGUAL = "stsb-cross"  # learned in the weak stage (cross-lingual paraphrases), not in the supervised one
 FULL_DIM = "128"
-MAIN_METRIC = {"xquad-retrieval": "ndcg@10", "stsb": "spearman", "banking77": "accuracy"}
+MAIN_METRIC = {"xquad-retrieval": "ndcg@10", "stsb": "spearman", "banking77": "accuracy", "stsb-cross": "spearman"}
 
 
 def task_score(scores: dict, model: str, task: str, dim: str) -> float:
@@ -41,8 +43,8 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     from conan.eval.tasks import xquad_retrieval
 
     monkeypatch.delenv("CONAN_DATA_ROOT", raising=False)
-    (tmp_path / "eval.yaml").write_text(f"tasks: [{', '.join(HELD_OUT)}]\nlangs: [en, de, zh, ar, ru]\n"
-                                        "max_items: 500\nbm25: false\n")
+    tasks = ", ".join([*HELD_OUT, CROSS_LINGUAL])
+    (tmp_path / "eval.yaml").write_text(f"tasks: [{tasks}]\nlangs: [en, de, zh, ar, ru]\nmax_items: 500\nbm25: false\n")
     run = tmp_path / "run"
     args = ["pipeline", "--config", "jobs/configs/pipeline_tiny.yaml", "--set", f"output_dir={run}",
             "--set", f"evaluation={tmp_path / 'eval.yaml'}"]
@@ -58,7 +60,7 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
     assert [p.parent.name.split("-")[0] for p in (run / "supervised" / "demo").glob("*/passages.parquet")] == ["tasks"]
     # A quiet console: the platform's lines and one progress line per training report, with its ETA; Ray's, Ray
     # Data's and the workers' own output in the run's log.
-    assert any(line.startswith("[weak] step 600/600 loss") and "ETA 0m00s" in line for line in out.splitlines())
+    assert any(line.startswith("[weak] step 1000/1000 loss") and "ETA 0m00s" in line for line in out.splitlines())
     assert not any(internal in out for internal in ("RayTrainWorker", "core_worker", "streaming_executor")), out
     assert "RayTrainWorker" in (run / "logs" / "pipeline.log").read_text()
 
@@ -71,13 +73,14 @@ def test_pipeline_end_to_end_learns_on_held_out_tasks(ray_cluster, data_root, tm
             for r in front["model-index"][0]["results"]}
     assert card["xquad-retrieval", "en"] == round(scores["supervised"]["xquad-retrieval"]["en"]["128"]["ndcg@10"], 4)
     score = {(model, task): task_score(scores, model, task, FULL_DIM) for model in ("model_init", "weak", "supervised")
-             for task in HELD_OUT}
+             for task in [*HELD_OUT, CROSS_LINGUAL]}
     assert score["weak", "xquad-retrieval"] > score["model_init", "xquad-retrieval"], score
     for task in HELD_OUT:
         assert score["supervised", task] > max(score["model_init", task], score["weak", task]), (task, score)
     # Beyond the noise of the held-out items against the init (paired bootstrap); against the weak model the XQuAD
     # and STS-B gains are within it (README, Training quality), so only their sign is asserted above.
-    assert all(evaluation["differences"]["model_init"][task]["low"] > 0 for task in HELD_OUT), evaluation["differences"]
+    assert all(evaluation["differences"]["model_init"][task]["low"] > 0 for task in [*HELD_OUT, CROSS_LINGUAL]), \
+        evaluation["differences"]
 
     # Learned rather than collapsed: pretraining well below the unigram entropy; every InfoNCE task well below chance
     # (1.0 · log N) at every Matryoshka dim; random pairs of passages spread. One report is 25 steps of small batches

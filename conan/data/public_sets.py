@@ -59,6 +59,11 @@ def stsb_rows(root: Path, split: str, lang: str | None = None) -> list[tuple[str
     return rows
 
 
+def stsb_langs(root: Path, split: str) -> list[str]:
+    """The languages of the STS-B multi-MT files of a split, sorted."""
+    return sorted(p.name.split("-")[1] for p in (root / "stsb_multi_mt" / "data").glob(f"stsb-*-{split}.csv"))
+
+
 def stsb_train_rows(root: Path) -> list[tuple[str, str, float, str]]:
     """The STS-B train rows of every language, without the sentence pairs its test files repeat (131 of 63,239 in
     stsb_multi_mt): a pair the evaluation scores is never trained on."""
@@ -97,3 +102,20 @@ def held_out_texts(root: Path) -> set[str]:
     texts = {t for lang in XQUAD_LANGS for r in xquad_rows(root, lang, "dev") for t in (r["question"], r["context"])}
     texts |= {line for path in (root / "tatoeba").glob("tatoeba.*-eng.*") for line in tatoeba_lines(path, "dev")}
     return {t.strip() for t in texts | csl_dev_titles(root)}
+
+
+def stsb_cross_train_rows(root: Path) -> list[tuple[str, str, float, str]]:
+    """Cross-lingual STS-B train rows from the aligned files, for each translated language X: (English sentence1,
+    sentence2 in X, score, X) and (sentence1 in X, English sentence2, score, "en"). A row whose pair the test files
+    score, in either language, is left out."""
+    scored = {(s1, s2) for s1, s2, _, _ in stsb_rows(root, "test")}
+    english = stsb_rows(root, "train", "en")
+    rows = []
+    for lang in stsb_langs(root, "train"):
+        translated = stsb_rows(root, "train", lang)
+        if lang == "en" or len(translated) != len(english):
+            continue  # not aligned with the English file
+        for (e1, e2, score, _), (t1, t2, _, _) in zip(english, translated):
+            if (e1, e2) not in scored and (t1, t2) not in scored:
+                rows += [(e1, t2, score, lang), (t1, e2, score, "en")]
+    return rows

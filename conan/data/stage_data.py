@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conan.data.corpus import iter_corpus
-from conan.data.public_sets import XQUAD_LANGS, csl_keyword_pairs, csl_title_pairs, stsb_train_rows, xquad_rows
+from conan.data.public_sets import (XQUAD_LANGS, csl_keyword_pairs, csl_title_pairs, stsb_cross_train_rows,
+                                    stsb_train_rows, xquad_rows)
 
 
 DEMO_RECORDS, DEMO_PASSAGES = "records.parquet", "passages.parquet"
@@ -75,10 +76,12 @@ def pretrain_records(root: str | Path, max_rows: int | None = None) -> list[dict
 
 def pair_records(root: str | Path, max_rows: int | None = None, seed: int = 0) -> list[dict]:
     """(instruction, input, output, lang, source) pairs of the train split: XQuAD question→paragraph (12 languages),
-    CSL abstract→title and abstract→keywords, zh query→positive (bge), and STS-B train paraphrases (score ≥ 4 of 5,
-    in each of its 11 languages). `lang` is the output's language (the candidates a query is told apart from).
-    (Tatoeba translation pairs were tried as another source: at the tiny preset they cost more monolingual retrieval
-    and STS than they gave bitext mining; see README.)"""
+    CSL abstract→title and abstract→keywords, zh query→positive (bge), STS-B train paraphrases (score ≥ 4 of 5, in
+    each of its 11 languages) and the same paraphrases across languages (English ↔ each of the 10 translations, both
+    ways: what aligns the languages; without them the weak stage ends below the random init on cross-lingual STS).
+    `lang` is the output's language (the candidates a query is told apart from). (Tatoeba translation pairs were
+    tried as another source: at the tiny preset they cost more monolingual retrieval and STS than they gave bitext
+    mining; see README.)"""
     root = Path(root)
     rows = []
     for lang in XQUAD_LANGS:
@@ -95,6 +98,8 @@ def pair_records(root: str | Path, max_rows: int | None = None, seed: int = 0) -
                      "lang": "zh", "source": "bge"})
     rows += [{"instruction": SAME_MEANING, "input": s1, "output": s2, "lang": lang,
               "source": "stsb"} for s1, s2, score, lang in stsb_train_rows(root) if score >= PARAPHRASE_SCORE]
+    rows += [{"instruction": SAME_MEANING, "input": s1, "output": s2, "lang": lang, "source": "stsb-cross"}
+             for s1, s2, score, lang in stsb_cross_train_rows(root) if score >= PARAPHRASE_SCORE]
     random.Random(seed).shuffle(rows)
     return list(_take(iter(rows), max_rows))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conan.config import ConfigError
-from conan.data.public_sets import TATOEBA_DEV_LINES, XQUAD_LANGS, stsb_rows, tatoeba_lines, xquad_rows
+from conan.data.public_sets import TATOEBA_DEV_LINES, XQUAD_LANGS, stsb_langs, stsb_rows, tatoeba_lines, xquad_rows
 
 
 @dataclass
@@ -76,14 +76,10 @@ def xquad_clr(root: Path, limit: int | None, langs: list[str] | None) -> dict[st
             if lang != "en" and _keep(lang, langs)}
 
 
-def _stsb_langs(root: Path) -> list[str]:
-    return sorted(p.name.split("-")[1] for p in (root / "stsb_multi_mt" / "data").glob("stsb-*-test.csv"))
-
-
 def stsb(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, STS]:
     """STS-B test pairs in each language (0-5 scores)."""
     out = {}
-    for lang in _stsb_langs(root):
+    for lang in stsb_langs(root, "test"):
         if _keep(lang, langs):
             rows = stsb_rows(root, "test", lang)[:limit]
             out[lang] = STS([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
@@ -94,7 +90,7 @@ def stsb_cross(root: Path, limit: int | None, langs: list[str] | None) -> dict[s
     """Cross-lingual STS: the English first sentence against the translated second one (rows are aligned)."""
     english = stsb_rows(root, "test", "en")
     out = {}
-    for lang in _stsb_langs(root):
+    for lang in stsb_langs(root, "test"):
         if lang == "en" or not _keep(lang, langs):
             continue
         rows = stsb_rows(root, "test", lang)

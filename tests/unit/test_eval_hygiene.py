@@ -57,6 +57,24 @@ def test_weak_pairs_take_sts_b_train_paraphrases_only(data_root):
     assert len(sts) > 50_000 and not sts & test and not {(s1, s2) for s1, s2, _ in pairs} & test
 
 
+def test_cross_lingual_weak_pairs_join_english_to_a_translated_paraphrase(data_root):
+    """Each STS-B train paraphrase (≥ 4 of 5) also pairs its English sentence with the other sentence's translation
+    and back, in the 10 translated languages; a pair scored < 4 does not, and no pair the cross-lingual evaluation
+    scores (English test sentence1 × translated sentence2) is trained on."""
+    from conan.eval.tasks import stsb_cross
+
+    rows = [r for r in pair_records(data_root) if r["source"] == "stsb-cross"]
+    pairs = {(r["input"], r["output"], r["lang"]) for r in rows}
+    assert 27_000 < len(pairs) <= len(rows) < 28_200  # a few rows repeat (curation drops the copies)
+    assert ("A plane is taking off.", "Ein Flugzeug hebt gerade ab.", "de") in pairs  # 5.0
+    assert ("Ein Flugzeug hebt gerade ab.", "An air plane is taking off.", "en") in pairs
+    assert not any(p[0] == "A man is playing a large flute." for p in pairs)  # 3.8
+    langs = [r["lang"] for r in rows]
+    assert len(set(langs)) == 11 and langs.count("en") == len(rows) // 2
+    scored = {(a, b) for sts in stsb_cross(data_root, None, None).values() for a, b in zip(sts.left, sts.right)}
+    assert len(scored) > 10_000 and not {(a, b) for a, b, _ in pairs} & scored
+
+
 def test_every_configurable_task_has_a_loader():
     """The config checks task names when it loads (EvalConfig.tasks); the runner loads by the same names."""
     from conan.config import EVAL_TASKS
