@@ -6,11 +6,11 @@ below its corpus's unigram entropy; the weak model beats the random init on held
 the random init (beyond the paired-bootstrap noise of the held-out items) and the weak model on the three supervised
 tasks (XQuAD retrieval, STS-B, Banking77), and the random init on cross-lingual STS-B (English × German, Chinese,
 Russian), beyond the noise too; every contrastive loss of the supervised stage ends below 0.6 · log N at
-every Matryoshka dimension and random pairs of passages end below cosine 0.6 in both embedding stages. The demo
+every Matryoshka dimension and random pairs of passages end below cosine 0.6 in both embedding stages. This test
 measured (5 languages here, 500 items; see README) margins of about +0.08 over the init on XQuAD, +0.10 on STS-B,
 +0.31 on Banking77 and +0.28 on cross-lingual STS-B, and over the weak model about +0.02 on XQuAD, +0.03 on STS-B and
-+0.35 on Banking77; loss ratios 0.44-0.50 (retrieval) and 0.56-0.57 (classification). Not asserted, because at this scale it is noise (README): Tatoeba against
-the random init."""
++0.35 on Banking77; loss ratios 0.44-0.50 (retrieval) and 0.56-0.57 (classification). Not asserted, because at this
+scale it is noise (README): Tatoeba against the random init."""
 
 from __future__ import annotations
 
