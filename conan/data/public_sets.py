@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
 Split = Literal["train", "dev", "all"]
@@ -104,17 +104,23 @@ def held_out_texts(root: Path) -> set[str]:
     return {t.strip() for t in texts | csl_dev_titles(root)}
 
 
+def stsb_aligned(root: Path, split: str) -> Iterator[tuple[str, list, list]]:
+    """(language, English rows, that language's rows) for each translated STS-B file of a split that aligns row for
+    row with the English one."""
+    english = stsb_rows(root, split, "en")
+    for lang in stsb_langs(root, split):
+        translated = stsb_rows(root, split, lang)
+        if lang != "en" and len(translated) == len(english):
+            yield lang, english, translated
+
+
 def stsb_cross_train_rows(root: Path) -> list[tuple[str, str, float, str]]:
-    """Cross-lingual STS-B train rows from the aligned files, for each translated language X: (English sentence1,
-    sentence2 in X, score, X) and (sentence1 in X, English sentence2, score, "en"). A row whose pair the test files
-    score, in either language, is left out."""
+    """Cross-lingual STS-B train rows, for each translated language X: (English sentence1, sentence2 in X, score, X)
+    and (sentence1 in X, English sentence2, score, "en"). A row whose pair the test files score, in either language,
+    is left out."""
     scored = {(s1, s2) for s1, s2, _, _ in stsb_rows(root, "test")}
-    english = stsb_rows(root, "train", "en")
     rows = []
-    for lang in stsb_langs(root, "train"):
-        translated = stsb_rows(root, "train", lang)
-        if lang == "en" or len(translated) != len(english):
-            continue  # not aligned with the English file
+    for lang, english, translated in stsb_aligned(root, "train"):
         for (e1, e2, score, _), (t1, t2, _, _) in zip(english, translated):
             if (e1, e2) not in scored and (t1, t2) not in scored:
                 rows += [(e1, t2, score, lang), (t1, e2, score, "en")]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conan.config import ConfigError
-from conan.data.public_sets import TATOEBA_DEV_LINES, XQUAD_LANGS, stsb_langs, stsb_rows, tatoeba_lines, xquad_rows
+from conan.data.public_sets import (TATOEBA_DEV_LINES, XQUAD_LANGS, stsb_aligned, stsb_langs, stsb_rows, tatoeba_lines,
+                                    xquad_rows)
 
 
 @dataclass
@@ -88,14 +89,10 @@ def stsb(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, ST
 
 def stsb_cross(root: Path, limit: int | None, langs: list[str] | None) -> dict[str, STS]:
     """Cross-lingual STS: the English first sentence against the translated second one (rows are aligned)."""
-    english = stsb_rows(root, "test", "en")
     out = {}
-    for lang in stsb_langs(root, "test"):
-        if lang == "en" or not _keep(lang, langs):
+    for lang, english, rows in stsb_aligned(root, "test"):
+        if not _keep(lang, langs):
             continue
-        rows = stsb_rows(root, "test", lang)
-        if len(rows) != len(english):
-            continue  # not aligned with the English file
         n = min(len(rows), limit or len(rows))
         out[f"en-{lang}"] = STS([r[0] for r in english[:n]], [r[1] for r in rows[:n]], [r[2] for r in english[:n]])
     return out
