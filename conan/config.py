@@ -249,6 +249,8 @@ class TrainConfig:
 class ServeConfig:
     """The OpenAI-compatible embeddings server (`conan serve`)."""
 
+    # max_batch_size 0 planned passes of no text, so no request was ever answered; a negative heap size reached malloc.
+    LEAST: ClassVar[dict[str, int]] = {"max_batch_size": 1, "forward_tokens": 1, "keep_freed_heap_mb": 0}
     model_dir: str = "runs/tiny/supervised/model"
     # The `model` clients send and /v1/models lists; default: the directory's name (its parent's for …/model).
     model_name: str | None = None

@@ -63,6 +63,10 @@ def test_an_empty_experiment_grid_or_no_seeds_is_refused():
         load_config(AblationConfig, None, ["seeds=0"])
     with pytest.raises(ConfigError, match="max_items: must be at least 1"):
         load_config(EvalConfig, None, ["max_items=-3"])
+    with pytest.raises(ConfigError, match="max_batch_size: must be at least 1, got 0"):
+        load_config(ServeConfig, None, ["max_batch_size=0"])
+    with pytest.raises(ConfigError, match="keep_freed_heap_mb: must be at least 0, got -1"):
+        load_config(ServeConfig, None, ["keep_freed_heap_mb=-1"])
 
 
 def test_bad_yaml_key_is_named(tmp_path):
