@@ -269,7 +269,7 @@ class ServeConfig:
     max_input_tokens: int | None = None  # longer inputs are refused (400); None = the model's context
     max_request_bytes: int = 4 * 1024 * 1024  # larger bodies are refused (413) before or while they are read
     max_queued_texts: int = 2048  # texts submitted, not yet embedded; past it requests get 429 + Retry-After
-    # Freed memory the serving process keeps for reuse (glibc malloc; conan.serve.heap) instead of returning it to
+    # Freed memory the serving process keeps for reuse on CPU (glibc malloc; conan.heap) instead of returning it to
     # the OS after every forward pass and faulting it back in on the next: 0 leaves glibc's defaults.
     keep_freed_heap_mb: int = 64
     drain_timeout_s: int = 30  # on SIGTERM / Ctrl-C, requests in flight get this long to finish

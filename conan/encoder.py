@@ -40,9 +40,14 @@ class Encoder:
     SORT_BLOCK = 16_384
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", max_length: int | None = None,
-                 batch_size: int = 32):
+                 batch_size: int = 32, keep_freed_heap_mb: int = 512):
+        """On CPU the process's malloc then keeps up to keep_freed_heap_mb of freed memory for the next forward pass
+        (conan.heap: faulting activations back in cost offline encoding ~20 %); 0 leaves malloc's defaults."""
+        from conan.heap import keep_freed_heap
         from conan.model import ConanForEmbedding
 
+        if device == "cpu":
+            keep_freed_heap(keep_freed_heap_mb * 1024 * 1024)  # before the model's first allocations
         self.model = ConanForEmbedding.from_pretrained(str(check_model_dir(model_dir)),
                                                        use_safetensors=True).to(device).eval()
         self.tokenizer = load_tokenizer(model_dir)

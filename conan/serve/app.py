@@ -33,7 +33,6 @@ from starlette.requests import ClientDisconnect
 from conan.config import ConfigError, ServeConfig
 from conan.encoder import check_model_dir, model_name
 from conan.serve.batcher import DynamicBatcher, QueueFull, TextTooLong
-from conan.serve.heap import keep_freed_heap
 
 
 MAX_CHARS_PER_TOKEN = 64
@@ -143,9 +142,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         from conan.encoder import Encoder
 
-        keep_freed_heap(cfg.keep_freed_heap_mb * 1024 * 1024)  # before the model's first allocations
         # One call of encode_packed is one forward pass (the batcher plans them).
-        encoder = Encoder(cfg.model_dir, device=cfg.device)
+        encoder = Encoder(cfg.model_dir, device=cfg.device, keep_freed_heap_mb=cfg.keep_freed_heap_mb)
         # Refused above the model's context; texts between its training length and that are truncated when embedded.
         limit = cfg.max_input_tokens or encoder.model.config.max_position_embeddings
         app.state.encoder, app.state.token_limit = encoder, limit
