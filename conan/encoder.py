@@ -42,7 +42,7 @@ class Encoder:
     def __init__(self, model_dir: str | Path, device: str = "cpu", max_length: int | None = None,
                  batch_size: int = 32, keep_freed_heap_mb: int = 512):
         """On CPU the process's malloc then keeps up to keep_freed_heap_mb of freed memory for the next forward pass
-        (conan.heap: faulting activations back in cost offline encoding ~20 %); 0 leaves malloc's defaults."""
+        (conan.heap: faulting activations back in cost offline encoding ~20 %); 0 changes nothing."""
         from conan.heap import keep_freed_heap
         from conan.model import ConanForEmbedding
 
