@@ -108,9 +108,9 @@ def stsb_aligned(root: Path, split: str) -> Iterator[tuple[str, list, list]]:
     """(language, English rows, that language's rows) for each translated STS-B file of a split that aligns row for
     row with the English one."""
     english = stsb_rows(root, split, "en")
-    for lang in stsb_langs(root, split):
+    for lang in (lang for lang in stsb_langs(root, split) if lang != "en"):  # English is read once, above
         translated = stsb_rows(root, split, lang)
-        if lang != "en" and len(translated) == len(english):
+        if len(translated) == len(english):
             yield lang, english, translated
 
 
