@@ -10,9 +10,10 @@ processes; ~3 s warm, ~5.5 s cold on 2 cores) that a job over a user's billions 
 the steady one: the full input's extra rows over the small one's, per extra second, both warm. The end-to-end rate
 (the full input with the cold run's start-up) is printed beside it.
 Prints rows/s of each, curation ÷ tokenizer (goal ≥ 0.8), curation with 1 vs 2 CPUs, the deterministic default
-(input order kept, one dedup task at a time) ÷ parallel dedup, and an extrapolation to the paper's 1.77B weak pairs
+(input order kept, one dedup task at a time) ÷ parallel dedup, the dedup step's own rate in one task over cleaned
+batches (what caps a deterministic run on any cluster), and an extrapolation to the paper's 1.77B weak pairs
 (Table 10) on N nodes with parallel dedup. Last line: `curation ratio=<2 CPUs steady ÷ tokenizer>
-deterministic_over_parallel=<…> end_to_end_ratio=<2 CPUs end to end ÷ tokenizer>`.
+deterministic_over_parallel=<…> end_to_end_ratio=<2 CPUs end to end ÷ tokenizer> dedup_task_rows_per_s=<…>`.
 
     python bench/curation.py [--rows 200000]
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +73,47 @@ def curation_rates(full: list[Path], small: list[Path], out: Path, cpus: int,
     return (n_full - n_small) / (t_full - t_small), n_full / (t_full + t_cold - t_small), stats
 
 
+def dedup_task_rate(inputs: list[Path], out: Path) -> float:
+    """rows/s of the dedup step alone: one task running `drop_duplicates` over every cleaned batch in turn against
+    fresh shard actors, as a deterministic run does (its cap on any cluster); the median of three, cleaning first,
+    untimed."""
+    import ray
+
+    from conan.data.dedup import DedupShard
+    from conan.data.sink import start_step
+    from conan.data.weak import cleaned_pairs, drop_duplicates
+    from conan.runtime import init_ray
+
+    cfg = CurationConfig(inputs=[str(p) for p in inputs], output_dir=str(out))
+    cfg.cleaners.size = 2  # one cleaning actor per CPU, as curation_rates
+    init_ray(num_cpus=2)
+    _, langid_path = start_step(cfg.output_dir, "curation", None, cfg.data_root)
+    ds = cleaned_pairs(cfg.inputs, cfg, langid_path)
+    batches = [ray.put(b) for b in ds.iter_batches(batch_size=cfg.cleaners.batch_size, batch_format="numpy")]
+    del ds  # its cleaning actors go
+
+    @ray.remote(num_cpus=cfg.cleaners.cpus)  # as the run's dedup tasks
+    def dedup_in_turn(refs: list, shards: list) -> tuple[int, float]:
+        """(rows, seconds) of drop_duplicates over the batches one after another."""
+        start, rows = time.perf_counter(), 0
+        for ref in refs:
+            batch = ray.get(ref)
+            drop_duplicates(batch, shards, cfg.near_dedup)
+            rows += len(batch["origin"])
+        return rows, time.perf_counter() - start
+
+    rates = []
+    for _ in range(3):
+        shards = [ray.remote(DedupShard).options(num_cpus=0).remote() for _ in range(cfg.dedup_shards)]
+        rows, seconds = ray.get(dedup_in_turn.remote(batches, shards))
+        rates.append(rows / seconds)
+        print(f"dedup alone: {rows:,} rows in {seconds:.2f} s")
+        for shard in shards:
+            ray.kill(shard)
+    ray.shutdown()
+    return statistics.median(rates)
+
+
 def main() -> None:
     """Run the measurements and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,6 +129,7 @@ def main() -> None:
         cur2, end2, stats = curation_rates(inputs, small, tmp / "out2", cpus=2)
         cur1, end1, _ = curation_rates(inputs, small, tmp / "out1", cpus=1)
         parallel, _, _ = curation_rates(inputs, small, tmp / "out2p", cpus=2, deterministic=False)
+        dedup = dedup_task_rate(inputs, tmp / "dedup")
     print(f"rows: {args.rows:,} synthetic pairs, {bytes_per_row:.0f} bytes a row as JSONL "
           f"(steady rates: the extra rows over a run of {args.rows // 10:,})")
     print(f"bare tokenizer (1 process)        {tok:10,.0f} rows/s")
@@ -95,10 +139,11 @@ def main() -> None:
     print(f"curation (2 CPUs) ÷ tokenizer     {cur2 / tok:10.2f}     (goal ≥ 0.8; end to end {end2 / tok:.2f})")
     print(f"curation 2 CPUs ÷ 1 CPU           {cur2 / cur1:10.2f}     (2.0 = linear)")
     print(f"curation, 2 CPUs, parallel dedup  {parallel:10,.0f} rows/s steady   (deterministic: false)")
+    print(f"dedup alone, one task             {dedup:10,.0f} rows/s          (a deterministic run's cap anywhere)")
     per_core = parallel / 2
     print(f"\nExtrapolation to {PAPER_PAIRS / 1e9:.2f}B pairs at {per_core:,.0f} rows/s per core (the 2-CPU steady "
-          "rate with parallel dedup / 2; `deterministic: true` runs one dedup task at a time, whose own rate then caps "
-          "a cluster):")
+          f"rate with parallel dedup / 2; `deterministic: true` runs one dedup task at a time: {dedup:,.0f} rows/s, "
+          f"{PAPER_PAIRS / dedup / 3600:,.1f} h for them on any cluster):")
     for nodes, cores in ((1, 64), (4, 64), (16, 64)):
         hours = PAPER_PAIRS / (per_core * nodes * cores) / 3600
         print(f"  {nodes:3d} node(s) × {cores} cores: {hours:8.1f} h")
@@ -107,7 +152,7 @@ def main() -> None:
           "rows are as long as these, and no scoring model (the paper scores with gte-Qwen2-7B on GPUs, which would "
           "dominate).")
     print(f"curation ratio={cur2 / tok:.3f} deterministic_over_parallel={cur2 / parallel:.3f} "
-          f"end_to_end_ratio={end2 / tok:.3f}")
+          f"end_to_end_ratio={end2 / tok:.3f} dedup_task_rows_per_s={dedup:.0f}")
 
 
 if __name__ == "__main__":

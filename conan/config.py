@@ -408,7 +408,8 @@ class CurationConfig:
     lines_per_block: int = 20_000
     # Same input → the same kept rows in the same order every run (the weak stage's batches follow that order): Ray
     # Data keeps the input order and one dedup task runs at a time, so the first copy in input order is the one kept.
-    # False runs dedup tasks in parallel (faster on many cores); the kept copy of a duplicate then depends on timing.
+    # False runs dedup tasks in parallel (faster on many cores; one dedup task caps a deterministic run at ~150k
+    # rows/s, bench/curation.py); the kept copy of a duplicate then depends on timing.
     deterministic: bool = True
     inject_failure_at: str | None = None  # chaos test: the dedup task holding this input row (file:line) dies once
 

@@ -181,6 +181,17 @@ class PairScorer:
         return {**batch, "score": scores, "reject_reason": reasons}
 
 
+def cleaned_pairs(inputs: list[str], cfg: CurationConfig, langid_path: Path):
+    """A Ray dataset of the inputs' weak pairs, validated, cleaned and keyed for dedup by cfg.cleaners' actor pool."""
+    import ray.data
+
+    c = cfg.cleaners
+    ds = read_records(inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair, cpus=c.cpus)
+    return ds.map_batches(PairCleaner, fn_constructor_args=(asdict(cfg), str(langid_path)), batch_format="numpy",
+                          batch_size=c.batch_size, num_cpus=c.cpus, num_gpus=c.gpus,
+                          compute=ray.data.ActorPoolStrategy(size=c.size))
+
+
 def curate(cfg: CurationConfig, job: str = "curate") -> dict:
     """Run the curation pipeline over cfg.inputs into cfg.output_dir; returns the stats it writes."""
     import ray
@@ -196,11 +207,7 @@ def curate(cfg: CurationConfig, job: str = "curate") -> dict:
     options = ray.data.DataContext.get_current().execution_options  # datasets copy the context when created
     preserve_order, options.preserve_order = options.preserve_order, cfg.deterministic
     try:
-        ds = read_records(inputs, "weak_pair", lines_per_block=cfg.lines_per_block, convert=sft_to_weak_pair,
-                          cpus=c.cpus)
-        ds = ds.map_batches(PairCleaner, fn_constructor_args=(asdict(cfg), str(langid_path)), batch_format="numpy",
-                            batch_size=c.batch_size, num_cpus=c.cpus, num_gpus=c.gpus,
-                            compute=ray.data.ActorPoolStrategy(size=c.size))
+        ds = cleaned_pairs(inputs, cfg, langid_path)
         ds = ds.map_batches(drop_duplicates, fn_args=(shards, cfg.near_dedup, (cfg.inject_failure_at,
                                                                              str(out.resolve()))), batch_format="numpy",
                             batch_size=c.batch_size, num_cpus=c.cpus,
